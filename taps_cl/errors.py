@@ -1,0 +1,17 @@
+"""Errors the learner raises for bad input; the CLI shows them as one line."""
+
+
+class TapsError(Exception):
+    """Base class of every user-facing learner error (bad spec, bad data, bad weights …)."""
+
+
+class BackboneError(TapsError):
+    """A model spec, weights file or architecture that cannot be used."""
+
+
+class DataError(TapsError):
+    """A data spec or dataset that cannot be read or is inconsistent."""
+
+
+class MethodError(TapsError):
+    """An unknown method or an invalid method configuration."""

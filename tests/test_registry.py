@@ -1,0 +1,166 @@
+"""Registry API and artifact store: entities, errors, atomic content-addressed files."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from registry import AlreadyExists, IntegrityFailure, NotFound, Registry, RegistryError
+from registry.entities import LayerEntry
+from registry.store import ArtifactStore, sha256_bytes
+
+
+def add_base(reg: Registry, name: str = "b", weights: bytes = b"weights-1"):
+    return reg.add_base(
+        name,
+        model_spec="timm:test_resnet",
+        architecture="test_resnet",
+        weights=weights,
+        weights_num_params=10,
+        num_params=8,
+        total_params=10,
+        data_config={"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3},
+        head_keys=["fc.weight", "fc.bias"],
+    )
+
+
+def begin(reg: Registry, name: str, base: str = "b"):
+    return reg.begin_task(
+        name,
+        base=base,
+        method="taps",
+        method_config={"lam": 1.0},
+        train_config={"epochs": 1},
+        dataset_spec={"kind": "digits"},
+        class_names=["a", "b", "c"],
+    )
+
+
+def finish(reg: Registry, name: str, blob: bytes = b"task", acc: float = 0.5):
+    layers = [LayerEntry("conv1", "conv2d", 0.2, True, 9, 9), LayerEntry("fc0", "linear", 0.0, False, 4, 0)]
+    return reg.finish_task(
+        name,
+        task_blob=blob,
+        task_num_params=9,
+        probe_blob=b"probe-" + blob,
+        probe_num_params=3,
+        layers=layers,
+        head_params=4,
+        train_seconds=1.5,
+        test_accuracy=acc,
+        test_loss=1.0,
+        test_samples=10,
+    )
+
+
+@pytest.fixture
+def reg(tmp_path):
+    with Registry(tmp_path / "home") as registry:
+        yield registry
+
+
+def test_sqlite_pragmas(reg):
+    with reg.engine.connect() as conn:
+        raw = conn.connection.dbapi_connection
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert raw.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert raw.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+
+
+def test_base_roundtrip_and_duplicate(reg):
+    base = add_base(reg)
+    assert base.sha256 == sha256_bytes(b"weights-1")
+    assert reg.get_base("b") == base
+    assert (reg.store.root / base.weights.path).read_bytes() == b"weights-1"
+    with pytest.raises(AlreadyExists):
+        add_base(reg, weights=b"other")
+    assert [b.name for b in reg.list_bases()] == ["b"]
+    assert len(reg.list_artifacts()) == 1  # the duplicate left no artifact row
+    with pytest.raises(NotFound):
+        reg.get_base("nope")
+
+
+def test_identical_content_stored_once(reg):
+    a = add_base(reg, "a", weights=b"same")
+    b = add_base(reg, "b", weights=b"same")
+    assert a.weights == b.weights
+    assert len(reg.list_artifacts()) == 1
+
+
+def test_task_lifecycle_positions_and_layers(reg):
+    add_base(reg)
+    t1 = begin(reg, "t1")
+    assert (t1.status, t1.position) == ("training", 1)
+    done = finish(reg, "t1")
+    assert done.status == "ready" and done.active_layers == 1 and done.total_layers == 2
+    assert done.task_params == 9 and done.probe is not None
+    begin(reg, "t2")
+    reg.discard_task("t2")  # a failed run leaves nothing behind
+    t3 = begin(reg, "t3")
+    assert t3.position == 2
+    with pytest.raises(AlreadyExists):
+        begin(reg, "t1")
+    with pytest.raises(RegistryError):
+        reg.discard_task("t1")  # finished tasks are never removed
+    assert [t.name for t in reg.list_tasks()] == ["t1", "t3"]
+    assert [t.name for t in reg.list_tasks(ready_only=True)] == ["t1"]
+    with pytest.raises(NotFound):
+        begin(reg, "t4", base="missing")
+
+
+def test_evaluations(reg):
+    add_base(reg)
+    begin(reg, "t1")
+    finish(reg, "t1", b"one", acc=0.7)
+    begin(reg, "t2")
+    finish(reg, "t2", b"two", acc=0.8)
+    reg.add_evaluation("t1", after_task="t2", kind="probe", accuracy=0.7, max_logit_drift=0.0, probe_ok=True)
+    evals = reg.list_evaluations("b")
+    assert [(e.task, e.after_task, e.kind) for e in evals] == [
+        ("t1", "t1", "measured"),
+        ("t2", "t2", "measured"),
+        ("t1", "t2", "probe"),
+    ]
+    with pytest.raises(RegistryError):
+        reg.add_evaluation("t1", after_task="t2", kind="guess")
+
+
+def test_store_verifies_on_read(tmp_path):
+    store = ArtifactStore(tmp_path)
+    digest, rel = store.write(b"hello")
+    assert rel == f"{digest[:2]}/{digest}.safetensors"
+    assert store.read(rel, digest) == b"hello"
+    path = store.path_of(rel)
+    path.write_bytes(b"hellO")
+    with pytest.raises(IntegrityFailure, match=digest):
+        store.read(rel, digest)
+    path.unlink()
+    with pytest.raises(IntegrityFailure, match="cannot be read"):
+        store.read(rel, digest)
+    assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_store_never_rewrites_good_file(tmp_path):
+    store = ArtifactStore(tmp_path)
+    digest, rel = store.write(b"x" * 100)
+    before = store.path_of(rel).stat().st_mtime_ns
+    store.write(b"x" * 100)
+    assert store.path_of(rel).stat().st_mtime_ns == before
+
+
+def test_foreign_and_unreadable_database(tmp_path):
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE people (id INTEGER)")
+    with pytest.raises(RegistryError, match="not a taps-cl registry"):
+        Registry(tmp_path, db_url=f"sqlite:///{foreign}")
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(RegistryError, match="cannot read database"):
+        Registry(tmp_path, db_url=f"sqlite:///{junk}")
+
+
+def test_invalid_names(reg):
+    with pytest.raises(RegistryError, match="invalid name"):
+        add_base(reg, "a/b")
