@@ -1,3 +1,17 @@
 """taps-cl: continual multi-task learning on one frozen backbone."""
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+__all__ = ["Manager", "restore", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `import taps_cl.errors` (and the CLI's --help) need not import torch.
+    if name in ("Manager", "restore"):
+        from taps_cl import manager
+
+        return getattr(manager, name)
+    raise AttributeError(f"module 'taps_cl' has no attribute {name!r}")
