@@ -1,0 +1,637 @@
+"""Dataset specs → train/val/test datasets, and the one preprocessing transform they all share."""
+
+from __future__ import annotations
+
+import difflib
+import gzip
+import inspect
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from taps_cl.errors import DataError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("imagefolder", "idx", "digits", "torchvision")
+IMAGE_EXTENSIONS = (
+    ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+)
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+DEFAULT_TORCHVISION_ROOT = "data"
+# torch.nn.functional.interpolate has no lanczos/hamming/box: use the closest filter it has.
+_INTERPOLATION = {
+    "bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest", "lanczos": "bicubic",
+    "hamming": "bilinear", "box": "area", "random": "bilinear",
+}
+# The max_test subset must not depend on the training seed: every run is scored on the same images.
+_TEST_SEED = 0
+_RESIZE_CHUNK = 1024
+
+
+# ---------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where a task's images come from; stored as JSON in the registry, so paths are absolute."""
+
+    kind: str  # one of KINDS
+    path: str | None = None  # absolute folder (imagefolder, idx), torchvision root; None: digits
+    name: str | None = None  # torchvision dataset class, e.g. "FashionMNIST"; None otherwise
+    classes: tuple[str, ...] | None = None  # subset (names or indices); new labels in this order
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(v, (str, type(None))) for v in (self.kind, self.path, self.name)):
+            raise DataError(f"data spec fields must be text: {self.kind!r}, {self.path!r}")
+        if self.kind not in KINDS:
+            raise DataError(f"unknown data spec kind '{self.kind}' (one of {', '.join(KINDS)})")
+        if (self.kind == "digits") != (self.path is None):
+            need = "takes no path" if self.path else "needs a path"
+            raise DataError(f"data spec '{self.kind}' {need}")
+        if self.path is not None and not Path(self.path).is_absolute():
+            raise DataError(f"data spec path '{self.path}' must be absolute")
+        if (self.kind == "torchvision") != bool(self.name):
+            raise DataError("only torchvision specs have a dataset name: torchvision:NAME[:ROOT]")
+        if self.classes is not None:
+            classes = tuple(self.classes)  # JSON hands back a list
+            if not classes or not all(isinstance(c, str) and c.strip() for c in classes):
+                raise DataError(f"class subset {list(classes)} must be non-empty names or indices")
+            if len(set(classes)) != len(classes):
+                raise DataError(f"class subset {','.join(classes)} names a class twice")
+            object.__setattr__(self, "classes", classes)
+
+    @classmethod
+    def parse(cls, text: str, classes: str | None = None) -> DataSpec:
+        """Parse imagefolder:PATH, idx:DIR, digits or torchvision:NAME[:ROOT]; classes "a,b"."""
+        kind, _, rest = text.strip().partition(":")
+        subset = None
+        if classes is not None:
+            subset = tuple(c.strip() for c in classes.split(","))
+            if not all(subset):
+                raise DataError(f"bad class subset '{classes}' (expected e.g. 0,1,2 or cat,dog)")
+        kind = kind.lower()
+        if kind == "digits":
+            return cls("digits", path=_absolute(rest) if rest else None, classes=subset)
+        if kind in ("imagefolder", "idx"):
+            if not rest:
+                raise DataError(f"data spec '{text}' needs a path: {kind}:PATH")
+            return cls(kind, path=_absolute(rest), classes=subset)
+        if kind == "torchvision":
+            name, _, root = rest.partition(":")
+            if not name:
+                raise DataError(f"data spec '{text}' needs a dataset name: torchvision:NAME[:ROOT]")
+            root = _absolute(root or DEFAULT_TORCHVISION_ROOT)
+            return cls(kind, path=root, name=name, classes=subset)
+        raise DataError(
+            f"unknown data spec '{text}' "
+            "(expected imagefolder:PATH, idx:DIR, digits or torchvision:NAME[:ROOT])"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able dict that from_json turns back into an equal spec."""
+        classes = list(self.classes) if self.classes is not None else None
+        return {"kind": self.kind, "path": self.path, "name": self.name, "classes": classes}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DataSpec:
+        """Inverse of to_json (unknown keys are ignored so newer registries stay readable)."""
+        if not isinstance(data, dict) or "kind" not in data:
+            raise DataError(f"bad stored data spec {data!r}")
+        return cls(data["kind"], data.get("path"), data.get("name"), data.get("classes"))
+
+    def __str__(self) -> str:
+        if self.kind == "digits":
+            return "digits"
+        if self.kind == "torchvision":
+            return f"torchvision:{self.name}:{self.path}"
+        return f"{self.kind}:{self.path}"
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+class Preprocess:
+    """Resize to size×size, 3 channels, scale to [0, 1], normalise; for train, eval and predict."""
+
+    def __init__(self, size: int, interpolation: str, mean: list[float], std: list[float]) -> None:
+        self.size = size
+        self.mode = _INTERPOLATION.get(interpolation, "bilinear")
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def resize(self, images: Tensor) -> Tensor:
+        """uint8 [N,C,H,W] → uint8 [N,C,S,S]; chunked so 60k images never need one float copy."""
+        n, c, _, _ = images.shape
+        if images.shape[-2:] == (self.size, self.size):
+            return images.contiguous()
+        out = torch.empty((n, c, self.size, self.size), dtype=torch.uint8)
+        smooth = self.mode in ("bilinear", "bicubic")
+        for start in range(0, n, _RESIZE_CHUNK):
+            chunk = images[start:start + _RESIZE_CHUNK].float()
+            kwargs = {"align_corners": False, "antialias": True} if smooth else {}
+            chunk = F.interpolate(chunk, size=(self.size, self.size), mode=self.mode, **kwargs)
+            # Bicubic overshoots; clamp and round like PIL so file and in-memory paths agree.
+            out[start:start + _RESIZE_CHUNK] = chunk.clamp_(0, 255).round_().to(torch.uint8)
+        return out
+
+    def normalise(self, image: Tensor) -> Tensor:
+        """uint8 [C,S,S] (C = 1 or 3) → normalised float [3,S,S]."""
+        x = image.float().div_(255)
+        if x.shape[0] == 1:
+            x = x.expand(3, -1, -1)
+        return (x - self.mean) / self.std
+
+    def __call__(self, image: Image.Image | Tensor) -> Tensor:
+        """A PIL image or uint8 [C,H,W] tensor → normalised float [3,S,S]."""
+        pixels = _pil_to_uint8(image) if isinstance(image, Image.Image) else image
+        return self.normalise(self.resize(pixels[None])[0])
+
+
+def build_transform(data_config: dict[str, Any], img_size: int | None = None) -> Preprocess:
+    """The preprocessing for a base model's data config; img_size overrides its input size."""
+    try:
+        size = int(img_size if img_size is not None else data_config["input_size"][-1])
+        mean, std = [float(v) for v in data_config["mean"]], [float(v) for v in data_config["std"]]
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise DataError(f"bad data config {data_config!r}: {exc}") from None
+    if size < 1 or len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise DataError(f"bad data config: size {size}, mean {mean}, std {std}")
+    return Preprocess(size, str(data_config.get("interpolation", "bilinear")), mean, std)
+
+
+def _pil_to_uint8(image: Image.Image) -> Tensor:
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("L" if image.mode in ("1", "LA", "La") else "RGB")
+    array = np.array(image, dtype=np.uint8)
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _read_image(path: str) -> Tensor:
+    try:
+        with Image.open(path) as image:
+            return _pil_to_uint8(image)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image '{path}': {exc}") from None
+
+
+def _check_image(path: str) -> None:
+    # Only the header is read: cheap, and catches non-images before training starts.
+    try:
+        with Image.open(path):
+            pass
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image '{path}': {exc}") from None
+
+
+def load_image(
+    path: str | Path, data_config: dict[str, Any], img_size: int | None = None
+) -> Tensor:
+    """One image file → normalised float [3,S,S], exactly as training saw its images."""
+    if not Path(path).is_file():
+        raise DataError(f"image '{path}' does not exist")
+    return build_transform(data_config, img_size)(_read_image(str(path)))
+
+
+# ---------------------------------------------------------------- datasets
+
+
+class TensorImageDataset(Dataset):
+    """Images resized once into one uint8 tensor; normalised per item (memory: 1 byte/pixel)."""
+
+    def __init__(self, images: Tensor, labels: Tensor, preprocess: Preprocess) -> None:
+        self.images, self.labels, self.preprocess = images, labels, preprocess
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.preprocess.normalise(self.images[i]), int(self.labels[i])
+
+
+class ImageFileDataset(Dataset):
+    """Image files read lazily with PIL."""
+
+    def __init__(self, paths: list[str], labels: Tensor, preprocess: Preprocess) -> None:
+        self.paths, self.labels, self.preprocess = paths, labels, preprocess
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.preprocess(_read_image(self.paths[i])), int(self.labels[i])
+
+
+class TorchvisionSubset(Dataset):
+    """Chosen items of a torchvision dataset, preprocessed lazily and relabelled."""
+
+    def __init__(
+        self, base: Dataset, indices: list[int], labels: Tensor, preprocess: Preprocess
+    ) -> None:
+        self.base, self.indices, self.labels, self.preprocess = base, indices, labels, preprocess
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.preprocess(self.base[self.indices[i]][0]), int(self.labels[i])
+
+
+@dataclass
+class TaskData:
+    """A task's datasets; items are (normalised float [3,S,S], label in 0..len(class_names)-1)."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (the head's output size)."""
+        return len(self.class_names)
+
+
+@dataclass
+class _Split:
+    """One split of a source before selection: original labels and where the images are."""
+
+    labels: np.ndarray  # int64 original labels
+    images: np.ndarray | None = None  # uint8 [N,C,H,W], in-memory sources
+    paths: list[str] | None = None  # image files, imagefolder
+    items: Dataset | None = None  # torchvision dataset read lazily
+
+    def build(self, indices: np.ndarray, labels: np.ndarray, preprocess: Preprocess) -> Dataset:
+        """Dataset of the chosen indices; in-memory images are resized here, only those chosen."""
+        y = torch.as_tensor(labels, dtype=torch.long)
+        if self.images is not None:
+            images = preprocess.resize(torch.from_numpy(self.images[indices]))
+            return TensorImageDataset(images, y, preprocess)
+        if self.paths is not None:
+            paths = [self.paths[i] for i in indices]
+            for path in paths:
+                _check_image(path)
+            return ImageFileDataset(paths, y, preprocess)
+        return TorchvisionSubset(self.items, indices.tolist(), y, preprocess)
+
+
+# train, val (when the source has its own), test, class names
+_Source = tuple[_Split, _Split | None, _Split, list[str]]
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _imagefolder(root: Path) -> _Source:
+    _require_folder(root)
+    for required in ("train", "test"):
+        if not (root / required).is_dir():
+            raise DataError(
+                f"'{root}' has no {required}/ folder (expected {root}/{required}/<class>/<image>)"
+            )
+    names = _class_folders(root / "train")
+    splits: dict[str, _Split] = {}
+    for split in ("train", "val", "test"):
+        folder = root / split
+        if not folder.is_dir():
+            continue
+        found = _class_folders(folder)
+        if found != names:
+            missing, extra = sorted(set(names) - set(found)), sorted(set(found) - set(names))
+            raise DataError(
+                f"class folders of '{folder}' differ from train: missing {missing}, extra {extra}"
+            )
+        paths, labels = [], []
+        for label, name in enumerate(names):
+            files = _image_files(folder / name)
+            paths += files
+            labels += [label] * len(files)
+        splits[split] = _Split(np.asarray(labels, dtype=np.int64), paths=paths)
+    return splits["train"], splits.get("val"), splits["test"], names
+
+
+def _require_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        state = "is not a folder" if folder.exists() else "does not exist"
+        raise DataError(f"data path '{folder}' {state}")
+
+
+def _class_folders(folder: Path) -> list[str]:
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise DataError(f"no class folders in '{folder}' (expected {folder}/<class>/<image>)")
+    return names
+
+
+def _image_files(folder: Path) -> list[str]:
+    files = sorted(
+        str(p) for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    )
+    if not files:
+        kinds = " ".join(IMAGE_EXTENSIONS)
+        raise DataError(f"class folder '{folder}' has no image files ({kinds})")
+    return files
+
+
+def _idx(folder: Path) -> _Source:
+    _require_folder(folder)
+    arrays = {key: _read_idx(_find_idx(folder, stem)) for key, stem in IDX_FILES.items()}
+    splits = []
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(
+                f"idx {split} files in '{folder}' disagree: "
+                f"images {images.shape}, labels {labels.shape}"
+            )
+        splits.append(_Split(labels.astype(np.int64), images=images[:, None]))
+    top = int(max(splits[0].labels.max(initial=0), splits[1].labels.max(initial=0)))
+    return splits[0], None, splits[1], _idx_class_names(folder, top)
+
+
+def _find_idx(folder: Path, stem: str) -> Path:
+    dotted = stem.replace("-idx", ".idx")  # some mirrors name them train-images.idx3-ubyte
+    for name in (stem, stem + ".gz", dotted, dotted + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(f"'{folder}' has no {stem}[.gz] (MNIST-format idx files expected)")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    try:
+        data = path.read_bytes()
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read '{path}': {exc}") from None
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise DataError(f"'{path}' is not an unsigned-byte idx file")
+    ndim = data[3]
+    offset = 4 + 4 * ndim
+    if len(data) < offset:
+        raise DataError(f"'{path}' is truncated")
+    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    if len(data) - offset != math.prod(shape):
+        raise DataError(f"'{path}' holds {len(data) - offset} bytes, its header says {shape}")
+    return np.frombuffer(data, np.uint8, offset=offset).reshape(shape)
+
+
+def _idx_class_names(folder: Path, top_label: int) -> list[str]:
+    listing = folder / "classes.txt"
+    if listing.is_file():
+        lines = listing.read_text(encoding="utf-8").splitlines()
+        names = [line.strip() for line in lines if line.strip()]
+        if len(names) <= top_label:
+            raise DataError(f"'{listing}' names {len(names)} classes; labels go up to {top_label}")
+        return names
+    fashion = any("fashion" in part.lower() for part in (folder.name, folder.parent.name))
+    if fashion and top_label < len(FASHION_MNIST_CLASSES):
+        return list(FASHION_MNIST_CLASSES)
+    return [str(i) for i in range(top_label + 1)]
+
+
+def _digits() -> _Source:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]  # pixels are 0..16
+    labels = digits.target.astype(np.int64)
+    # Fixed seed: the train/test split is part of the dataset, not of a run.
+    train, test = train_test_split(
+        np.arange(len(labels)), test_size=0.25, stratify=labels, random_state=0
+    )
+    split = [_Split(labels[i], images=images[i]) for i in (np.sort(train), np.sort(test))]
+    return split[0], None, split[1], [str(i) for i in range(10)]
+
+
+def _torchvision(name: str, root: Path) -> _Source:
+    import torchvision.datasets as tvd
+
+    known = {n.lower(): n for n in tvd.__all__ if n[0].isupper()}
+    if name.lower() not in known:
+        close = difflib.get_close_matches(name, list(known.values()), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise DataError(f"unknown torchvision dataset '{name}'{hint}")
+    cls = getattr(tvd, known[name.lower()])
+    params = inspect.signature(cls).parameters
+    if "train" not in params and "split" not in params:
+        raise DataError(f"torchvision dataset '{cls.__name__}' has no train/test split")
+
+    def make(split: str) -> Dataset | None:
+        kwargs: dict[str, Any] = {"download": False} if "download" in params else {}
+        if "train" in params:
+            kwargs["train"] = split == "train"
+        else:
+            kwargs["split"] = split
+        try:
+            return cls(str(root), **kwargs)
+        except ValueError:  # this dataset does not offer that split name
+            return None
+        except (RuntimeError, OSError, ImportError) as exc:
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise DataError(
+                f"torchvision dataset '{cls.__name__}' not found under '{root}' "
+                f"(downloads are off; put its files there): {reason}"
+            ) from None
+
+    train, test = make("train"), make("test")
+    # A "trainval" split (OxfordIIITPet) already holds val; only a plain "train" has a separate one.
+    val = make("val") if train is not None and "split" in params else None
+    if train is None and "split" in params:
+        train = make("trainval")
+    if train is None or test is None:
+        raise DataError(f"torchvision dataset '{cls.__name__}' has no train and test split")
+    splits = [_torchvision_split(ds) if ds is not None else None for ds in (train, val, test)]
+    top = int(max(s.labels.max(initial=0) for s in splits if s is not None))
+    classes = getattr(train, "classes", None)
+    if classes and len(classes) > top:
+        return splits[0], splits[1], splits[2], [str(c) for c in classes]
+    return splits[0], splits[1], splits[2], [str(i) for i in range(top + 1)]
+
+
+def _torchvision_split(ds: Dataset) -> _Split:
+    import torchvision.datasets as tvd
+
+    labels = None
+    for attr in ("targets", "labels", "_labels"):
+        value = getattr(ds, attr, None)
+        if value is not None and len(value) == len(ds):
+            labels = np.asarray(value, dtype=np.int64)
+            break
+    if labels is None and hasattr(ds, "_samples"):
+        labels = np.asarray([s[1] for s in ds._samples], dtype=np.int64)
+    if labels is None:
+        log.info("reading every item of %s to find its labels", type(ds).__name__)
+        labels = np.asarray([ds[i][1] for i in range(len(ds))], dtype=np.int64)
+    if isinstance(ds, (tvd.MNIST, tvd.CIFAR10)):  # pixels already in memory: take the fast path
+        data = np.asarray(ds.data)
+        images = data[:, None] if data.ndim == 3 else data.transpose(0, 3, 1, 2)  # NHWC → NCHW
+        return _Split(labels, images=images)
+    return _Split(labels, items=ds)
+
+
+def _open_source(spec: DataSpec) -> _Source:
+    if spec.kind == "imagefolder":
+        return _imagefolder(Path(spec.path))
+    if spec.kind == "idx":
+        return _idx(Path(spec.path))
+    if spec.kind == "digits":
+        return _digits()
+    return _torchvision(spec.name, Path(spec.path))
+
+
+# ---------------------------------------------------------------- selection
+
+
+def _resolve_classes(subset: tuple[str, ...] | None, names: list[str]) -> list[int]:
+    if subset is None:
+        return list(range(len(names)))
+    index = {name: i for i, name in enumerate(names)}
+    chosen: list[int] = []
+    for token in subset:
+        if token in index:
+            label = index[token]
+        elif token.isdigit() and int(token) < len(names):
+            label = int(token)
+        else:
+            shown = ", ".join(names[:20]) + (", …" if len(names) > 20 else "")
+            raise DataError(f"unknown class '{token}' in class subset (classes: {shown})")
+        if label in chosen:
+            raise DataError(f"class subset names class '{names[label]}' twice")
+        chosen.append(label)
+    return chosen
+
+
+def _relabel(split: _Split, chosen: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Indices into split of the chosen classes, and their new labels 0..k-1."""
+    size = max(int(split.labels.max(initial=0)), max(chosen)) + 1
+    table = np.full(size, -1, dtype=np.int64)
+    table[chosen] = np.arange(len(chosen))
+    new = table[split.labels]
+    keep = np.flatnonzero(new >= 0)
+    return keep, new[keep]
+
+
+def _carve(
+    labels: np.ndarray, fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train, val) positions; every class with ≥2 items gives val at least one."""
+    val = [np.empty(0, dtype=np.int64)]
+    for c in np.unique(labels):
+        pos = rng.permutation(np.flatnonzero(labels == c))
+        n = 0
+        if fraction > 0 and len(pos) >= 2:
+            n = min(len(pos) - 1, max(1, int(len(pos) * fraction + 0.5)))
+        val.append(pos[:n])
+    val_pos = np.sort(np.concatenate(val))
+    return np.setdiff1d(np.arange(len(labels)), val_pos), val_pos
+
+
+def _stratified_take(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions of n items drawn per class in proportion to its size, ≥1 per class if n allows."""
+    if n >= len(labels):
+        return np.arange(len(labels))
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * n / counts.sum()
+    take = np.minimum(np.floor(quota).astype(np.int64), counts)
+    if n >= len(classes):
+        take = np.maximum(take, 1)
+    # Settle rounding: grow where the quota was cut most, shrink the largest classes.
+    for c in np.argsort(-(quota - take), kind="stable"):
+        if take.sum() >= n:
+            break
+        take[c] += int(take[c] < counts[c])
+    while take.sum() > n:
+        take[np.argmax(take)] -= 1
+    chosen = [
+        rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take, strict=True)
+    ]
+    return np.sort(np.concatenate(chosen))
+
+
+def load_task_data(
+    spec: DataSpec | str,
+    data_config: dict[str, Any],
+    img_size: int | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    max_train: int | None = None,
+    max_test: int | None = None,
+) -> TaskData:
+    """Train/val/test datasets for a spec, preprocessed for a base model's data config.
+
+    Val comes from PATH/val when present, else is carved (stratified, seeded) from the full train
+    pool before max_train subsamples train; val is then capped to max(⌈max_train·val_fraction⌉,
+    classes). The max_test subset does not depend on seed.
+    """
+    spec = DataSpec.parse(spec) if isinstance(spec, str) else spec
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if seed < 0:
+        raise DataError(f"seed must be ≥ 0, got {seed}")
+    for label, cap in (("max_train", max_train), ("max_test", max_test)):
+        if cap is not None and cap < 1:
+            raise DataError(f"{label} must be ≥ 1, got {cap}")
+    preprocess = build_transform(data_config, img_size)
+    train, val, test, names = _open_source(spec)
+    chosen = _resolve_classes(spec.classes, names)
+    class_names = [names[i] for i in chosen]
+
+    tr_pos, tr_y = _relabel(train, chosen)
+    missing = sorted(set(range(len(chosen))) - set(tr_y.tolist()))
+    if missing:
+        raise DataError(f"class '{class_names[missing[0]]}' has no training images in {spec}")
+    if val is None:
+        keep, held = _carve(tr_y, val_fraction, np.random.default_rng([seed, 1]))
+        val, va_pos, va_y = train, tr_pos[held], tr_y[held]
+        tr_pos, tr_y = tr_pos[keep], tr_y[keep]
+    else:
+        va_pos, va_y = _relabel(val, chosen)
+    if max_train is not None:
+        keep = _stratified_take(tr_y, max_train, np.random.default_rng([seed, 2]))
+        tr_pos, tr_y = tr_pos[keep], tr_y[keep]
+        # Keep small runs small: val shrinks with train, yet every class stays in it.
+        cap = max(math.ceil(max_train * val_fraction), len(np.unique(va_y)))
+        keep = _stratified_take(va_y, cap, np.random.default_rng([seed, 3]))
+        va_pos, va_y = va_pos[keep], va_y[keep]
+    te_pos, te_y = _relabel(test, chosen)
+    if max_test is not None:
+        keep = _stratified_take(te_y, max_test, np.random.default_rng(_TEST_SEED))
+        te_pos, te_y = te_pos[keep], te_y[keep]
+
+    data = TaskData(
+        train=train.build(tr_pos, tr_y, preprocess),
+        val=val.build(va_pos, va_y, preprocess),
+        test=test.build(te_pos, te_y, preprocess),
+        class_names=class_names,
+    )
+    log.info(
+        "%s: %d classes, %d train / %d val / %d test images at %d px",
+        spec, len(class_names), len(tr_y), len(va_y), len(te_y), preprocess.size,
+    )
+    return data
