@@ -1,0 +1,287 @@
+"""The interface every task-learning method implements, its registry and shared helpers.
+
+A method turns a fresh copy of the base model into a trainable task model (`prepare`), tells the
+training loop what to optimise (`param_groups`, `extra_loss`, `set_train_mode`, `selectable`) and
+extracts what the task must store (`extract`). What it stores is a flat dict of tensors whose names
+say how they combine with the base: `delta/<state-dict key>` is added to the base value and
+`set/<state-dict key>` replaces it (`merge_state`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from taps_cl.errors import MethodError
+
+
+DELTA_PREFIX = "delta/"
+SET_PREFIX = "set/"
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """What a task does with one adaptable layer of the base (one row of `task_layers`)."""
+
+    name: str  # module name in the model, e.g. "blocks.3.0.conv_pw"
+    kind: str  # "conv2d" or "linear"
+    score: float | None  # learned gate score (TAPS); None for methods without gates
+    active: bool  # whether the task changes this layer's weight
+    base_params: int  # numbers in the base weight of this layer
+    task_params: int  # numbers the task stores for this layer (0 when inactive)
+
+
+@dataclass
+class TaskState:
+    """Everything a task stores: named tensors (see `merge_state`), a record per adaptable layer."""
+
+    tensors: dict[str, Tensor]
+    layers: list[LayerRecord]
+
+    @property
+    def num_params(self) -> int:
+        """Numbers stored by the task, buffers included (e.g. BatchNorm running statistics)."""
+        return sum(t.numel() for t in self.tensors.values())
+
+    @property
+    def active_layers(self) -> int:
+        """How many adaptable layers the task changes."""
+        return sum(1 for layer in self.layers if layer.active)
+
+
+class Method(ABC):
+    """A way to learn one task on a frozen base; subclasses register by `name` with `@register`."""
+
+    name: ClassVar[str]
+    # The dataclass holding this method's options; `get_method` builds it from keyword overrides.
+    Config: ClassVar[type]
+    # Whether `merge_state` of the extracted tensors gives a plain model of the base's architecture.
+    mergeable: ClassVar[bool] = True
+
+    def __init__(self, config: Any = None) -> None:
+        if config is None:
+            config = self.Config()
+        if not isinstance(config, self.Config):
+            raise MethodError(
+                f"{self.name}: config must be a {self.Config.__name__}, got {type(config).__name__}"
+            )
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+    def config_dict(self) -> dict[str, Any]:
+        """The method's options as a JSON-able dict (stored with the task)."""
+        return dataclasses.asdict(self.config)
+
+    @abstractmethod
+    def prepare(self, model: nn.Module, head: frozenset[str]) -> nn.Module:
+        """Freeze the base of `model` (a fresh copy with a new head), attach task parameters."""
+
+    @abstractmethod
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+        """Optimizer parameter groups of the trainable task parameters."""
+
+    def extra_loss(self, model: nn.Module, epoch: int) -> Tensor | None:
+        """A loss term added to the task loss in `epoch` (0-based), or None."""
+        return None
+
+    def set_train_mode(self, model: nn.Module) -> None:
+        """Put `model` in the mode used for training steps."""
+        model.train()
+
+    def selectable(self, epoch: int, epochs: int) -> bool:
+        """Whether validation may pick the weights of `epoch` (0-based) out of `epochs`."""
+        return True
+
+    def active_layers(self, model: nn.Module) -> int | None:
+        """How many adaptable layers are on now, for progress reports; None if not meaningful."""
+        return None
+
+    @abstractmethod
+    def extract(self, model: nn.Module, head: frozenset[str]) -> TaskState:
+        """The tensors the task must store (on CPU, copied) and a record per adaptable layer."""
+
+
+# --------------------------------------------------------------------------------------- registry
+
+METHODS: dict[str, type[Method]] = {}
+
+M = TypeVar("M", bound=type[Method])
+
+
+def register(cls: M) -> M:
+    """Class decorator adding a Method subclass to `METHODS` under its `name`."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} is registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str, **overrides: Any) -> Method:
+    """Build the method `name` with config fields overridden by keyword; None values are ignored."""
+    cls = METHODS.get(name)
+    if cls is None:
+        raise MethodError(f"unknown method {name!r} (choose from {', '.join(sorted(METHODS))})")
+    allowed = [f.name for f in dataclasses.fields(cls.Config)]
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        options = ", ".join(allowed) if allowed else "none"
+        raise MethodError(
+            f"method {name!r} has no option {', '.join(map(repr, unknown))} (options: {options})"
+        )
+    return cls(cls.Config(**given))
+
+
+# ----------------------------------------------------------------------------------- validation
+
+
+def check_number(
+    method: str,
+    field: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    positive: bool = False,
+    integer: bool = False,
+) -> float | int:
+    """Validate one numeric config field and return it as float (or int); raise MethodError."""
+    # bool is an int subclass, but `lam=True` is certainly a mistake.
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        wanted = "an integer" if integer else "a number"
+        raise MethodError(f"{method}: {field} must be {wanted}, got {value!r}")
+    if not integer and value != value:  # NaN compares unequal to itself
+        raise MethodError(f"{method}: {field} must be a number, got {value!r}")
+    if positive and not value > 0:
+        raise MethodError(f"{method}: {field} must be > 0, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise MethodError(f"{method}: {field} must be >= {minimum}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def check_choice(method: str, field: str, value: Any, choices: tuple[str, ...]) -> str:
+    """Validate one config field that must be one of `choices`; raise MethodError."""
+    if value not in choices:
+        raise MethodError(
+            f"{method}: {field} must be one of {', '.join(choices)}, got {value!r}"
+        )
+    return value
+
+
+# -------------------------------------------------------------------------------- model helpers
+
+# Norm layers whose parameters and statistics become task-specific.
+NORM_TYPES: tuple[type[nn.Module], ...] = (_NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def _is_head(name: str, module: nn.Module, head: frozenset[str]) -> bool:
+    prefix = f"{name}." if name else ""
+    return any(f"{prefix}{key}" in head for key, _ in module.named_parameters(recurse=False))
+
+
+def adaptable_layers(model: nn.Module, head: frozenset[str]) -> list[tuple[str, nn.Module]]:
+    """Every Conv2d and Linear (subclasses included) in module order, except the classifier head."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and not _is_head(name, module, head)
+    ]
+
+
+def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every BatchNorm-like (_NormBase), LayerNorm and GroupNorm module, subclasses included."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, NORM_TYPES)]
+
+
+def layer_kind(module: nn.Module) -> str:
+    """The `LayerRecord.kind` of an adaptable layer."""
+    return "conv2d" if isinstance(module, nn.Conv2d) else "linear"
+
+
+def head_parameters(model: nn.Module, head: frozenset[str]) -> list[nn.Parameter]:
+    """The parameters of the classifier head; MethodError if `head` names none of them."""
+    params = [p for name, p in model.named_parameters() if name in head]
+    if not params:
+        raise MethodError(f"the model has none of the head parameters {sorted(head)}")
+    return params
+
+
+def cpu_copy(tensor: Tensor) -> Tensor:
+    """A detached, contiguous CPU copy: safe to serialise, shares nothing with the model."""
+    return tensor.detach().to("cpu", copy=True).contiguous()
+
+
+def module_state(prefix: str, module: nn.Module) -> dict[str, Tensor]:
+    """State-dict entries (parameters, persistent buffers) of one module, keyed as in the model."""
+    dotted = f"{prefix}." if prefix else ""
+    return {f"{dotted}{key}": value for key, value in module.state_dict().items()}
+
+
+def head_state(model: nn.Module, head: frozenset[str]) -> dict[str, Tensor]:
+    """`set/` tensors for every head key of `model`."""
+    state = model.state_dict()
+    missing = sorted(head - state.keys())
+    if missing:
+        raise MethodError(f"the model has no head key(s) {missing}")
+    return {f"{SET_PREFIX}{key}": cpu_copy(state[key]) for key in sorted(head)}
+
+
+# -------------------------------------------------------------------------------------- merging
+
+
+def merge_state(
+    base_state: dict[str, Tensor], tensors: dict[str, Tensor], head: frozenset[str]
+) -> dict[str, Tensor]:
+    """A plain state dict for the task: base without its head, `delta/` added, `set/` replacing.
+
+    The result loads with `strict=True` into the base architecture built with the task's number of
+    classes. Base entries that the task does not change are shared with `base_state`, not copied.
+    """
+    merged = {key: value for key, value in base_state.items() if key not in head}
+    sets: dict[str, Tensor] = {}
+    for name, value in tensors.items():
+        if name.startswith(DELTA_PREFIX):
+            key = name[len(DELTA_PREFIX):]
+            base = merged.get(key)
+            if base is None:
+                raise MethodError(f"task delta {name!r} has no matching base weight")
+            if base.shape != value.shape:
+                raise MethodError(
+                    f"task delta {name!r} has shape {tuple(value.shape)}, "
+                    f"base weight has {tuple(base.shape)}"
+                )
+            merged[key] = base + value.to(device=base.device, dtype=base.dtype)
+        elif name.startswith(SET_PREFIX):
+            sets[name[len(SET_PREFIX):]] = value
+        else:
+            raise MethodError(f"task tensor {name!r} is neither 'delta/…' nor 'set/…'")
+    # Replacements win over deltas: they hold the trained value itself.
+    for key, value in sets.items():
+        if key not in merged and key not in head:
+            raise MethodError(f"task tensor 'set/{key}' has no matching base entry")
+        merged[key] = value
+    missing = sorted(head - merged.keys())
+    if missing:
+        raise MethodError(f"task state lacks head tensor(s) {missing}")
+    return merged
+
+
+def trainable(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """Mark `params` trainable and return them."""
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def freeze(model: nn.Module) -> None:
+    """Make every parameter of `model` frozen."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+

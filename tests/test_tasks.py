@@ -1,0 +1,170 @@
+"""Adding tasks end to end: stored state, non-interference, restore, predict, clean failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load, load_file
+
+from taps_cl import serialization
+from taps_cl.errors import TapsError
+from taps_cl.manager import Manager
+from tests.test_cli import assert_one_line_error, run
+
+FAST = dict(epochs=2, batch_size=16, img_size=32, seed=0)
+
+
+@pytest.fixture
+def manager(tmp_path):
+    with Manager(tmp_path / "home") as m:
+        m.add_base("b", "timm:test_resnet")
+        yield m
+
+
+def artifact_files(m: Manager) -> dict[str, bytes]:
+    return {a.sha256: m.registry.store.path_of(a.path).read_bytes() for a in m.registry.list_artifacts()}
+
+
+@pytest.mark.parametrize("method", ["taps", "finetune", "linear"])
+def test_add_task_stores_what_the_method_needs(manager, image_data, method):
+    result = manager.add_task("t", "b", f"imagefolder:{image_data}", method=method, **FAST)
+    task = result.task
+    assert task.status == "ready" and task.position == 1 and task.num_classes == 3
+    tensors = serialization.from_bytes(manager.registry.read_artifact(task.artifact))
+    assert task.task_params == serialization.numel(tensors)
+    deltas = {k for k in tensors if k.startswith("delta/")}
+    active = {f"delta/{layer.name}.weight" for layer in task.layers if layer.active}
+    if method == "taps":
+        assert deltas == active  # inactive layers store nothing
+    else:
+        assert not deltas
+    if method == "linear":
+        assert set(tensors) == {"set/fc.weight", "set/fc.bias"}
+        assert task.active_layers == 0
+    assert len(task.layers) == sum(
+        isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear))
+        for name, mod in timm.create_model("test_resnet").named_modules() if name != "fc")
+    assert 0.0 <= result.test_accuracy <= 1.0
+    assert result.merge_error < 1e-4  # restored model == training-time model on the probe batch
+    probe = load(manager.registry.read_artifact(task.probe))
+    assert probe["inputs"].shape[0] == 24 and probe["logits"].shape == (24, 3)
+
+
+def test_taps_lambda_zero_keeps_gates_on_and_large_switches_off(manager, image_data):
+    spec = f"imagefolder:{image_data}"
+    on = manager.add_task("on", "b", spec, method_options={"lam": 0.0}, **FAST).task
+    assert on.active_layers == on.total_layers
+    off = manager.add_task("off", "b", spec, epochs=3, batch_size=8, img_size=32,
+                           method_options={"lam": 50.0, "warmup_epochs": 0, "score_lr": 0.1}).task
+    assert off.active_layers <= off.total_layers // 4
+    assert off.task_params < on.task_params
+
+
+def test_restore_is_a_plain_timm_model(manager, image_data, tmp_path):
+    task = manager.add_task("t", "b", f"imagefolder:{image_data}", **FAST).task
+    model = manager.restore("t")
+    assert type(model) is type(timm.create_model("test_resnet"))
+    probe = load(manager.registry.read_artifact(task.probe))
+    with torch.no_grad():
+        assert torch.allclose(model(probe["inputs"]), probe["logits"], atol=1e-5)
+    out = manager.restore_to_file("t", tmp_path / "t.safetensors")
+    fresh = timm.create_model("test_resnet", num_classes=3)
+    fresh.load_state_dict(load_file(str(out)), strict=True)
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh(probe["inputs"]), probe["logits"], atol=1e-5)
+    import taps_cl
+
+    again = taps_cl.restore("t", home=manager.home)
+    assert type(again) is type(model)
+
+
+def test_adding_b_leaves_a_untouched(manager, image_data, image_data4):
+    manager.add_task("a", "b", f"imagefolder:{image_data}", **FAST)
+    before = artifact_files(manager)
+    a_before = manager.get_task("a")
+    result = manager.add_task("b2", "b", f"imagefolder:{image_data4}", method="finetune", **FAST)
+    after = artifact_files(manager)
+    for sha, data in before.items():
+        assert after[sha] == data  # base and task A artifacts byte-identical
+    assert manager.get_task("a") == a_before
+    (check,) = result.probe_checks
+    assert check.task == "a" and check.ok and check.max_drift == 0.0
+    evals = [(e.task, e.after_task, e.kind) for e in manager.registry.list_evaluations("b")]
+    assert ("a", "b2", "probe") in evals
+
+
+def test_bad_data_fails_cleanly(manager, tmp_path, capsys):
+    before = (manager.list_tasks(), manager.registry.list_artifacts())
+    for spec in (f"imagefolder:{tmp_path / 'nope'}", "idx:/nonexistent", "bogus:thing"):
+        with pytest.raises(TapsError):
+            manager.add_task("t", "b", spec, **FAST)
+    assert (manager.list_tasks(), manager.registry.list_artifacts()) == before
+    code, _, err = run(capsys, "--home", str(manager.home), "task", "add", "t", "--base", "b",
+                       "--data", f"imagefolder:{tmp_path / 'nope'}")
+    assert code == 1
+    assert_one_line_error(err, "nope")
+    code, _, err = run(capsys, "--home", str(manager.home), "task", "add", "t", "--base", "b",
+                       "--data", "digits", "--method", "nosuch")
+    assert code == 1
+    assert_one_line_error(err, "nosuch")
+
+
+def test_interrupted_training_leaves_no_task(manager, image_data, monkeypatch):
+    import taps_cl.manager as mgr
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mgr, "fit", boom)
+    with pytest.raises(KeyboardInterrupt):
+        manager.add_task("t", "b", f"imagefolder:{image_data}", **FAST)
+    assert manager.list_tasks() == []
+    monkeypatch.undo()
+    assert manager.add_task("t", "b", f"imagefolder:{image_data}", **FAST).task.position == 1
+
+
+def test_cli_task_commands(tmp_path, image_data, capsys):
+    home = str(tmp_path / "h")
+    assert run(capsys, "--home", home, "base", "add", "b", "--model", "timm:test_resnet")[0] == 0
+    code, out, err = run(capsys, "--home", home, "--json", "task", "add", "t", "--base", "b",
+                         "--data", f"imagefolder:{image_data}", "--epochs", "2", "--img-size", "32",
+                         "--batch-size", "16", "--lam", "0.5")
+    assert code == 0, err
+    added = json.loads(out)
+    assert added["status"] == "ready" and added["position"] == 1
+    code, out, _ = run(capsys, "--home", home, "--json", "task", "list")
+    (row,) = json.loads(out)
+    assert set(row) >= {"name", "base", "method", "position", "status", "num_classes", "task_params",
+                        "active_layers", "total_layers", "test_accuracy"}
+    assert row["test_accuracy"] == added["test_accuracy"]
+    code, out, _ = run(capsys, "--home", home, "task", "show", "t")
+    assert code == 0 and "active layers" in out
+    code, out, _ = run(capsys, "--home", home, "--json", "task", "eval", "t")
+    assert json.loads(out)["accuracy"] == pytest.approx(added["test_accuracy"])
+    image = next((image_data / "test" / "checker").glob("*.png"))
+    code, out, _ = run(capsys, "--home", home, "--json", "predict", "t", str(image))
+    top = json.loads(out)[0]["top"]
+    assert len(top) == 3 and abs(sum(p["probability"] for p in top) - 1) < 1e-4
+    code, out, _ = run(capsys, "--home", home, "restore", "t", "--out", str(tmp_path / "r.safetensors"))
+    assert code == 0 and (tmp_path / "r.safetensors").exists()
+    code, _, err = run(capsys, "--home", home, "restore", "t", "--out", str(tmp_path / "r.pt"))
+    assert code == 1
+    assert_one_line_error(err, "safetensors")
+
+
+def test_torchvision_base(tmp_path, image_data):
+    with Manager(tmp_path / "tv") as m:
+        m.add_base("r18", "torchvision:resnet18")
+        task = m.add_task("t", "r18", f"imagefolder:{image_data}", epochs=1, batch_size=16,
+                          img_size=32, max_train=24).task
+        model = m.restore("t")
+        import torchvision
+
+        assert type(model) is torchvision.models.ResNet
+        fresh = torchvision.models.resnet18(num_classes=3)
+        fresh.load_state_dict(model.state_dict(), strict=True)
+        assert task.total_layers == 20
