@@ -15,3 +15,9 @@ class DataError(TapsError):
 
 class MethodError(TapsError):
     """An unknown method or an invalid method configuration."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

