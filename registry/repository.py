@@ -254,10 +254,6 @@ class Registry:
                 raise RegistryError(f"task {name!r} is ready; finished tasks are never removed")
             s.delete(row)
 
-    def mark_task_failed(self, name: str) -> None:
-        with self._session() as s:
-            self._task_row(s, name).status = "failed"
-
     def get_task(self, name: str) -> Task:
         with self._session() as s:
             return _task(self._task_row(s, name, with_layers=True))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 from dataclasses import asdict
 from typing import Any, Callable, Optional
 
@@ -243,6 +245,15 @@ def task_add(c: Context, name: str, base: str, data_spec: str, classes: Optional
             click.echo(f"  earlier task {p.task}: probe logits {state} (max drift {p.max_drift:.3g})")
 
     c.emit(data, text)
+
+
+@task_group.command("remove")
+@click.argument("name")
+@pass_ctx
+def task_remove(c: Context, name: str) -> None:
+    """Discard a task left unfinished by a killed run (ready tasks cannot be removed)."""
+    c.manager.remove_task(name)
+    c.emit({"removed": name}, lambda: click.echo(f"removed unfinished task {name}"))
 
 
 @task_group.command("list")
@@ -494,8 +505,24 @@ def demo_cmd(c: Context, quick: bool) -> None:
     _raise_if_unverified(accuracy)
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so an unfinished task is removed.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: one `Error: …` line and exit 1 for failures; tracebacks with --debug."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _run(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: Optional[list[str]]) -> None:
     try:
         cli.main(args=argv, prog_name="taps-cl", standalone_mode=False)
     except click.ClickException as exc:

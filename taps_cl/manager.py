@@ -143,8 +143,13 @@ class Manager:
         """
         reg = self.registry
         base_entity = reg.get_base(base)
-        if any(t.name == name for t in reg.list_tasks()):
-            raise AlreadyExists(f"task {name!r} already exists")
+        for existing in reg.list_tasks():
+            if existing.name == name:
+                hint = "" if existing.status == "ready" else (
+                    f" with status {existing.status} (an interrupted run?); "
+                    f"`taps-cl task remove {name}` discards it"
+                )
+                raise AlreadyExists(f"task {name!r} already exists{hint}")
         learner = get_method(method, **(method_options or {}))
         train_cfg = TrainConfig(
             epochs=epochs,
@@ -266,6 +271,10 @@ class Manager:
                 latest[ev.task] = ev.accuracy
         return latest
 
+    def remove_task(self, name: str) -> None:
+        """Discard a task that never finished (a killed run); ready tasks are never removed."""
+        self.registry.discard_task(name)
+
     def list_tasks(self, base: Optional[str] = None) -> list[Task]:
         return self.registry.list_tasks(base)
 
@@ -369,7 +378,9 @@ class Manager:
             spec = data.DataSpec.from_json(stored)
             max_test = max_test if max_test is not None else stored.get("max_test")
         else:
-            spec = data.DataSpec.parse(data_spec, classes=None)
+            # Another copy of the data: keep the task's class subset so labels line up.
+            subset = stored.get("classes")
+            spec = data.DataSpec.parse(data_spec, classes=",".join(subset) if subset else None)
         task_data = data.load_task_data(
             spec, base.data_config, img_size=stored.get("img_size"),
             val_fraction=stored.get("val_fraction", 0.1),

@@ -9,6 +9,7 @@ import timm
 import torch
 from safetensors.torch import load, load_file
 
+from registry import AlreadyExists
 from taps_cl import serialization
 from taps_cl.errors import TapsError
 from taps_cl.manager import Manager
@@ -168,3 +169,50 @@ def test_torchvision_base(tmp_path, image_data):
         fresh = torchvision.models.resnet18(num_classes=3)
         fresh.load_state_dict(model.state_dict(), strict=True)
         assert task.total_layers == 20
+
+
+def test_sigterm_during_training_removes_the_task(tmp_path, image_data):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    home = tmp_path / "h"
+    with Manager(home) as m:
+        m.add_base("b", "timm:test_resnet")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taps_cl", "--home", str(home), "task", "add", "t", "--base", "b",
+         "--data", f"imagefolder:{image_data}", "--epochs", "500", "--img-size", "32"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            with Manager(home) as m:
+                if [t.status for t in m.list_tasks()] == ["training"]:
+                    break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the task never started training")
+        time.sleep(1.0)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "Traceback" not in err
+    with Manager(home) as m:
+        assert m.list_tasks() == []
+
+
+def test_stale_training_row_is_named_and_removable(manager, image_data, capsys):
+    manager.registry.begin_task("t", base="b", method="taps", method_config={}, train_config={},
+                                dataset_spec={"kind": "digits"}, class_names=["a", "b"])
+    with pytest.raises(AlreadyExists, match="task remove t"):
+        manager.add_task("t", "b", f"imagefolder:{image_data}", **FAST)
+    code, out, _ = run(capsys, "--home", str(manager.home), "task", "remove", "t")
+    assert code == 0
+    assert manager.add_task("t", "b", f"imagefolder:{image_data}", **FAST).task.status == "ready"
+    code, _, err = run(capsys, "--home", str(manager.home), "task", "remove", "t")
+    assert code == 1
+    assert_one_line_error(err, "never removed")
