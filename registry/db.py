@@ -109,6 +109,18 @@ def ensure_schema(engine: Engine) -> None:
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str, Path | None]:
     """Upgrade to ``revision``; a SQLite file is first copied aside. Returns (from, to, backup)."""
     before = current_revision(engine)
+    head = head_revision()
+    try:
+        tables = set(inspect(engine).get_table_names())
+    except (DatabaseError, OperationalError) as exc:
+        raise RegistryError(f"cannot read database {engine.url}: {_reason(exc)}") from exc
+    if tables and "alembic_version" not in tables:
+        raise RegistryError(f"database {engine.url} is not a taps-cl registry (no schema revision)")
+    known = {rev.revision for rev in ScriptDirectory(str(MIGRATIONS_DIR)).walk_revisions()}
+    if before is not None and before not in known:
+        raise SchemaOutOfDate(f"database revision {before} is unknown to this taps-cl (newer release?)")
+    if before == head and revision == "head":
+        return before, head, None  # nothing to do: no backup, no writes
     backup = None
     database = engine.url.database
     if engine.url.get_backend_name() == "sqlite" and database and Path(database).exists():

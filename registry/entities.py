@@ -87,3 +87,14 @@ class Evaluation:
     max_logit_drift: Optional[float]
     probe_ok: Optional[bool]
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class EarlierCell:
+    """An earlier task re-checked when a new task is recorded (its cell in the new column)."""
+
+    task: str
+    kind: str  # "probe" (logits unchanged, accuracy carried) or "measured" (re-measured)
+    accuracy: Optional[float]
+    max_logit_drift: Optional[float]
+    probe_ok: bool

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from registry import db
-from registry.entities import Artifact, BaseModel, Evaluation, LayerEntry, Task
+from registry.entities import Artifact, BaseModel, EarlierCell, Evaluation, LayerEntry, Task
 from registry.errors import AlreadyExists, NotFound, RegistryError
 from registry.models import (
     ARTIFACT_KINDS,
@@ -55,6 +55,11 @@ class Registry:
             try:
                 yield session
                 session.commit()
+            except (OperationalError, DatabaseError) as exc:
+                # Locked, read-only or full database: a user-facing error, not a traceback.
+                session.rollback()
+                reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+                raise RegistryError(f"database {self.engine.url}: {reason}") from exc
             except BaseException:
                 session.rollback()
                 raise
@@ -201,8 +206,12 @@ class Registry:
         test_accuracy: float,
         test_loss: float,
         test_samples: int,
+        earlier: Sequence[EarlierCell] = (),
     ) -> Task:
-        """Store the task's artifacts and layers, its test evaluation, and mark it ``ready``.
+        """Store the task's artifacts, layers and test evaluation, and mark it ``ready``.
+
+        ``earlier`` are the re-checks of the base's earlier tasks: they are recorded in the same
+        transaction as this task's column of the accuracy matrix.
 
         Files are written (atomically) before the single transaction that records them, so a
         crash leaves at most an orphan file, never a row pointing at nothing.
@@ -242,6 +251,18 @@ class Registry:
                     probe_ok=True,
                 )
             )
+            for cell in earlier:
+                s.add(
+                    EvaluationRow(
+                        task_id=self._task_row(s, cell.task).id,
+                        after_task_id=row.id,
+                        split="test",
+                        kind=cell.kind,
+                        accuracy=cell.accuracy,
+                        max_logit_drift=cell.max_logit_drift,
+                        probe_ok=cell.probe_ok,
+                    )
+                )
             s.flush()
             s.refresh(row)
             return _task(row)
@@ -336,7 +357,7 @@ class Registry:
 
 def _check_name(name: str) -> None:
     if not name or not name.strip() or len(name) > 128 or any(c in name for c in "/\\\n\t"):
-        raise RegistryError(f"invalid name {name!r}: 1–128 characters, no slashes or whitespace")
+        raise RegistryError(f"invalid name {name!r}: 1–128 characters, no slashes, tabs or newlines")
 
 
 def _artifact(row: ArtifactRow) -> Artifact:

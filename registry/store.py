@@ -37,7 +37,10 @@ class ArtifactStore:
         digest = sha256_bytes(data)
         relative = self.relative_path(digest)
         final = self.path_of(relative)
-        if final.exists() and self._file_digest(final) == digest:
+        if final.exists():
+            if self._file_digest(final) != digest:
+                # Never rewrite an artifact: a damaged one is evidence for `--verify`.
+                raise IntegrityFailure(f"artifact file {final} exists but is corrupt")
             return digest, relative
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".tmp-", suffix=SUFFIX)

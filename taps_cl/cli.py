@@ -15,7 +15,7 @@ import click
 from registry import RegistryError, db
 from registry.entities import BaseModel, Task
 from taps_cl import reports
-from taps_cl.errors import TapsError
+from taps_cl.errors import TapsError, first_line
 from taps_cl.manager import Manager
 
 log = logging.getLogger("taps_cl")
@@ -34,7 +34,8 @@ class Context:
     def emit(self, data: Any, text: Callable[[], None]) -> None:
         """One JSON document on stdout with --json, else the human rendering."""
         if self.json:
-            click.echo(json.dumps(data, indent=2, default=str))
+            # allow_nan=False: the document must parse with any JSON reader (jq, JavaScript).
+            click.echo(json.dumps(data, indent=2, default=str, allow_nan=False))
         else:
             text()
 
@@ -241,8 +242,9 @@ def task_add(c: Context, name: str, base: str, data_spec: str, classes: Optional
                    f"{t.active_layers}/{t.total_layers} layers active, "
                    f"{t.task_params:,} task-specific parameters")
         for p in result.probe_checks:
-            state = "unchanged" if p.ok else f"CHANGED ({p.error or p.max_drift})"
-            click.echo(f"  earlier task {p.task}: probe logits {state} (max drift {p.max_drift:.3g})")
+            state = "unchanged" if p.ok else f"CHANGED ({p.error or 'logits moved'})"
+            click.echo(f"  earlier task {p.task}: probe logits {state} "
+                       f"(max drift {_fmt(p.max_drift)})")
 
     c.emit(data, text)
 
@@ -382,7 +384,7 @@ def _accuracy(c: Context, base: Optional[str], verify: bool, reevaluate: bool = 
         for t in m.registry.list_tasks(b.name, ready_only=True):
             try:
                 m.evaluate_task(t.name, record=True)
-            except TapsError as exc:  # data moved away: keep the recorded figures
+            except (TapsError, RegistryError) as exc:  # data moved away: keep recorded figures
                 skipped.append(f"{t.name}: {exc}")
     tasks = m.registry.list_tasks(b.name, ready_only=True)
     rep = reports.accuracy_matrix(tasks, m.registry.list_evaluations(b.name))
@@ -391,8 +393,10 @@ def _accuracy(c: Context, base: Optional[str], verify: bool, reevaluate: bool = 
     if verify:
         checks = m.verify(b.name)
         rep["verify_failures"] = [asdict(p) for p in checks if not p.ok]
-        rep["verified"] = not rep["verify_failures"]
-        rep["max_logit_drift"] = max([p.max_drift for p in checks], default=0.0)
+        # Interference-free means now (every probe recomputes) and in the recorded history.
+        rep["verified"] = not rep["verify_failures"] and not rep["changed"]
+        drifts = [p.max_drift for p in checks if p.max_drift is not None]
+        rep["max_logit_drift"] = max(drifts, default=0.0)
     if plot:
         reports.plot_accuracy(rep, plot)
 
@@ -401,14 +405,15 @@ def _accuracy(c: Context, base: Optional[str], verify: bool, reevaluate: bool = 
         rows = []
         for name, row, kinds in zip(names, rep["matrix"], rep["cells"]):
             rows.append([name] + [
-                "-" if k is None else "CHANGED" if k == "changed"
+                "-" if k is None else f"CHANGED {_pct(v)}" if k == "changed"
                 else _pct(v) + ("*" if k == "probe" else "")
                 for v, k in zip(row, kinds)])
         _table(["task \\ after"] + names, rows)
         click.echo("* probe-verified: logits on the stored probe batch unchanged, so the "
                    "accuracy is the measured one")
         click.echo(f"average accuracy {_pct(rep['average_accuracy'])}%, "
-                   f"forgetting {_pct(rep['forgetting'])} points, BWT {_pct(rep['bwt'])} points")
+                   f"forgetting {_pct(rep['forgetting'])} points, BWT {_pct(rep['bwt'])} points"
+                   + ("" if rep["complete"] else " (final column incomplete)"))
         for cell in rep["changed"]:
             click.echo(f"WARNING: probe logits changed for {cell}")
         for line in skipped:
@@ -426,6 +431,9 @@ def _raise_if_unverified(rep: dict[str, Any]) -> None:
         detail = "; ".join(f"{p['task']}: {p['error'] or 'max drift %.3g' % p['max_drift']}"
                            for p in rep["verify_failures"])
         raise TapsError(f"verification failed for {detail}")
+    if rep["verified"] is False:
+        raise TapsError("verification failed: probe logits changed for "
+                        + ", ".join(rep["changed"]))
 
 
 @report_group.command("layers")
@@ -458,9 +466,14 @@ def restore_cmd(c: Context, name: str, out: str) -> None:
     base = c.manager.get_base(t.base)
     c.emit({"name": name, "out": str(path), "model": base.model_spec,
             "num_classes": t.num_classes},
-           lambda: click.echo(f"wrote {path}: load it with "
-                              f"create_model('{base.architecture}', num_classes={t.num_classes})"
-                              f".load_state_dict(...)"))
+           lambda: click.echo(f"wrote {path}: load it into {_constructor(base.model_spec)}"
+                              f"('{base.architecture}', num_classes={t.num_classes})"
+                              f" with load_state_dict(strict=True)"))
+
+
+def _constructor(model_spec: str) -> str:
+    return "torchvision.models.get_model" if model_spec.startswith("torchvision:") else \
+        "timm.create_model"
 
 
 @cli.command("predict")
@@ -536,11 +549,11 @@ def _run(argv: Optional[list[str]]) -> None:
     except (TapsError, RegistryError) as exc:
         if _STATE["debug"]:
             raise
-        click.echo(f"Error: {exc}", err=True)
+        click.echo(f"Error: {first_line(exc)}", err=True)
         sys.exit(1)
     except Exception as exc:  # a bug: still one line unless --debug
         if _STATE["debug"]:
             raise
-        click.echo(f"Error: unexpected {type(exc).__name__}: {exc} (run with --debug for the "
-                   f"traceback)", err=True)
+        click.echo(f"Error: unexpected {type(exc).__name__}: {first_line(exc)} (run with --debug "
+                   f"for the traceback)", err=True)
         sys.exit(1)

@@ -18,6 +18,6 @@ class MethodError(TapsError):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (at most 200 characters), for one-line errors."""
+    """The first line of an exception's message (at most 500 characters), for one-line errors."""
     text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    return text[0][:500] if text else type(exc).__name__

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from registry import AlreadyExists, Registry, RegistryError
-from registry.entities import BaseModel, LayerEntry, Task
+from registry.entities import BaseModel, EarlierCell, LayerEntry, Task
 from taps_cl import backbones, data, evaluate, serialization
-from taps_cl.errors import TapsError
+from taps_cl.errors import MethodError, TapsError, first_line
 from taps_cl.methods import get_method, merge_state
 from taps_cl.train import TrainConfig, fit
 
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 PROBE_SIZE = 32  # test inputs kept per task to prove later additions did not change it
 PROBE_ATOL = 1e-5  # largest logit drift still counted as "unchanged"
+MERGE_ATOL = 1e-5  # restored (deltas folded in) vs training-time model, on the probe batch
 
 
 def default_home() -> Path:
@@ -35,7 +36,7 @@ class ProbeCheck:
     """One task's probe logits recomputed from its stored artifacts."""
 
     task: str
-    max_drift: float
+    max_drift: Optional[float]  # None when the task could not be recomputed at all
     ok: bool
     error: Optional[str] = None
 
@@ -150,7 +151,7 @@ class Manager:
                     f"`taps-cl task remove {name}` discards it"
                 )
                 raise AlreadyExists(f"task {name!r} already exists{hint}")
-        learner = get_method(method, **(method_options or {}))
+        learner = self._method(method, method_options or {}, epochs)
         train_cfg = TrainConfig(
             epochs=epochs,
             batch_size=batch_size,
@@ -191,6 +192,20 @@ class Manager:
             raise
         return result
 
+    @staticmethod
+    def _method(method: str, options: dict[str, Any], epochs: int):  # type: ignore[no-untyped-def]
+        """The configured method; a warm-up that would swallow every epoch is shortened."""
+        learner = get_method(method, **options)
+        warmup = getattr(learner.config, "warmup_epochs", None)
+        if warmup is not None and warmup >= epochs and getattr(learner.config, "lam", 0) > 0:
+            if "warmup_epochs" in options:
+                raise MethodError(
+                    f"--warmup-epochs {warmup} leaves no epoch of the {epochs} for the sparsity "
+                    "penalty; use fewer warm-up epochs or more epochs"
+                )
+            learner = get_method(method, **{**options, "warmup_epochs": epochs - 1})
+        return learner
+
     def _train_and_store(self, name, base_entity, learner, train_cfg, task_data, progress):  # type: ignore[no-untyped-def]
         reg = self.registry
         spec = backbones.ModelSpec.parse(base_entity.model_spec)
@@ -211,7 +226,7 @@ class Manager:
         probe_inputs = torch.stack([task_data.test[i][0] for i in range(n_probe)])
         probe_logits = evaluate.logits(plain, probe_inputs)
         merge_error = float((evaluate.logits(model, probe_inputs) - probe_logits).abs().max())
-        if merge_error > 1e-3:
+        if merge_error > MERGE_ATOL:
             raise TapsError(
                 f"restored model of {name!r} differs from the trained one by {merge_error:.3g}"
             )
@@ -224,6 +239,9 @@ class Manager:
             LayerEntry(r.name, r.kind, r.score, r.active, r.base_params, r.task_params)
             for r in state.layers
         ]
+        # Earlier tasks are re-checked before this one is recorded, and both land in one
+        # transaction: a task is never "ready" without its column of the accuracy matrix.
+        checks, cells = self._probe_earlier_tasks(base_entity.name)
         task = reg.finish_task(
             name,
             task_blob=task_blob,
@@ -236,33 +254,32 @@ class Manager:
             test_accuracy=test.accuracy,
             test_loss=test.loss,
             test_samples=test.num_samples,
+            earlier=cells,
         )
-        checks = self._record_probe_checks(task)
         log.info("task %s: test accuracy %.4f, %d/%d layers active", name, test.accuracy,
                  task.active_layers, task.total_layers)
         return TaskAddResult(
             task, test.accuracy, fitted.best_val_accuracy, fitted.history, checks, merge_error
         )
 
-    def _record_probe_checks(self, new_task: Task) -> list[ProbeCheck]:
-        """Re-check every earlier task of the base; record the result as the new task's column."""
-        reg = self.registry
-        measured = self._latest_measured(new_task.base)
-        checks = []
-        for task in reg.list_tasks(new_task.base, ready_only=True):
-            if task.position >= new_task.position:
-                continue
+    def _probe_earlier_tasks(self, base: str) -> tuple[list[ProbeCheck], list[EarlierCell]]:
+        """Probe-check every ready task of ``base``; re-measure on data any whose logits moved."""
+        measured = self._latest_measured(base)
+        checks, cells = [], []
+        for task in self.registry.list_tasks(base, ready_only=True):
             check = self.check_probe(task)
             checks.append(check)
-            reg.add_evaluation(
-                task.name,
-                after_task=new_task.name,
-                kind="probe",
-                accuracy=measured.get(task.name) if check.ok else None,
-                max_logit_drift=check.max_drift,
-                probe_ok=check.ok,
-            )
-        return checks
+            if check.ok:
+                cells.append(EarlierCell(task.name, "probe", measured.get(task.name),
+                                         check.max_drift, True))
+                continue
+            accuracy = None
+            try:  # the task changed: its carried accuracy means nothing, so measure it again
+                accuracy = self.evaluate_task(task.name).accuracy
+            except (TapsError, RegistryError) as exc:
+                log.warning("task %s changed and cannot be re-measured: %s", task.name, exc)
+            cells.append(EarlierCell(task.name, "measured", accuracy, check.max_drift, False))
+        return checks, cells
 
     def _latest_measured(self, base: str) -> dict[str, float]:
         latest: dict[str, float] = {}
@@ -317,13 +334,13 @@ class Manager:
         )
 
     def restore_to_file(self, name: str, out: str | os.PathLike[str]) -> Path:
-        """Write the restored model's state dict as safetensors (written beside, then renamed)."""
-        task = self._ready_task(name)
-        base = self.registry.get_base(task.base)
-        model = self.restore(name)
+        """Write the restored model's state dict as safetensors (temp file, fsync, rename)."""
         out_path = Path(out)
         if out_path.suffix != ".safetensors":
             raise TapsError(f"--out must end in .safetensors, got {out_path.name}")
+        task = self._ready_task(name)
+        base = self.registry.get_base(task.base)
+        model = self.restore(name)
         meta = {
             "model": base.model_spec,
             "architecture": base.architecture,
@@ -335,8 +352,14 @@ class Manager:
         blob = serialization.to_bytes(model.state_dict(), meta)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = out_path.with_name(f".{out_path.name}.tmp")
-        tmp.write_bytes(blob)
-        os.replace(tmp, out_path)
+        try:
+            with tmp.open("wb") as handle:
+                handle.write(blob)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, out_path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return out_path
 
     def predict(
@@ -405,7 +428,7 @@ class Manager:
             max_drift = float(drift) if probe["logits"].numel() else 0.0
         except (TapsError, RegistryError, OSError, RuntimeError, ValueError) as exc:
             # A corrupt or missing artifact is a failed check, reported with its reason.
-            return ProbeCheck(task.name, float("inf"), False, str(exc))
+            return ProbeCheck(task.name, None, False, first_line(exc))
         return ProbeCheck(task.name, max_drift, max_drift <= PROBE_ATOL)
 
     def verify(self, base: Optional[str] = None) -> list[ProbeCheck]:
@@ -417,7 +440,7 @@ class Manager:
             try:
                 reg.verify_artifact(b.weights)
             except RegistryError as exc:
-                checks.append(ProbeCheck(f"base:{b.name}", float("inf"), False, str(exc)))
+                checks.append(ProbeCheck(f"base:{b.name}", None, False, first_line(exc)))
                 continue
             for task in reg.list_tasks(b.name, ready_only=True):
                 checks.append(self.check_probe(task))

@@ -55,28 +55,29 @@ def accuracy_matrix(tasks: Sequence[Task], evaluations: Sequence[Evaluation]) ->
         if ev.task not in index or ev.after_task not in index or ev.split != "test":
             continue
         i, j = index[ev.task], index[ev.after_task]
-        if ev.kind == "probe" and ev.probe_ok is False:
-            kinds[i][j], matrix[i][j] = "changed", None
+        # A cell whose probe moved is flagged; its value is a fresh measurement, if any.
+        kinds[i][j] = "changed" if ev.probe_ok is False else ev.kind
+        matrix[i][j] = ev.accuracy
+        if ev.probe_ok is False:
             changed.append(f"{ev.task} after {ev.after_task}")
-        else:
-            kinds[i][j], matrix[i][j] = ev.kind, ev.accuracy
         if ev.max_logit_drift is not None:
             drift = max(drift, ev.max_logit_drift)
-    final = [matrix[i][n - 1] for i in range(n)] if n else []
-    known_final = [a for a in final if a is not None]
-    gaps = [
-        (matrix[i][i], matrix[i][n - 1])
-        for i in range(n - 1)
-        if matrix[i][i] is not None and matrix[i][n - 1] is not None
-    ]
-    forgetting = sum(a - b for a, b in gaps) / len(gaps) if gaps else 0.0
+    final = [matrix[i][n - 1] for i in range(n)]
+    diagonal = [matrix[i][i] for i in range(n)]
+    # Metrics only from a complete final column: a partial average would hide the missing task.
+    complete = n > 0 and all(a is not None for a in final + diagonal)
+    forgetting = None
+    if complete:
+        gaps = [diagonal[i] - final[i] for i in range(n - 1)]  # type: ignore[operator]
+        forgetting = sum(gaps) / len(gaps) if gaps else 0.0
     return {
         "tasks": names,
         "matrix": matrix,
         "cells": kinds,
-        "average_accuracy": sum(known_final) / len(known_final) if known_final else None,
+        "average_accuracy": sum(final) / n if complete else None,  # type: ignore[arg-type]
         "forgetting": forgetting,
-        "bwt": -forgetting if gaps else 0.0,
+        "bwt": None if forgetting is None else (-forgetting if forgetting else 0.0),
+        "complete": complete,
         "changed": changed,
         "max_logit_drift": drift,
         "verified": None,
@@ -148,15 +149,19 @@ def plot_accuracy(report: dict[str, Any], path: str | Path) -> Path:
             kind = report["cells"][i][j]
             if kind is None:
                 continue
-            text = "changed" if kind == "changed" else f"{values[i, j] * 100:.1f}"
+            value = "?" if np.isnan(values[i, j]) else f"{values[i, j] * 100:.1f}"
+            text = f"changed\n{value}" if kind == "changed" else value
             if kind == "probe":
                 text += "\n(probe ✓)"
             ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                    color="white" if kind != "changed" and values[i, j] < 0.6 else "black")
+                    color="white" if not values[i, j] >= 0.6 else "black")
     ax.set_xticks(range(n), [f"after {t}" for t in names], rotation=30, ha="right")
     ax.set_yticks(range(n), names)
-    ax.set_title(f"accuracy (%): mean {100 * (report['average_accuracy'] or 0):.1f}, "
-                 f"BWT {100 * report['bwt']:+.2f}")
+    if report["complete"]:
+        ax.set_title(f"accuracy (%): mean {100 * report['average_accuracy']:.1f}, "
+                     f"BWT {100 * report['bwt']:+.2f}")
+    else:
+        ax.set_title("accuracy (%): final column incomplete")
     fig.colorbar(image, ax=ax, fraction=0.046)
     return _save(fig, path)
 

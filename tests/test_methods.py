@@ -22,7 +22,7 @@ from taps_cl.methods import (
 )
 from taps_cl.methods.taps import gate_of, gated_layers
 
-ARCHS = ["test_resnet", "test_efficientnet", "test_vit"]
+ARCHS = ["test_resnet", "test_efficientnet", "test_convnext", "test_vit"]
 IMG = 32
 CLASSES = 3
 

@@ -164,3 +164,12 @@ def test_foreign_and_unreadable_database(tmp_path):
 def test_invalid_names(reg):
     with pytest.raises(RegistryError, match="invalid name"):
         add_base(reg, "a/b")
+
+
+def test_store_refuses_to_rewrite_a_damaged_file(tmp_path):
+    store = ArtifactStore(tmp_path)
+    digest, rel = store.write(b"payload")
+    store.path_of(rel).write_bytes(b"damaged")
+    with pytest.raises(IntegrityFailure, match="corrupt"):
+        store.write(b"payload")
+    assert store.path_of(rel).read_bytes() == b"damaged"

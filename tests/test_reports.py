@@ -98,9 +98,12 @@ def test_one_changed_byte_fails_verify(seq_home, capsys, tmp_path, victim):
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x01
     path.write_bytes(bytes(data))
-    code, _, err = run(capsys, "--home", home, "report", "accuracy", "--verify")
+    code, out, err = run(capsys, "--home", home, "--json", "report", "accuracy", "--verify")
     assert code == 1
     assert_one_line_error(err, rf"verification failed for {victim}: .*corrupt")
+    rep = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+    assert rep["verified"] is False
+    assert [f["task"] for f in rep["verify_failures"]] == [victim]
 
 
 def test_changed_probe_logit_fails_verify(seq_home, capsys, tmp_path):
@@ -127,3 +130,24 @@ def test_budget_needs_a_base_when_ambiguous(seq_home, capsys, tmp_path):
     assert code == 1
     assert_one_line_error(err, "--base")
     assert run(capsys, "--home", home, "report", "budget", "--base", "b")[0] == 0
+
+
+def test_changed_earlier_task_is_flagged_in_the_matrix(seq_home, capsys, tmp_path, monkeypatch):
+    """A later addition that moved an earlier task's logits is recorded as a changed cell."""
+    home = copy_home(seq_home, tmp_path / "h")
+    d4 = make_imagefolder(tmp_path / "d4", seed=4)
+    from taps_cl import manager as manager_module
+
+    monkeypatch.setattr(manager_module, "PROBE_ATOL", -1.0)  # every drift (even 0) counts as moved
+    with Manager(home) as m:
+        result = m.add_task("t4", "b", f"imagefolder:{d4}", method="linear", **FAST)
+    assert [c.ok for c in result.probe_checks] == [False, False, False]
+    monkeypatch.undo()
+    code, out, _ = run(capsys, "--home", home, "--json", "report", "accuracy")
+    rep = json.loads(out)
+    assert [row[3] for row in rep["cells"]] == ["changed", "changed", "changed", "measured"]
+    assert rep["matrix"][0][3] == rep["matrix"][0][0]  # re-measured on its data: same figure
+    assert len(rep["changed"]) == 3
+    code, _, err = run(capsys, "--home", home, "report", "accuracy", "--verify")
+    assert code == 1
+    assert_one_line_error(err, "probe logits changed for t1 after t4")

@@ -216,3 +216,28 @@ def test_stale_training_row_is_named_and_removable(manager, image_data, capsys):
     code, _, err = run(capsys, "--home", str(manager.home), "task", "remove", "t")
     assert code == 1
     assert_one_line_error(err, "never removed")
+
+
+def test_interrupt_during_probe_checks_leaves_no_half_task(manager, image_data, monkeypatch):
+    manager.add_task("a", "b", f"imagefolder:{image_data}", **FAST)
+
+    def interrupted(task):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(manager, "check_probe", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        manager.add_task("b2", "b", f"imagefolder:{image_data}", **FAST)
+    assert [t.name for t in manager.list_tasks()] == ["a"]
+    assert [e.after_task for e in manager.registry.list_evaluations("b")] == ["a"]
+
+
+def test_taps_options_that_would_disable_taps(manager, image_data):
+    spec = f"imagefolder:{image_data}"
+    with pytest.raises(TapsError, match="score_init"):
+        manager.add_task("t", "b", spec, method_options={"tau": 0.2}, **FAST)
+    with pytest.raises(TapsError, match="warmup"):
+        manager.add_task("t", "b", spec, method_options={"warmup_epochs": 2}, **FAST)
+    # Without an explicit warm-up, a one-epoch run still applies the penalty.
+    task = manager.add_task("t", "b", spec, epochs=1, batch_size=16, img_size=32).task
+    assert task.method_config["warmup_epochs"] == 0
+    assert manager.list_tasks() == [manager.get_task("t")]

@@ -70,6 +70,11 @@ class TapsConfig:
         fix("warmup_epochs",
             check_number("taps", "warmup_epochs", self.warmup_epochs, minimum=0, integer=True))
         fix("penalty", check_choice("taps", "penalty", self.penalty, PENALTIES))
+        if self.score_init < self.tau:
+            raise MethodError(
+                f"taps: score_init {self.score_init} must be at least tau {self.tau}, "
+                "or every gate starts off"
+            )
 
 
 class TapsGate(nn.Module):
