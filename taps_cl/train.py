@@ -37,7 +37,7 @@ class TrainConfig:
     # "adamw" or "sgd" (SGD with momentum 0.9).
     optimizer: str = "adamw"
     # Weight decay of the trained parameters (decoupled for AdamW).
-    weight_decay: float = 1e-4
+    weight_decay: float = 0.0
     # Seeds torch's RNG (head init done before fit is not affected) and the data order.
     seed: int = 0
     # "auto" (CUDA when available, else CPU), or a torch device such as "cpu", "cuda:0".
