@@ -249,7 +249,7 @@ class Manager:
             probe_blob=probe_blob,
             probe_num_params=serialization.numel(probe_tensors),
             layers=layers,
-            head_params=sum(int(plain.state_dict()[k].numel()) for k in head),
+            head_params=sum(int(v.numel()) for k, v in plain.state_dict().items() if k in head),
             train_seconds=seconds,
             test_accuracy=test.accuracy,
             test_loss=test.loss,
