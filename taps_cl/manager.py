@@ -7,12 +7,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from registry import AlreadyExists, Registry, RegistryError
+from registry import AlreadyExists, NotFound, Registry, RegistryError
 from registry.entities import BaseModel, EarlierCell, LayerEntry, Task
 from taps_cl import backbones, data, evaluate, serialization
 from taps_cl.errors import MethodError, TapsError, first_line
@@ -84,7 +84,7 @@ class Manager:
     ) -> BaseModel:
         """Build the backbone, load its weights and store them once as the frozen base."""
         reg = self.registry
-        if any(b.name == name for b in reg.list_bases()):
+        if _exists(reg.get_base, name):  # fail before building the model
             raise AlreadyExists(f"base model {name!r} already exists")
         spec = backbones.ModelSpec.parse(model)
         net = backbones.create_model(spec, pretrained=pretrained)
@@ -144,13 +144,13 @@ class Manager:
         """
         reg = self.registry
         base_entity = reg.get_base(base)
-        for existing in reg.list_tasks():
-            if existing.name == name:
-                hint = "" if existing.status == "ready" else (
-                    f" with status {existing.status} (an interrupted run?); "
-                    f"`taps-cl task remove {name}` discards it"
-                )
-                raise AlreadyExists(f"task {name!r} already exists{hint}")
+        existing = _exists(reg.get_task, name)  # fail before loading data
+        if existing is not None:
+            hint = "" if existing.status == "ready" else (
+                f" with status {existing.status} (an interrupted run?); "
+                f"`taps-cl task remove {name}` discards it"
+            )
+            raise AlreadyExists(f"task {name!r} already exists{hint}")
         learner = self._method(method, method_options or {}, epochs)
         train_cfg = TrainConfig(
             epochs=epochs,
@@ -245,7 +245,7 @@ class Manager:
         task = reg.finish_task(
             name,
             task_blob=task_blob,
-            task_num_params=serialization.numel(state.tensors),
+            task_num_params=state.num_params,
             probe_blob=probe_blob,
             probe_num_params=serialization.numel(probe_tensors),
             layers=layers,
@@ -445,6 +445,14 @@ class Manager:
             for task in reg.list_tasks(b.name, ready_only=True):
                 checks.append(self.check_probe(task))
         return checks
+
+
+def _exists(lookup: Callable[[str], Any], name: str) -> Any:
+    """The entity ``lookup(name)`` returns, or None when it is not there."""
+    try:
+        return lookup(name)
+    except NotFound:
+        return None
 
 
 def restore(name: str, home: str | os.PathLike[str] | None = None, db_url: Optional[str] = None) -> nn.Module:
