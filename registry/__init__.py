@@ -2,18 +2,37 @@
 
 from registry.errors import (
     AlreadyExists,
+    EarlierChanged,
     IntegrityFailure,
+    NoRegistry,
     NotFound,
     RegistryError,
+    RunLost,
     SchemaOutOfDate,
+    StoreError,
 )
-from registry.repository import Registry
+from registry.repository import TEMP_GRACE_SECONDS, Registry
+from registry.runs import (
+    HEARTBEAT_INTERVAL_SECONDS,
+    HEARTBEAT_STALE_SECONDS,
+    run_is_alive,
+    this_host,
+)
 
 __all__ = [
+    "HEARTBEAT_INTERVAL_SECONDS",
+    "HEARTBEAT_STALE_SECONDS",
+    "TEMP_GRACE_SECONDS",
     "AlreadyExists",
+    "EarlierChanged",
     "IntegrityFailure",
+    "NoRegistry",
     "NotFound",
     "Registry",
     "RegistryError",
+    "RunLost",
     "SchemaOutOfDate",
+    "StoreError",
+    "run_is_alive",
+    "this_host",
 ]

@@ -1,4 +1,10 @@
-"""Engine and sessions; schema revision check; Alembic upgrade with a SQLite backup first."""
+"""Engine and sessions; schema revision check; Alembic upgrade with a SQLite backup first.
+
+SQLite transactions are begun by SQLAlchemy's "begin" event rather than by pysqlite (which
+only issues BEGIN before the first write): a writer asks for ``BEGIN IMMEDIATE`` through
+:func:`writer`, so read-then-write transactions are serialised and wait on the busy timeout
+instead of failing with "database is locked" when they upgrade their lock.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +12,37 @@ import logging
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, inspect
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
 
-from registry.errors import RegistryError, SchemaOutOfDate
+from registry.errors import NoRegistry, RegistryError, SchemaOutOfDate
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 UPGRADE_HINT = "run `taps-cl db upgrade`"
+CREATE_HINT = "`taps-cl base add` creates one"
+# Execution option read by the SQLite "begin" listener: DEFERRED (readers) or IMMEDIATE (writers).
+BEGIN_OPTION = "taps_cl_begin"
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def migrations_dir() -> Path:
+    """The Alembic scripts: ``registry/migrations`` if installed, else ``../migrations`` (source)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "migrations", here.parent / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise RegistryError(f"the schema migrations are missing from this installation ({here})")
+
+
+MIGRATIONS_DIR = migrations_dir()
 
 
 def sqlite_url(path: str | Path) -> str:
@@ -28,25 +50,72 @@ def sqlite_url(path: str | Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine; SQLite gets WAL, foreign keys and a busy timeout on every connection."""
+def sqlite_path(url: str | URL) -> Optional[Path]:
+    """The file of a SQLite URL (plain or ``file:`` URI); None for other backends and memory."""
+    parsed = make_url(url) if isinstance(url, str) else url
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database or ""
+    if str(parsed.query.get("uri", "")).lower() in ("true", "1") and database.startswith("file:"):
+        from urllib.parse import unquote, urlsplit
+
+        split = urlsplit(database)
+        if "mode=memory" in split.query:
+            return None
+        database = unquote(split.path)
+    if not database or database == ":memory:":
+        return None
+    return Path(database)
+
+
+def make_engine(url: str, *, create: bool = True) -> Engine:
+    """Create an engine; SQLite gets WAL, foreign keys and a busy timeout on every connection.
+
+    With ``create`` the directory of a SQLite file is made; a read-only open never creates it.
+    """
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
         raise RegistryError(f"invalid database URL {url!r}") from exc
     is_sqlite = parsed.get_backend_name() == "sqlite"
-    if is_sqlite and parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    path = sqlite_path(parsed)
+    if create and path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RegistryError(
+                f"cannot create the registry directory {path.parent}: {exc.strerror or exc}"
+            ) from exc
     try:
         engine = create_engine(url, connect_args={"timeout": 30} if is_sqlite else {})
     except Exception as exc:  # missing driver, bad options
         raise RegistryError(f"cannot open database {parsed.render_as_string()}: {exc}") from exc
     if is_sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 
+def writer(engine: Engine) -> Engine:
+    """``engine`` for write transactions: on SQLite they start with ``BEGIN IMMEDIATE``.
+
+    Taking the write lock up front makes a read-then-write transaction atomic against other
+    writers, and a writer that has to wait does so on the busy timeout.
+    """
+    return engine.execution_options(**{BEGIN_OPTION: "IMMEDIATE"})
+
+
+def _sqlite_begin(conn) -> None:  # type: ignore[no-untyped-def]
+    mode = conn.get_execution_options().get(BEGIN_OPTION, "DEFERRED")
+    if mode not in ("DEFERRED", "IMMEDIATE", "EXCLUSIVE"):
+        raise RegistryError(f"unknown SQLite transaction mode {mode!r}")
+    conn.exec_driver_sql(f"BEGIN {mode}")
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    # pysqlite must not begin transactions itself (it would do so only before the first
+    # write); the "begin" listener emits BEGIN instead (SQLAlchemy's documented recipe).
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
@@ -59,7 +128,8 @@ def alembic_config(engine: Engine) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
-    config.attributes["engine"] = engine
+    # One migration at a time: two processes creating a new registry at once queue up.
+    config.attributes["engine"] = writer(engine)
     return config
 
 
@@ -71,8 +141,84 @@ def head_revision() -> str:
     return head
 
 
+def probe_sqlite(path: Path) -> Optional[set[str]]:
+    """Table names of an existing SQLite file, read without changing it; None if missing or empty.
+
+    Connecting with the engine would create a missing file and switch an existing one to WAL,
+    so this looks at the file first and then opens it read-only.
+    """
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise RegistryError(f"cannot read database {path}: {exc.strerror or exc}") from exc
+    if size == 0:
+        return None
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        raise RegistryError(f"cannot read database {path}: {exc.strerror or exc}") from exc
+    if header != SQLITE_HEADER:
+        raise RegistryError(f"database {path} is not a taps-cl registry (not an SQLite file)")
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error as exc:
+        raise RegistryError(f"cannot read database {path}: {exc}") from exc
+    try:
+        rows = conn.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
+    except sqlite3.Error as exc:
+        raise RegistryError(f"cannot read database {path}: {exc}") from exc
+    finally:
+        conn.close()
+    return {row[0] for row in rows}
+
+
+def _tables_after_writer(path: Path) -> set[str]:
+    """Table names of an SQLite file once no one holds its write lock.
+
+    Another process creating a registry holds the lock from before its first table exists;
+    waiting for it tells such a registry-in-the-making from someone else's file without
+    tables. BEGIN IMMEDIATE followed by ROLLBACK changes nothing in the file.
+    """
+    try:
+        conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise RegistryError(f"cannot read database {path}: {exc}") from exc
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        rows = conn.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
+        conn.execute("ROLLBACK")
+    except sqlite3.Error as exc:
+        raise RegistryError(f"cannot read database {path}: {exc}") from exc
+    finally:
+        conn.close()
+    return {row[0] for row in rows}
+
+
+def _tables(engine: Engine) -> Optional[set[str]]:
+    """Table names; None for a SQLite file that does not exist yet or has 0 bytes."""
+    path = sqlite_path(engine.url)
+    if path is not None:
+        return probe_sqlite(path)
+    try:
+        return set(inspect(engine).get_table_names())
+    except (DatabaseError, OperationalError) as exc:
+        raise RegistryError(f"cannot read database {engine.url}: {_reason(exc)}") from exc
+
+
+def location(engine: Engine) -> str:
+    """Where the database is, for messages: a SQLite file's path, else the URL without password."""
+    path = sqlite_path(engine.url)
+    return str(path) if path is not None else engine.url.render_as_string()
+
+
 def current_revision(engine: Engine) -> str | None:
-    """The database's Alembic revision, or None for a database without one."""
+    """The database's Alembic revision, or None for a database without one (never creates it)."""
+    tables = _tables(engine)
+    if not tables or "alembic_version" not in tables:
+        return None
     try:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
@@ -80,18 +226,28 @@ def current_revision(engine: Engine) -> str | None:
         raise RegistryError(f"cannot read database {engine.url}: {_reason(exc)}") from exc
 
 
-def ensure_schema(engine: Engine) -> None:
-    """Create a new database at head; refuse one at another revision or not made by taps-cl."""
-    try:
-        tables = set(inspect(engine).get_table_names())
-    except (DatabaseError, OperationalError) as exc:
-        raise RegistryError(f"cannot read database {engine.url}: {_reason(exc)}") from exc
+def ensure_schema(engine: Engine, *, create: bool = True) -> None:
+    """Check the database is a taps-cl registry at head; with ``create``, make a new one.
+
+    A schema is created only in a database without tables that (for SQLite) is a missing or
+    0-byte file: a non-empty file is never written over. Without ``create`` a missing or empty
+    database raises NoRegistry and nothing is created.
+    """
+    where = location(engine)
+    tables = _tables(engine)
+    path = sqlite_path(engine.url)
+    if tables is not None and not tables and path is not None and create:
+        tables = _tables_after_writer(path)  # maybe a registry another process is creating
     if not tables:
+        if not create:
+            raise NoRegistry(f"no registry at {where} yet ({CREATE_HINT})")
+        if tables is not None and path is not None:  # someone else's SQLite file, no tables
+            raise RegistryError(f"database {where} is not a taps-cl registry (it has no tables)")
         log.info("creating a new registry at revision %s", head_revision())
-        command.upgrade(alembic_config(engine), "head")
+        _run_alembic(command.upgrade, engine, "head")
         return
     if "alembic_version" not in tables:
-        raise RegistryError(f"database {engine.url} is not a taps-cl registry (no schema revision)")
+        raise RegistryError(f"database {where} is not a taps-cl registry (no schema revision)")
     current = current_revision(engine)
     head = head_revision()
     if current != head:
@@ -108,14 +264,14 @@ def ensure_schema(engine: Engine) -> None:
 
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str, Path | None]:
     """Upgrade to ``revision``; a SQLite file is first copied aside. Returns (from, to, backup)."""
+    where = location(engine)
+    tables = _tables(engine)
+    if tables is not None and sqlite_path(engine.url) is not None and not tables:
+        raise RegistryError(f"database {where} is not a taps-cl registry (it has no tables)")
+    if tables and "alembic_version" not in tables:
+        raise RegistryError(f"database {where} is not a taps-cl registry (no schema revision)")
     before = current_revision(engine)
     head = head_revision()
-    try:
-        tables = set(inspect(engine).get_table_names())
-    except (DatabaseError, OperationalError) as exc:
-        raise RegistryError(f"cannot read database {engine.url}: {_reason(exc)}") from exc
-    if tables and "alembic_version" not in tables:
-        raise RegistryError(f"database {engine.url} is not a taps-cl registry (no schema revision)")
     known = {rev.revision for rev in ScriptDirectory(str(MIGRATIONS_DIR)).walk_revisions()}
     if before is not None and before not in known:
         raise SchemaOutOfDate(f"database revision {before} is unknown to this taps-cl (newer release?)")
@@ -127,13 +283,20 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str, Pa
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
         backup = Path(f"{database}.{before or 'empty'}.{stamp}.bak")
         _backup_sqlite(engine, backup)
-    command.upgrade(alembic_config(engine), revision)
+    _run_alembic(command.upgrade, engine, revision)
     return before, current_revision(engine) or "", backup
 
 
 def downgrade(engine: Engine, revision: str) -> None:
     """Downgrade to ``revision`` (``base`` removes every table)."""
-    command.downgrade(alembic_config(engine), revision)
+    _run_alembic(command.downgrade, engine, revision)
+
+
+def _run_alembic(action, engine: Engine, revision: str) -> None:  # type: ignore[no-untyped-def]
+    try:
+        action(alembic_config(engine), revision)
+    except (DatabaseError, OperationalError) as exc:
+        raise RegistryError(f"cannot migrate database {location(engine)}: {_reason(exc)}") from exc
 
 
 def _backup_sqlite(engine: Engine, target: Path) -> None:
@@ -157,7 +320,12 @@ __all__ = [
     "downgrade",
     "ensure_schema",
     "head_revision",
+    "location",
     "make_engine",
+    "migrations_dir",
+    "probe_sqlite",
+    "sqlite_path",
     "sqlite_url",
     "upgrade",
+    "writer",
 ]

@@ -47,7 +47,7 @@ class LayerEntry:
 class Task:
     name: str
     base: str
-    position: int
+    position: Optional[int]  # given when the task becomes ready; None while it trains
     method: str
     method_config: dict[str, Any]
     train_config: dict[str, Any]
@@ -61,6 +61,10 @@ class Task:
     train_seconds: Optional[float]
     created_at: datetime
     layers: tuple[LayerEntry, ...] = field(default=())
+    run_token: Optional[str] = None  # the `task add` run that owns the row (uuid4 hex)
+    run_host: Optional[str] = None  # hostname of that run
+    run_pid: Optional[int] = None  # its process id on run_host
+    heartbeat_at: Optional[datetime] = None  # last sign of life of the run (UTC)
 
     @property
     def task_params(self) -> int:
@@ -98,3 +102,12 @@ class EarlierCell:
     accuracy: Optional[float]
     max_logit_drift: Optional[float]
     probe_ok: bool
+
+
+@dataclass(frozen=True)
+class GarbageFile:
+    """A file in the artifact store that no row needs (see Registry.find_garbage)."""
+
+    path: str  # relative to the artifact root
+    bytes: int
+    reason: str  # "unreferenced" (an artifact file no row names) or "temp" (an abandoned write)

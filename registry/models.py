@@ -89,7 +89,9 @@ class TaskRow(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     base_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"), index=True)
-    position: Mapped[int] = mapped_column(Integer)  # 1-based place in its base's sequence
+    # 1-based place in its base's sequence, given when the task becomes ready (NULL before):
+    # positions and accuracy-matrix columns follow the order in which tasks finished.
+    position: Mapped[Optional[int]] = mapped_column(Integer)
     method: Mapped[str] = mapped_column(String(32))
     method_config: Mapped[dict[str, Any]] = mapped_column(JSON)
     train_config: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -103,6 +105,13 @@ class TaskRow(Base):
     head_params: Mapped[Optional[int]] = mapped_column(BigInteger)
     train_seconds: Mapped[Optional[float]] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The `task add` run that owns the row: finish_task and a run's own clean-up match this
+    # token (uuid4 hex), never the name, so a removed-and-re-added name is not overwritten.
+    run_token: Mapped[Optional[str]] = mapped_column(String(36), unique=True)
+    run_host: Mapped[Optional[str]] = mapped_column(String(255))  # hostname of the run
+    run_pid: Mapped[Optional[int]] = mapped_column(Integer)  # its process id on run_host
+    # Refreshed by the live run; a stale heartbeat means the run is gone (registry.runs).
+    heartbeat_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
 
     base: Mapped[BaseModelRow] = relationship(back_populates="tasks", lazy="joined")
     artifact: Mapped[Optional[ArtifactRow]] = relationship(

@@ -1,15 +1,24 @@
-"""Content-addressed artifact store: files named by sha256, written atomically, verified on read."""
+"""Content-addressed artifact store: files named by sha256, written atomically, verified on read.
+
+Paths come from the database, so they are checked before use: a path must be the layout of its
+sha256 and stay inside the store. OS errors surface as StoreError naming the user's path.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
-from pathlib import Path
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
 
-from registry.errors import IntegrityFailure
+from registry.errors import IntegrityFailure, StoreError
 
 SUFFIX = ".safetensors"
+TEMP_PREFIX = ".tmp-"  # an in-progress (or abandoned) write, renamed to its final name when done
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_LAYOUT = re.compile(r"([0-9a-f]{2})/([0-9a-f]{64})" + re.escape(SUFFIX))
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -24,45 +33,98 @@ class ArtifactStore:
         self.root = Path(root)
 
     def relative_path(self, sha256: str) -> str:
+        """Where content with this sha256 lives, (``ab/abcdef….safetensors``)."""
         return f"{sha256[:2]}/{sha256}{SUFFIX}"
 
     def path_of(self, relative: str) -> Path:
-        return self.root / relative
+        """The absolute path of a stored file; a path that would leave the store is refused.
+
+        Raises IntegrityFailure for an absolute path, one with ``..`` or one that resolves
+        (through a symlink) outside the root: such a path can only come from an edited row.
+        """
+        pure = PurePosixPath(relative)
+        if (
+            not relative
+            or "\\" in relative
+            or "\x00" in relative
+            or pure.is_absolute()
+            or ".." in pure.parts
+        ):
+            raise IntegrityFailure(f"artifact path {relative!r} escapes the store {self.root}")
+        path = self.root / pure
+        try:
+            inside = path.resolve().is_relative_to(self.root.resolve())
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            raise IntegrityFailure(f"artifact path {relative!r} cannot be resolved: {exc}") from exc
+        if not inside:
+            raise IntegrityFailure(f"artifact path {relative!r} escapes the store {self.root}")
+        return path
+
+    def check_layout(self, relative: str, sha256: str) -> Path:
+        """The file's path, after checking ``relative`` is where ``sha256`` content belongs."""
+        if not _SHA256.fullmatch(sha256 or ""):
+            raise IntegrityFailure(f"recorded sha256 {sha256!r} is not a sha256 hex digest")
+        if relative != self.relative_path(sha256):
+            raise IntegrityFailure(
+                f"artifact path {relative!r} is not where content {sha256[:12]}… is stored "
+                f"({self.relative_path(sha256)}): the row was edited"
+            )
+        return self.path_of(relative)
 
     def write(self, data: bytes) -> tuple[str, str]:
         """Store ``data`` (temp file → fsync → rename) and return ``(sha256, relative path)``.
 
         An existing file with the right content is left alone: artifacts are never rewritten.
         """
+        digest, relative, _created = self.put(data)
+        return digest, relative
+
+    def put(self, data: bytes) -> tuple[str, str, bool]:
+        """Like :meth:`write`, also saying whether this call created the file.
+
+        A caller whose database transaction then fails removes only files it created.
+        """
         digest = sha256_bytes(data)
         relative = self.relative_path(digest)
         final = self.path_of(relative)
-        if final.exists():
+        try:
+            exists = final.exists()
+        except OSError as exc:
+            raise StoreError(f"cannot look up artifact {final}: {exc.strerror or exc}") from exc
+        if exists:
             if self._file_digest(final) != digest:
                 # Never rewrite an artifact: a damaged one is evidence for `--verify`.
                 raise IntegrityFailure(f"artifact file {final} exists but is corrupt")
-            return digest, relative
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".tmp-", suffix=SUFFIX)
+            return digest, relative, False
+        tmp = None
         try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=TEMP_PREFIX, suffix=SUFFIX)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, final)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            raise StoreError(
+                f"cannot write artifact into {final.parent}: {exc.strerror or exc}"
+            ) from exc
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            _unlink_quietly(tmp)
             raise
         self._fsync_dir(final.parent)
-        return digest, relative
+        return digest, relative, True
 
     def read(self, relative: str, sha256: str) -> bytes:
-        """Return the file's bytes after checking them against ``sha256``."""
-        path = self.path_of(relative)
+        """Return the file's bytes after checking its path and content against ``sha256``."""
+        path = self.check_layout(relative, sha256)
         try:
             data = path.read_bytes()
-        except OSError as exc:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise IntegrityFailure(f"artifact file {path} cannot be read: {exc.strerror}") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot read artifact {path}: {exc.strerror or exc}") from exc
         actual = sha256_bytes(data)
         if actual != sha256:
             raise IntegrityFailure(
@@ -74,12 +136,55 @@ class ArtifactStore:
         """Raise IntegrityFailure unless the file exists and hashes to ``sha256``."""
         self.read(relative, sha256)
 
+    def files(self) -> Iterator[tuple[str, int, float]]:
+        """Every regular file under the root as ``(relative path, bytes, mtime)``; no symlinks."""
+        if not self.root.is_dir():
+            return
+        for directory, dirnames, filenames in os.walk(self.root, followlinks=False):
+            dirnames.sort()
+            for filename in sorted(filenames):
+                path = Path(directory) / filename
+                try:
+                    stat = path.lstat()
+                except OSError:  # removed meanwhile
+                    continue
+                if not path.is_symlink() and path.is_file():
+                    yield path.relative_to(self.root).as_posix(), stat.st_size, stat.st_mtime
+
+    @staticmethod
+    def layout_sha256(relative: str) -> str | None:
+        """The sha256 a path names if it has the layout ``ab/ab….safetensors``, else None."""
+        match = _LAYOUT.fullmatch(relative)
+        if match is None or not match.group(2).startswith(match.group(1)):
+            return None
+        return match.group(2)
+
+    @staticmethod
+    def is_temp(relative: str) -> bool:
+        """Whether the path is a temp file of a write (``ab/.tmp-….safetensors``)."""
+        return PurePosixPath(relative).name.startswith(TEMP_PREFIX)
+
+    def remove(self, relative: str) -> int:
+        """Delete one file; returns the bytes freed (0 if it was already gone)."""
+        path = self.path_of(relative)
+        try:
+            size = path.lstat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise StoreError(f"cannot remove {path}: {exc.strerror or exc}") from exc
+        return size
+
     @staticmethod
     def _file_digest(path: Path) -> str:
         digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        try:
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+        except OSError as exc:
+            raise StoreError(f"cannot read artifact {path}: {exc.strerror or exc}") from exc
         return digest.hexdigest()
 
     @staticmethod
@@ -95,3 +200,11 @@ class ArtifactStore:
             pass
         finally:
             os.close(fd)
+
+
+def _unlink_quietly(path: str | None) -> None:
+    if path is not None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Manager", "restore", "__version__"]
+__all__ = ["Manager", "open_registry", "restore", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so `import taps_cl.errors` (and the CLI's --help) need not import torch.
-    if name in ("Manager", "restore"):
+    if name in ("Manager", "open_registry", "restore"):
         from taps_cl import manager
 
         return getattr(manager, name)

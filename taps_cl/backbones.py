@@ -22,13 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from taps_cl.errors import BackboneError, first_line
-# Re-exported: weights-file reading moved to taps_cl.weights; callers of backbones.* keep working.
-from taps_cl.weights import (  # noqa: F401
-    LITE0_STAGE_LENGTHS,
-    convert_lukemelas_efficientnet_lite,
-    is_lukemelas_efficientnet,
-    read_weights,
-)
+# read_weights is re-exported for manager.py and examples/benchmark.py, which call
+# `backbones.read_weights`; new code imports it from taps_cl.weights.
+from taps_cl.weights import check_finite, read_weights  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +121,10 @@ def _build(spec: ModelSpec, num_classes: int | None) -> nn.Module:
 def create_model(
     spec: ModelSpec | str, num_classes: int | None = None, pretrained: bool = False
 ) -> nn.Module:
-    """Build a timm/torchvision model; `pretrained` downloads hub weights or fails fast."""
+    """Build a timm/torchvision model; `pretrained` downloads hub weights or fails fast.
+
+    Pretrained weights holding NaN or ±inf are refused (BackboneError naming the tensor).
+    """
     spec = ModelSpec.parse(spec)
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
         raise BackboneError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -134,12 +133,15 @@ def create_model(
         return _build(spec, num_classes)
     try:
         if spec.source == "timm":
-            return _timm_pretrained(spec, num_classes)
-        return _torchvision_pretrained(spec, num_classes)
+            model = _timm_pretrained(spec, num_classes)
+        else:
+            model = _torchvision_pretrained(spec, num_classes)
     except BackboneError:
         raise
     except Exception as exc:  # any download/parse failure from the hub clients
         raise _download_error(spec, f"{type(exc).__name__}: {first_line(exc)}") from exc
+    check_finite(model.state_dict(), f"pretrained weights of {spec}")
+    return model
 
 
 def _download_error(spec: ModelSpec, reason: str) -> BackboneError:

@@ -97,16 +97,16 @@ def db_group() -> None:
     """Database schema: current revision and upgrades."""
 
 
-def _engine(c: Context):  # type: ignore[no-untyped-def]
+def _engine(c: Context, create: bool):  # type: ignore[no-untyped-def]
     m = c.manager
-    return db.make_engine(m.db_url or db.sqlite_url(m.home / "registry.db"))
+    return db.make_engine(m.db_url or db.sqlite_url(m.home / "registry.db"), create=create)
 
 
 @db_group.command("current")
 @pass_ctx
 def db_current(c: Context) -> None:
     """Show the database's schema revision and the newest one."""
-    engine = _engine(c)
+    engine = _engine(c, create=False)
     try:
         current, head = db.current_revision(engine), db.head_revision()
     finally:
@@ -120,7 +120,7 @@ def db_current(c: Context) -> None:
 @pass_ctx
 def db_upgrade(c: Context) -> None:
     """Upgrade the schema to the newest revision (a SQLite file is copied aside first)."""
-    engine = _engine(c)
+    engine = _engine(c, create=True)
     try:
         before, after, backup = db.upgrade(engine)
     finally:
@@ -212,20 +212,37 @@ def _task_json(t: Task, accuracy: Optional[float]) -> dict[str, Any]:
               help="TAPS learning rate of the gate scores.")
 @click.option("--warmup-epochs", type=click.IntRange(0), help="TAPS epochs before the penalty.")
 @click.option("--penalty", type=click.Choice(["layers", "params"]),
-              help="TAPS penalty weights: 1/L per layer, or by parameter count.")
+              help="TAPS penalty weights: 1/L per layer, or by the numbers a layer would store.")
+@click.option("--rank", type=click.IntRange(0),
+              help="TAPS low-rank deltas ΔW = B·A of this rank on large layers (0 = full deltas).")
+@click.option("--factor-min-params", type=click.IntRange(0),
+              help="TAPS: factorise only layers with at least this many weights.")
+@click.option("--factor-lr", type=click.FloatRange(0, min_open=True),
+              help="TAPS learning rate of the factors (default 5 × --lr).")
+@click.option("--budget", type=click.FloatRange(0, min_open=True),
+              help="TAPS: store at most this fraction of the base's parameters (norms, head "
+                   "included); λ is raised during training until the task fits.")
+@click.option("--store-dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="TAPS: precision of the stored deltas/factors.")
+@click.option("--store-norms-head-dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="TAPS: precision of the stored norms and head.")
 @click.option("--img-size", type=click.IntRange(8), help="Input size (default: the base's).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-train", type=click.IntRange(1), help="Subsample the training set.")
 @click.option("--max-test", type=click.IntRange(1), help="Subsample the test set.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=0.1, show_default=True)
+@click.option("--device", default="auto", show_default=True,
+              help="Where training runs: auto, cpu, cuda, cuda:N or mps (checks run on the CPU).")
 @pass_ctx
 def task_add(c: Context, name: str, base: str, data_spec: str, classes: Optional[str],
-             method: str, lam: Optional[float], tau: Optional[float], score_lr: Optional[float],
-             warmup_epochs: Optional[int], penalty: Optional[str], **train: Any) -> None:
+             method: str, **given: Any) -> None:
     """Train task NAME on the frozen base and record only what it needs."""
-    options = {"lam": lam, "tau": tau, "score_lr": score_lr, "warmup_epochs": warmup_epochs,
-               "penalty": penalty}
+    method_keys = ("lam", "tau", "score_lr", "warmup_epochs", "penalty", "rank",
+                   "factor_min_params", "factor_lr", "budget", "store_dtype",
+                   "store_norms_head_dtype")
+    options = {k: given.pop(k) for k in method_keys}
+    train = given
     result = c.manager.add_task(
         name, base, data_spec, method=method, classes=classes,
         method_options={k: v for k, v in options.items() if v is not None},
@@ -251,10 +268,12 @@ def task_add(c: Context, name: str, base: str, data_spec: str, classes: Optional
 
 @task_group.command("remove")
 @click.argument("name")
+@click.option("--force", is_flag=True,
+              help="Remove even a run that still looks alive (its heartbeat is recent).")
 @pass_ctx
-def task_remove(c: Context, name: str) -> None:
+def task_remove(c: Context, name: str, force: bool) -> None:
     """Discard a task left unfinished by a killed run (ready tasks cannot be removed)."""
-    c.manager.remove_task(name)
+    c.manager.remove_task(name, force=force)
     c.emit({"removed": name}, lambda: click.echo(f"removed unfinished task {name}"))
 
 
@@ -280,7 +299,10 @@ def task_list(c: Context, base: Optional[str]) -> None:
 def task_show(c: Context, name: str, all_layers: bool) -> None:
     """Show a task and its active-layer set."""
     t = c.manager.get_task(name)
+    base_params = c.manager.get_base(t.base).num_params
     data = _task_json(t, c.manager.test_accuracies(t.base).get(t.name))
+    budget = t.method_config.get("budget")
+    data.update(budget=budget, budget_used=t.task_params / base_params if base_params else None)
     data.update(method_config=t.method_config, train_config=t.train_config,
                 dataset=t.dataset_spec, class_names=list(t.class_names),
                 train_seconds=t.train_seconds,
@@ -294,6 +316,9 @@ def task_show(c: Context, name: str, all_layers: bool) -> None:
                    f"{t.task_params:,} task-specific parameters, "
                    f"{t.active_layers}/{t.total_layers} layers active")
         click.echo(f"  config: {json.dumps(t.method_config)}")
+        if budget is not None:
+            click.echo(f"  budget: at most {budget:.3f}× base given, {data['budget_used']:.3f}× "
+                       "used")
         shown = [layer for layer in t.layers if all_layers or layer.active]
         click.echo(f"  {'all' if all_layers else 'active'} layers:")
         _table(["layer", "kind", "score", "active", "base params", "task params"],
@@ -306,11 +331,14 @@ def task_show(c: Context, name: str, all_layers: bool) -> None:
 @task_group.command("eval")
 @click.argument("name")
 @click.option("--data", "data_spec", help="Evaluate on another data spec with the same classes.")
-@click.option("--max-test", type=click.IntRange(1))
+@click.option("--max-test", type=click.IntRange(1), help="Subsample the test set.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda, cuda:N or mps.")
 @pass_ctx
-def task_eval(c: Context, name: str, data_spec: Optional[str], max_test: Optional[int]) -> None:
+def task_eval(c: Context, name: str, data_spec: Optional[str], max_test: Optional[int],
+              device: str) -> None:
     """Measure the restored task model's test accuracy."""
-    r = c.manager.evaluate_task(name, data_spec, max_test=max_test)
+    r = c.manager.evaluate_task(name, data_spec, max_test=max_test, device=device)
     c.emit({"name": name, **asdict(r)}, lambda: click.echo(
         f"{name}: accuracy {_pct(r.accuracy)}% on {r.num_samples} images (loss {r.loss:.4f})"))
 
@@ -321,48 +349,40 @@ def report_group() -> None:
     """Parameter budget, accuracy matrix and layer map."""
 
 
-def _only_base(c: Context, base: Optional[str]) -> BaseModel:
-    if base is not None:
-        return c.manager.get_base(base)
-    bases = c.manager.list_bases()
-    if len(bases) != 1:
-        names = ", ".join(b.name for b in bases) or "none registered"
-        raise TapsError(f"choose a base with --base ({names})")
-    return bases[0]
-
-
 @report_group.command("budget")
 @click.option("--base", help="Base model (needed when there are several).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a bar chart PNG.")
 @pass_ctx
 def report_budget(c: Context, base: Optional[str], plot: Optional[str]) -> None:
-    """Base + Σ task-specific parameters vs N fine-tuned models."""
-    c.emit(*_budget(c, base, plot))
-
-
-def _budget(c: Context, base: Optional[str], plot: Optional[str] = None):  # type: ignore[no-untyped-def]
-    b = _only_base(c, base)
-    rep = reports.budget(b, c.manager.registry.list_tasks(b.name, ready_only=True))
+    """Base + Σ task-specific parameters and bytes vs N fine-tuned models."""
+    rep = c.manager.budget(base)
     if plot:
         reports.plot_budget(rep, plot)
+    c.emit(rep.to_json(), lambda: _budget_text(rep))
 
-    def text() -> None:
-        click.echo(f"base {b.name} ({b.model_spec}): {b.num_params:,} parameters")
-        _table(["task", "method", "layers", "task params", "× base", "bytes"],
-               [[t["name"], t["method"], f"{t['active_layers']}/{t['total_layers']}",
-                 t["task_params"], f"{t['ratio_to_base']:.3f}", t["bytes"]]
-                for t in rep["tasks"]])
-        click.echo(f"total: {rep['total_params']:,} = {rep['ratio_to_base']:.3f}× base; "
-                   f"{len(rep['tasks'])} fine-tuned models: {rep['finetune_total_params']:,}; "
-                   f"linear probes: {rep['linear_total_params']:,}")
 
-    return rep, text
+def _budget_text(rep: reports.BudgetReport) -> None:
+    click.echo(f"base {rep.base_name} ({rep.base_model}): {rep.base_params:,} parameters, "
+               f"{rep.base_bytes:,} bytes")
+    _table(["task", "method", "layers", "params", "bytes", "× base", "budget"],
+           [[t.name, t.method, f"{t.active_layers}/{t.total_layers}", t.task_params, t.bytes,
+             _ratio(t.ratio_to_base),
+             "-" if t.budget is None else f"{t.budget:.3f} (used {_ratio(t.budget_used)})"]
+            for t in rep.tasks])
+    click.echo(f"total: {rep.total_params:,} parameters ({rep.total_bytes:,} bytes) = "
+               f"{_ratio(rep.ratio_to_base)}× base; {len(rep.tasks)} fine-tuned models: "
+               f"{rep.finetune_total_params:,}; linear probes: {rep.linear_total_params:,}")
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 @report_group.command("accuracy")
 @click.option("--base", help="Base model (needed when there are several).")
 @click.option("--verify", is_flag=True,
-              help="Re-hash every artifact and recompute every task's probe logits.")
+              help="Re-hash every artifact, check every recorded fact and recompute every "
+                   "task's probe logits; exit status 1 unless all hold.")
 @click.option("--reevaluate", is_flag=True,
               help="Re-measure every task's test accuracy where its data is reachable.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a heatmap PNG.")
@@ -370,70 +390,42 @@ def _budget(c: Context, base: Optional[str], plot: Optional[str] = None):  # typ
 def report_accuracy(c: Context, base: Optional[str], verify: bool, reevaluate: bool,
                     plot: Optional[str]) -> None:
     """Accuracy of every task after every later addition; forgetting and BWT."""
-    rep, text = _accuracy(c, base, verify, reevaluate, plot)
-    c.emit(rep, text)
-    _raise_if_unverified(rep)
-
-
-def _accuracy(c: Context, base: Optional[str], verify: bool, reevaluate: bool = False,  # type: ignore[no-untyped-def]
-              plot: Optional[str] = None):
-    b = _only_base(c, base)
-    m = c.manager
-    skipped: list[str] = []
-    if reevaluate:
-        for t in m.registry.list_tasks(b.name, ready_only=True):
-            try:
-                m.evaluate_task(t.name, record=True)
-            except (TapsError, RegistryError) as exc:  # data moved away: keep recorded figures
-                skipped.append(f"{t.name}: {exc}")
-    tasks = m.registry.list_tasks(b.name, ready_only=True)
-    rep = reports.accuracy_matrix(tasks, m.registry.list_evaluations(b.name))
-    rep["reevaluate_skipped"] = skipped
-    rep["verify_failures"] = []
-    if verify:
-        checks = m.verify(b.name)
-        rep["verify_failures"] = [asdict(p) for p in checks if not p.ok]
-        # Interference-free means now (every probe recomputes) and in the recorded history.
-        rep["verified"] = not rep["verify_failures"] and not rep["changed"]
-        drifts = [p.max_drift for p in checks if p.max_drift is not None]
-        rep["max_logit_drift"] = max(drifts, default=0.0)
+    rep = c.manager.accuracy(base, verify=verify, reevaluate=reevaluate)
     if plot:
         reports.plot_accuracy(rep, plot)
-
-    def text() -> None:
-        names = rep["tasks"]
-        rows = []
-        for name, row, kinds in zip(names, rep["matrix"], rep["cells"]):
-            rows.append([name] + [
-                "-" if k is None else f"CHANGED {_pct(v)}" if k == "changed"
-                else _pct(v) + ("*" if k == "probe" else "")
-                for v, k in zip(row, kinds)])
-        _table(["task \\ after"] + names, rows)
-        click.echo("* probe-verified: logits on the stored probe batch unchanged, so the "
-                   "accuracy is the measured one")
-        click.echo(f"average accuracy {_pct(rep['average_accuracy'])}%, "
-                   f"forgetting {_pct(rep['forgetting'])} points, BWT {_pct(rep['bwt'])} points"
-                   + ("" if rep["complete"] else " (final column incomplete)"))
-        for cell in rep["changed"]:
-            click.echo(f"WARNING: probe logits changed for {cell}")
-        for line in skipped:
-            click.echo(f"not re-evaluated: {line}")
-        if rep["verified"]:
-            click.echo(f"verified: interference-free — every artifact matches its sha256 and "
-                       f"every task's probe logits are unchanged "
-                       f"(max drift {rep['max_logit_drift']:.3g})")
-
-    return rep, text
+    c.emit(rep.to_json(), lambda: _accuracy_text(rep))
+    if rep.reason:
+        raise TapsError(rep.reason)
 
 
-def _raise_if_unverified(rep: dict[str, Any]) -> None:
-    if rep["verify_failures"]:
-        detail = "; ".join(f"{p['task']}: {p['error'] or 'max drift %.3g' % p['max_drift']}"
-                           for p in rep["verify_failures"])
-        raise TapsError(f"verification failed for {detail}")
-    if rep["verified"] is False:
-        raise TapsError("verification failed: probe logits changed for "
-                        + ", ".join(rep["changed"]))
+def _accuracy_text(rep: reports.AccuracyReport) -> None:
+    names = list(rep.tasks)
+    rows = []
+    for name, row, kinds in zip(names, rep.matrix, rep.cells):
+        rows.append([name] + [
+            "-" if k is None else f"CHANGED {_pct(v)}" if k == "changed"
+            else _pct(v) + ("*" if k == "probe" else "")
+            for v, k in zip(row, kinds)])
+    _table(["task \\ after"] + names, rows)
+    click.echo("* probe-checked when recorded: logits on the stored probe batch unchanged, so "
+               "the accuracy is the measured one")
+    click.echo(f"average accuracy {_pct(rep.average_accuracy)}%, "
+               f"forgetting {_pct(rep.forgetting)} points, BWT {_pct(rep.bwt)} points"
+               + ("" if rep.complete else " (final column incomplete)"))
+    for cell in rep.changed:
+        click.echo(f"WARNING: probe logits changed for {cell}")
+    for line in rep.contradictions:
+        click.echo(f"WARNING: {line}")
+    for line in rep.reevaluate_skipped:
+        click.echo(f"not re-evaluated: {line}")
+    # "verified" is printed only for a report whose every check and every number agree.
+    if rep.verified:
+        click.echo(f"verified: interference-free — every artifact matches its sha256, every "
+                   f"recorded fact its artifact, every task's probe logits are unchanged "
+                   f"(max drift {rep.max_logit_drift:.3g}) and every cell agrees with them")
+    elif rep.verified is False:
+        click.echo(f"NOT verified: {len(rep.problems)} problem(s); the figures above are not "
+                   "confirmed")
 
 
 @report_group.command("layers")
@@ -442,15 +434,13 @@ def _raise_if_unverified(rep: dict[str, Any]) -> None:
 @pass_ctx
 def report_layers(c: Context, base: Optional[str], plot: Optional[str]) -> None:
     """Which layers each task turned on."""
-    b = _only_base(c, base)
-    rep = reports.layer_map(c.manager.registry.list_tasks(b.name, ready_only=True))
+    rep = c.manager.layer_map(base)
     if plot:
         reports.plot_layers(rep, plot)
-    names = rep["tasks"]
-    c.emit(rep, lambda: _table(
-        ["layer"] + names,
-        [[layer] + ["on" if row[i] else "." for row in rep["active"]]
-         for i, layer in enumerate(rep["layers"])]))
+    c.emit(rep.to_json(), lambda: _table(
+        ["layer"] + list(rep.tasks),
+        [[layer] + ["on" if row[i] else "." for row in rep.active]
+         for i, layer in enumerate(rep.layers)]))
 
 
 # --------------------------------------------------------- restore / predict
@@ -480,16 +470,45 @@ def _constructor(model_spec: str) -> str:
 @click.argument("name")
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--top", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda, cuda:N or mps.")
 @pass_ctx
-def predict_cmd(c: Context, name: str, images: tuple[str, ...], top: int) -> None:
+def predict_cmd(c: Context, name: str, images: tuple[str, ...], top: int, device: str) -> None:
     """Top classes with probabilities for each IMAGE."""
-    preds = c.manager.predict(name, list(images), top_k=top)
+    preds = c.manager.predict(name, list(images), top_k=top, device=device)
     data = [{"image": img, "top": [{"class": k, "probability": p} for k, p in pred]}
             for img, pred in zip(images, preds)]
 
     def text() -> None:
         for img, pred in zip(images, preds):
             click.echo(f"{img}: " + ", ".join(f"{k} {100 * p:.1f}%" for k, p in pred))
+
+    c.emit(data, text)
+
+
+# ------------------------------------------------------------------------- gc
+@cli.command("gc")
+@click.option("--yes", is_flag=True, help="Remove the files (default: only list them).")
+@pass_ctx
+def gc_cmd(c: Context, yes: bool) -> None:
+    """List (and with --yes remove) artifact files no row references and stale temp files."""
+    if yes:
+        files, freed = c.manager.remove_garbage()
+    else:
+        files, freed = c.manager.find_garbage(), 0
+    total = sum(f.bytes for f in files)
+    data = {"files": [asdict(f) for f in files], "bytes": total, "removed": yes,
+            "bytes_freed": freed}
+
+    def text() -> None:
+        for f in files:
+            click.echo(f"{f.path}  {f.bytes:,} bytes  ({f.reason})")
+        if not files:
+            click.echo("no garbage: every artifact file is referenced")
+        elif yes:
+            click.echo(f"removed {len(files)} file(s), {freed:,} bytes")
+        else:
+            click.echo(f"{len(files)} file(s), {total:,} bytes; `taps-cl gc --yes` removes them")
 
     c.emit(data, text)
 
@@ -505,17 +524,18 @@ def demo_cmd(c: Context, quick: bool) -> None:
     # With --json the progress lines go to stderr so stdout stays one JSON document.
     demo.run(c.manager, quick=quick, progress=_progress(c),
              say=(lambda msg: click.echo(msg, err=True)) if c.json else click.echo)
-    budget, budget_text = _budget(c, demo.BASE_NAME)
-    accuracy, accuracy_text = _accuracy(c, demo.BASE_NAME, verify=True)
+    budget = c.manager.budget(demo.BASE_NAME)
+    accuracy = c.manager.accuracy(demo.BASE_NAME, verify=True)
 
     def text() -> None:
         click.echo("")
-        budget_text()
+        _budget_text(budget)
         click.echo("")
-        accuracy_text()
+        _accuracy_text(accuracy)
 
-    c.emit({"budget": budget, "accuracy": accuracy}, text)
-    _raise_if_unverified(accuracy)
+    c.emit({"budget": budget.to_json(), "accuracy": accuracy.to_json()}, text)
+    if accuracy.reason:
+        raise TapsError(accuracy.reason)
 
 
 def _interrupt(signum: int, _frame: object) -> None:

@@ -19,14 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from taps_cl.errors import DataError
-# IMAGE_EXTENSIONS, FASHION_MNIST_CLASSES and IDX_FILES are re-exported: they moved to sources.
-from taps_cl.sources import (  # noqa: F401
-    FASHION_MNIST_CLASSES,
-    IDX_FILES,
-    IMAGE_EXTENSIONS,
-    Split,
-    open_source,
-)
+from taps_cl.sources import Split, open_source
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +33,11 @@ _INTERPOLATION = {
 # The max_test subset must not depend on the training seed: every run is scored on the same images.
 _TEST_SEED = 0
 _RESIZE_CHUNK = 1024
+# Image files are decoded once when their dataset is built; the resized pixels are kept in memory
+# up to this many bytes per dataset (beyond it, items are decoded again each time they are read).
+DECODED_CACHE_BYTES = 512 * 1024 * 1024
+# What PIL raises for a file it cannot decode (truncated, corrupt, not an image, too large).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 # ---------------------------------------------------------------- specs
@@ -186,20 +184,13 @@ def _pil_to_uint8(image: Image.Image) -> Tensor:
 
 
 def _read_image(path: str) -> Tensor:
+    """Decode a whole image file (not just its header) to uint8 [C,H,W]; DataError naming it."""
     try:
         with Image.open(path) as image:
             return _pil_to_uint8(image)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot read image '{path}': {exc}") from None
-
-
-def _check_image(path: str) -> None:
-    # Only the header is read: cheap, and catches non-images before training starts.
-    try:
-        with Image.open(path):
-            pass
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot read image '{path}': {exc}") from None
+    except _DECODE_ERRORS as exc:
+        reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot read image '{path}': {reason}") from None
 
 
 def load_image(
@@ -228,15 +219,44 @@ class TensorImageDataset(Dataset):
 
 
 class ImageFileDataset(Dataset):
-    """Image files read lazily with PIL."""
+    """Image files, every one decoded when the dataset is built: a broken file fails here.
 
-    def __init__(self, paths: list[str], labels: Tensor, preprocess: Preprocess) -> None:
+    A truncated file can have a valid header, so only a full decode finds it before training.
+    The decoded pixels, resized to the preprocessing size, are kept while they fit in
+    `cache_bytes` (default DECODED_CACHE_BYTES), so no file is decoded twice; past that budget,
+    items are decoded again when read.
+    """
+
+    def __init__(
+        self, paths: list[str], labels: Tensor, preprocess: Preprocess,
+        cache_bytes: int | None = None,
+    ) -> None:
         self.paths, self.labels, self.preprocess = paths, labels, preprocess
+        if cache_bytes is None:
+            cache_bytes = DECODED_CACHE_BYTES
+        cache: list[Tensor] | None = []
+        used = 0
+        for path in paths:
+            pixels = _read_image(path)
+            if cache is None:
+                continue  # decoded only to check it
+            resized = preprocess.resize(pixels[None])[0]
+            used += resized.numel()  # uint8: one byte per number
+            if used > cache_bytes:
+                log.info("decoded images exceed %d bytes; %d files will be read per item",
+                         cache_bytes, len(paths))
+                cache = None
+            else:
+                cache.append(resized)
+        # Resized uint8 [C,S,S] per path, or None when they did not fit.
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        if self.cache is not None:
+            return self.preprocess.normalise(self.cache[i]), int(self.labels[i])
         return self.preprocess(_read_image(self.paths[i])), int(self.labels[i])
 
 
@@ -279,10 +299,7 @@ def _build_dataset(
         images = preprocess.resize(torch.from_numpy(split.images[indices]))
         return TensorImageDataset(images, y, preprocess)
     if split.paths is not None:
-        paths = [split.paths[i] for i in indices]
-        for path in paths:
-            _check_image(path)
-        return ImageFileDataset(paths, y, preprocess)
+        return ImageFileDataset([split.paths[i] for i in indices], y, preprocess)
     return TorchvisionSubset(split.items, indices.tolist(), y, preprocess)
 
 

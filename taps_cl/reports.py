@@ -1,54 +1,181 @@
-"""Budget table, accuracy matrix (with Avalanche-style metrics) and layer map; their plots."""
+"""Budget table, accuracy matrix (with Avalanche-style metrics) and layer map; their plots.
+
+Each report is a frozen dataclass computed from registry entities (no I/O here); `to_json()` gives
+the document `taps-cl … --json` prints (DESIGN §6: keys may be added, never renamed), and the
+plots take the dataclasses.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from registry.entities import BaseModel, Evaluation, Task
 
+if TYPE_CHECKING:  # only the shape is needed here; verification imports torch
+    from taps_cl.verification import ProbeCheck
 
-def budget(base: BaseModel, tasks: Sequence[Task]) -> dict[str, Any]:
-    """Base + Σ task-specific numbers, against N full fine-tunes and N linear probes."""
-    rows = [
-        {
-            "name": t.name,
-            "method": t.method,
-            "task_params": t.task_params,
-            "head_params": t.head_params or 0,
-            "active_layers": t.active_layers,
-            "total_layers": t.total_layers,
-            "bytes": t.artifact.bytes if t.artifact else 0,
-            "ratio_to_base": t.task_params / base.num_params if base.num_params else None,
+# An unchanged model on the same data makes the same predictions: its accuracy, a ratio of
+# counts, is then the same float. Anything beyond rounding noise is a contradiction.
+CONSISTENCY_ATOL = 1e-9
+
+
+# ----------------------------------------------------------------------- budget
+@dataclass(frozen=True)
+class BudgetRow:
+    """One ready task's stored size."""
+
+    name: str
+    method: str
+    task_params: int  # numbers in the task's artifact (deltas, norms, head …)
+    head_params: int  # of which the classifier head
+    active_layers: int  # layers whose task-specific weights are stored
+    total_layers: int  # adaptable layers of the base
+    bytes: int  # size of the task's artifact file
+    ratio_to_base: Optional[float]  # task_params / base parameters (None for an empty base)
+    budget: Optional[float]  # the fraction of the base the task was given (--budget), if any
+    budget_used: Optional[float]  # task_params / base parameters, for tasks given a budget
+    sha256: Optional[str]  # the artifact's content hash: equal hashes are stored (and counted) once
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BudgetReport:
+    """Base + Σ task-specific numbers of one base's ready tasks, against N fine-tunes / probes."""
+
+    base_name: str
+    base_model: str  # the base's model spec, e.g. timm:tf_efficientnet_lite0
+    base_params: int  # backbone without its classifier: the unit of every ratio
+    base_bytes: int  # size of the base's weights file
+    tasks: tuple[BudgetRow, ...]  # in sequence order
+    total_params: int  # base + each distinct task artifact once
+    total_bytes: int  # base weights file + each distinct task artifact file once
+    ratio_to_base: Optional[float]  # total_params / base_params
+    finetune_total_params: int  # one whole model (backbone + head) per task
+    linear_total_params: int  # one shared frozen backbone and a head per task
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "base": {"name": self.base_name, "model": self.base_model,
+                     "num_params": self.base_params, "bytes": self.base_bytes},
+            "tasks": [row.to_json() for row in self.tasks],
+            "total_params": self.total_params,
+            "total_bytes": self.total_bytes,
+            "ratio_to_base": self.ratio_to_base,
+            "finetune_total_params": self.finetune_total_params,
+            "linear_total_params": self.linear_total_params,
         }
-        for t in tasks
-    ]
-    total = base.num_params + sum(r["task_params"] for r in rows)
-    return {
-        "base": {"name": base.name, "model": base.model_spec, "num_params": base.num_params},
-        "tasks": rows,
-        "total_params": total,
-        "ratio_to_base": total / base.num_params if base.num_params else None,
-        # One whole model per task (backbone + that task's head) …
-        "finetune_total_params": sum(base.num_params + r["head_params"] for r in rows),
-        # … or one shared frozen backbone and a head per task.
-        "linear_total_params": base.num_params + sum(r["head_params"] for r in rows),
-    }
 
 
-def accuracy_matrix(tasks: Sequence[Task], evaluations: Sequence[Evaluation]) -> dict[str, Any]:
+def budget(base: BaseModel, tasks: Sequence[Task]) -> BudgetReport:
+    """The budget of `base`'s ready tasks (others are skipped: they store nothing final yet)."""
+    ready = [t for t in tasks if t.status == "ready" and t.artifact is not None]
+    per_base = (lambda n: n / base.num_params) if base.num_params else (lambda n: None)
+    rows = []
+    for t in ready:
+        given = t.method_config.get("budget")
+        rows.append(BudgetRow(
+            name=t.name, method=t.method, task_params=t.task_params,
+            head_params=t.head_params or 0, active_layers=t.active_layers,
+            total_layers=t.total_layers, bytes=t.artifact.bytes if t.artifact else 0,
+            ratio_to_base=per_base(t.task_params),
+            budget=None if given is None else float(given),
+            budget_used=None if given is None else per_base(t.task_params),
+            sha256=t.artifact.sha256 if t.artifact else None,
+        ))
+    # Content addressing: two tasks with byte-identical artifacts share one file.
+    distinct = {t.artifact.sha256: t.artifact for t in ready if t.artifact is not None}
+    total = base.num_params + sum(a.num_params for a in distinct.values())
+    return BudgetReport(
+        base_name=base.name, base_model=base.model_spec, base_params=base.num_params,
+        base_bytes=base.weights.bytes, tasks=tuple(rows), total_params=total,
+        total_bytes=base.weights.bytes + sum(a.bytes for a in distinct.values()),
+        ratio_to_base=per_base(total),
+        finetune_total_params=sum(base.num_params + r.head_params for r in rows),
+        linear_total_params=base.num_params + sum(r.head_params for r in rows),
+    )
+
+
+# --------------------------------------------------------------------- accuracy
+@dataclass(frozen=True)
+class AccuracyReport:
+    """The accuracy matrix of one base's ready tasks, its metrics, and whether it is verified.
+
+    `verified` is None unless verification ran; it is True only when every artifact, recorded
+    fact and probe checked out, no cell was ever recorded as changed, and no cell contradicts
+    its task's recorded accuracy. `problems` says why not, one line per finding.
+    """
+
+    tasks: tuple[str, ...]  # rows and columns, in sequence order
+    matrix: tuple[tuple[Optional[float], ...], ...]  # R[i][j]: task i after task j (None: none)
+    cells: tuple[tuple[Optional[str], ...], ...]  # "measured", "probe" (carried), "changed", None
+    average_accuracy: Optional[float]  # mean of the final column (None unless complete)
+    forgetting: Optional[float]  # mean over i < T of R[i][i] − R[i][T] (None unless complete)
+    bwt: Optional[float]  # backward transfer, −forgetting
+    complete: bool  # diagonal and final column all recorded
+    changed: tuple[str, ...]  # "A after B": cells whose probe logits were recorded as moved
+    contradictions: tuple[str, ...]  # cells that differ from an unchanged task's own accuracy
+    max_logit_drift: float  # largest probe drift recorded (or recomputed, with verification)
+    verified: Optional[bool]  # None: not verified; see the class docstring
+    checks: tuple[ProbeCheck, ...] = ()  # what verification found, one per base/task
+    reevaluate_skipped: tuple[str, ...] = ()  # "task: reason" for tasks not re-measured
+    problems: tuple[str, ...] = field(default=())  # "task: what is wrong" lines
+
+    @property
+    def verify_failures(self) -> tuple[ProbeCheck, ...]:
+        return tuple(c for c in self.checks if not c.ok)
+
+    @property
+    def reason(self) -> Optional[str]:
+        """One line saying why the report is not verified (None when it is, or was not checked)."""
+        if self.verified is not False:
+            return None
+        return "verification failed for " + "; ".join(self.problems)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tasks": list(self.tasks),
+            "matrix": [list(row) for row in self.matrix],
+            "cells": [list(row) for row in self.cells],
+            "average_accuracy": self.average_accuracy,
+            "forgetting": self.forgetting,
+            "bwt": self.bwt,
+            "complete": self.complete,
+            "changed": list(self.changed),
+            "contradictions": list(self.contradictions),
+            "max_logit_drift": self.max_logit_drift,
+            "verified": self.verified,
+            "problems": list(self.problems),
+            "reevaluate_skipped": list(self.reevaluate_skipped),
+            "verify_failures": [asdict(c) for c in self.verify_failures],
+        }
+
+
+def accuracy_matrix(
+    tasks: Sequence[Task], evaluations: Sequence[Evaluation], *,
+    checks: Optional[Sequence[ProbeCheck]] = None, reevaluate_skipped: Sequence[str] = (),
+) -> AccuracyReport:
     """R[i][j]: task i's accuracy after task j was added; the latest record per cell wins.
 
     Metrics as Avalanche defines them on the final column T: average accuracy = mean_i R[i][T];
     forgetting = mean over i < T of (R[i][i] − R[i][T]); BWT = mean over i < T of
     (R[i][T] − R[i][i]) (so BWT = −forgetting here). Both are 0.0 for a single task.
+
+    `checks` (from `Manager.verify`) makes it a verified report. Whether or not they are given,
+    a task never recorded as changed (and not failing its check) is the same model on the same
+    data, so every cell of its row must equal the accuracy recorded when it was added; a cell
+    that does not (a re-measurement on changed data, or an edited row) is a contradiction.
     """
     names = [t.name for t in tasks]
     index = {name: i for i, name in enumerate(names)}
     n = len(names)
     matrix: list[list[Optional[float]]] = [[None] * n for _ in range(n)]
     kinds: list[list[Optional[str]]] = [[None] * n for _ in range(n)]
+    recorded: list[Optional[float]] = [None] * n  # the first measurement on the diagonal
     drift = 0.0
     changed: list[str] = []
     for ev in evaluations:
@@ -58,6 +185,8 @@ def accuracy_matrix(tasks: Sequence[Task], evaluations: Sequence[Evaluation]) ->
         # A cell whose probe moved is flagged; its value is a fresh measurement, if any.
         kinds[i][j] = "changed" if ev.probe_ok is False else ev.kind
         matrix[i][j] = ev.accuracy
+        if i == j and ev.kind == "measured" and recorded[i] is None:
+            recorded[i] = ev.accuracy
         if ev.probe_ok is False:
             changed.append(f"{ev.task} after {ev.after_task}")
         if ev.max_logit_drift is not None:
@@ -70,21 +199,75 @@ def accuracy_matrix(tasks: Sequence[Task], evaluations: Sequence[Evaluation]) ->
     if complete:
         gaps = [diagonal[i] - final[i] for i in range(n - 1)]  # type: ignore[operator]
         forgetting = sum(gaps) / len(gaps) if gaps else 0.0
-    return {
-        "tasks": names,
-        "matrix": matrix,
-        "cells": kinds,
-        "average_accuracy": sum(final) / n if complete else None,  # type: ignore[arg-type]
-        "forgetting": forgetting,
-        "bwt": None if forgetting is None else (-forgetting if forgetting else 0.0),
-        "complete": complete,
-        "changed": changed,
-        "max_logit_drift": drift,
-        "verified": None,
-    }
+
+    failed = {c.task for c in checks or () if not c.ok}
+    failed |= {ev.task for ev in evaluations if ev.probe_ok is False}  # ever recorded as moved
+    contradictions = []
+    for i, name in enumerate(names):
+        own = recorded[i]
+        if own is None or name in failed:
+            continue  # nothing to compare with, or a model known to have changed
+        for j, (value, kind) in enumerate(zip(matrix[i], kinds[i])):
+            if value is None or abs(value - own) <= CONSISTENCY_ATOL:
+                continue
+            how = "re-measured" if kind == "measured" else "carried"
+            contradictions.append(
+                f"{name}: {how} accuracy {100 * value:.2f}% after {names[j]} differs from its "
+                f"recorded {100 * own:.2f}% although its model is unchanged "
+                "(its data changed, or rows were edited)")
+            break  # one line per task is enough to say it is wrong
+
+    verified = None
+    problems = [f"{c.task}: {_failure(c)}" for c in checks or () if not c.ok]
+    problems += [f"{ev.task}: probe logits changed after {ev.after_task}"
+                 for ev in evaluations if ev.probe_ok is False and ev.task in index
+                 and ev.after_task in index and ev.split == "test"]
+    problems += contradictions
+    if checks is not None:
+        drift = max((c.max_drift for c in checks if c.max_drift is not None), default=0.0)
+        # Interference-free means now (every probe recomputes), in the recorded history, and in
+        # every number shown beside it.
+        verified = not problems
+    return AccuracyReport(
+        tasks=tuple(names),
+        matrix=tuple(tuple(row) for row in matrix),
+        cells=tuple(tuple(row) for row in kinds),
+        average_accuracy=sum(final) / n if complete else None,  # type: ignore[arg-type]
+        forgetting=forgetting,
+        bwt=None if forgetting is None else (-forgetting if forgetting else 0.0),
+        complete=complete,
+        changed=tuple(changed),
+        contradictions=tuple(contradictions),
+        max_logit_drift=drift,
+        verified=verified,
+        checks=tuple(checks or ()),
+        reevaluate_skipped=tuple(reevaluate_skipped),
+        problems=tuple(problems),
+    )
 
 
-def layer_map(tasks: Sequence[Task]) -> dict[str, Any]:
+def _failure(check: ProbeCheck) -> str:
+    if check.error:
+        return check.error
+    return "failed" if check.max_drift is None else f"max drift {check.max_drift:.3g}"
+
+
+# -------------------------------------------------------------------- layer map
+@dataclass(frozen=True)
+class LayerMap:
+    """Which adaptable layers each task turned on."""
+
+    tasks: tuple[str, ...]  # rows, in sequence order
+    methods: tuple[str, ...]  # each task's method
+    layers: tuple[str, ...]  # columns: every layer any task records, in the backbone's order
+    active: tuple[tuple[Optional[bool], ...], ...]  # active[i][k]; None: task i has no such layer
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tasks": list(self.tasks), "methods": list(self.methods),
+                "layers": list(self.layers), "active": [list(row) for row in self.active]}
+
+
+def layer_map(tasks: Sequence[Task]) -> LayerMap:
     """Which adaptable layers each task turned on (layers in the backbone's order)."""
     layers: list[str] = []
     seen: set[str] = set()
@@ -96,9 +279,9 @@ def layer_map(tasks: Sequence[Task]) -> dict[str, Any]:
     active = []
     for task in tasks:
         on = {layer.name: layer.active for layer in task.layers}
-        active.append([on.get(name) for name in layers])
-    return {"tasks": [t.name for t in tasks], "methods": [t.method for t in tasks],
-            "layers": layers, "active": active}
+        active.append(tuple(on.get(name) for name in layers))
+    return LayerMap(tasks=tuple(t.name for t in tasks), methods=tuple(t.method for t in tasks),
+                    layers=tuple(layers), active=tuple(active))
 
 
 # ------------------------------------------------------------------------ plots
@@ -111,42 +294,44 @@ def _pyplot():  # type: ignore[no-untyped-def]
     return plt
 
 
-def plot_budget(report: dict[str, Any], path: str | Path) -> Path:
+def plot_budget(report: BudgetReport, path: str | Path) -> Path:
     """Bars per task: task-specific numbers vs a full fine-tune; a line at the base's size."""
     plt = _pyplot()
-    tasks = report["tasks"]
-    names = [t["name"] for t in tasks]
-    base = report["base"]["num_params"]
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(names) + 2), 4))
-    xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [t["task_params"] / 1e6 for t in tasks], width=0.4,
+    tasks = report.tasks
+    base = report.base_params
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(tasks) + 2), 4))
+    xs = range(len(tasks))
+    ax.bar([x - 0.2 for x in xs], [t.task_params / 1e6 for t in tasks], width=0.4,
            label="task-specific (stored)")
-    ax.bar([x + 0.2 for x in xs], [(base + t["head_params"]) / 1e6 for t in tasks], width=0.4,
+    ax.bar([x + 0.2 for x in xs], [(base + t.head_params) / 1e6 for t in tasks], width=0.4,
            label="full fine-tune", alpha=0.6)
     ax.axhline(base / 1e6, color="black", linestyle="--", linewidth=1, label="shared base")
-    ax.set_xticks(list(xs), [f"{n}\n({t['method']})" for n, t in zip(names, tasks)])
+    ax.set_xticks(list(xs), [f"{t.name}\n({t.method})" for t in tasks])
     ax.set_ylabel("parameters (millions)")
-    ax.set_title(f"{report['base']['name']}: total {report['total_params'] / 1e6:.2f}M "
-                 f"= {report['ratio_to_base']:.2f}× base; fine-tuning "
-                 f"{report['finetune_total_params'] / 1e6:.2f}M")
+    ratio = "?" if report.ratio_to_base is None else f"{report.ratio_to_base:.2f}"
+    ax.set_title(f"{report.base_name}: total {report.total_params / 1e6:.2f}M "
+                 f"= {ratio}× base; fine-tuning {report.finetune_total_params / 1e6:.2f}M")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
 
-def plot_accuracy(report: dict[str, Any], path: str | Path) -> Path:
-    """Heatmap of the accuracy matrix; probe-verified cells marked with ✓, changed ones with ✗."""
+def plot_accuracy(report: AccuracyReport, path: str | Path) -> Path:
+    """Heatmap of the accuracy matrix; probe-verified cells marked with ✓, changed ones flagged.
+
+    The title says "verified" only for a verified report and "NOT verified" for a failed one.
+    """
     plt = _pyplot()
     import numpy as np
 
-    names = report["tasks"]
+    names = report.tasks
     n = len(names)
-    values = np.array([[np.nan if v is None else v for v in row] for row in report["matrix"]],
+    values = np.array([[np.nan if v is None else v for v in row] for row in report.matrix],
                       dtype=float).reshape(n, n)
     fig, ax = plt.subplots(figsize=(1.1 * n + 3, 0.9 * n + 2))
     image = ax.imshow(values * 100, vmin=0, vmax=100, cmap="viridis")
     for i in range(n):
         for j in range(n):
-            kind = report["cells"][i][j]
+            kind = report.cells[i][j]
             if kind is None:
                 continue
             value = "?" if np.isnan(values[i, j]) else f"{values[i, j] * 100:.1f}"
@@ -157,26 +342,29 @@ def plot_accuracy(report: dict[str, Any], path: str | Path) -> Path:
                     color="white" if not values[i, j] >= 0.6 else "black")
     ax.set_xticks(range(n), [f"after {t}" for t in names], rotation=30, ha="right")
     ax.set_yticks(range(n), names)
-    if report["complete"]:
-        ax.set_title(f"accuracy (%): mean {100 * report['average_accuracy']:.1f}, "
-                     f"BWT {100 * report['bwt']:+.2f}")
+    if report.complete and report.average_accuracy is not None and report.bwt is not None:
+        title = (f"accuracy (%): mean {100 * report.average_accuracy:.1f}, "
+                 f"BWT {100 * report.bwt:+.2f}")
     else:
-        ax.set_title("accuracy (%): final column incomplete")
+        title = "accuracy (%): final column incomplete"
+    if report.verified is not None:
+        title += " — verified" if report.verified else " — NOT verified"
+    ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046)
     return _save(fig, path)
 
 
-def plot_layers(report: dict[str, Any], path: str | Path) -> Path:
+def plot_layers(report: LayerMap, path: str | Path) -> Path:
     """Tasks × layers picture of the active-layer sets (as in the TAPS paper's Figure 3)."""
     plt = _pyplot()
     import numpy as np
 
-    layers, tasks = report["layers"], report["tasks"]
-    grid = np.array([[1.0 if a else 0.0 for a in row] for row in report["active"]],
+    layers, tasks = list(report.layers), list(report.tasks)
+    grid = np.array([[1.0 if a else 0.0 for a in row] for row in report.active],
                     dtype=float).reshape(len(tasks), len(layers))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.16 * len(layers) + 2), 0.5 * len(tasks) + 1.8))
     ax.imshow(grid, aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_yticks(range(len(tasks)), [f"{t} ({m})" for t, m in zip(tasks, report["methods"])])
+    ax.set_yticks(range(len(tasks)), [f"{t} ({m})" for t, m in zip(tasks, report.methods)])
     step = max(1, len(layers) // 25)
     ax.set_xticks(range(0, len(layers), step), layers[::step], rotation=90, fontsize=6)
     ax.set_xlabel("adaptable layer (input → head)")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+import struct
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load, save
 
 
@@ -22,10 +22,33 @@ def from_bytes(data: bytes) -> dict[str, torch.Tensor]:
     return load(data)
 
 
-def metadata_of(path: str) -> dict[str, str]:
-    """The string metadata of a safetensors file."""
-    with safe_open(path, framework="pt") as handle:
-        return dict(handle.metadata() or {})
+def metadata_from_bytes(data: bytes) -> dict[str, str]:
+    """The string metadata of a safetensors byte string (header only; tensors are not read).
+
+    The format: an 8-byte little-endian header length, then a JSON header whose optional
+    ``__metadata__`` entry maps strings to strings.
+    """
+    if len(data) < 8:
+        raise ValueError("not a safetensors file: shorter than its header length")
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > len(data) - 8:
+        raise ValueError("not a safetensors file: header longer than the file")
+    header = json.loads(data[8 : 8 + length])
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("safetensors metadata is not a string map")
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def json_field(meta: dict[str, str], key: str) -> Any:
+    """A metadata value written by `to_bytes` (JSON-encoded unless it was a plain string)."""
+    raw = meta.get(key)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
 
 
 def numel(tensors: dict[str, torch.Tensor]) -> int:

@@ -1,8 +1,8 @@
 """Read weights files a user hands us and convert foreign key layouts to timm's.
 
 Reads .safetensors or weights-only torch checkpoints (no pickle is ever loaded except through
-`torch.load(weights_only=True)`), unwraps training checkpoints, and renames lukemelas
-EfficientNet(-Lite) keys. Every failure becomes a one-line `BackboneError`.
+`torch.load(weights_only=True)`), unwraps training checkpoints, refuses NaN/inf values, and renames
+lukemelas EfficientNet(-Lite) keys. Every failure becomes a one-line `BackboneError`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "params")
 # Prefixes added by DataParallel/DDP and torch.compile; stripped when every key has them.
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 # Lite0's blocks per stage (timm `blocks.S`), used when a caller wants to be explicit.
 LITE0_STAGE_LENGTHS = (1, 2, 2, 3, 3, 4, 1)
 
@@ -64,13 +63,36 @@ def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
     return sd
 
 
+def check_finite(state: Mapping[str, Tensor], source: str) -> None:
+    """Raise BackboneError naming the first tensor of `state` that holds NaN or ±inf.
+
+    A base with such a value trains every task into NaN losses; refusing it up front keeps the
+    registry free of a base no task can use.
+    """
+    for key, value in state.items():
+        if not (value.is_floating_point() or value.is_complex()):
+            continue  # integer buffers (e.g. num_batches_tracked) cannot hold NaN
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            nan = int(torch.isnan(value).sum())
+            inf = int((~finite).sum()) - nan
+            raise BackboneError(
+                f"{source}: tensor '{key}' holds non-finite values ({nan} NaN, {inf} inf of "
+                f"{value.numel()})"
+            )
+
+
 def is_lukemelas_efficientnet(sd: Mapping[str, Tensor]) -> bool:
     """True for lukemelas/EfficientNet-PyTorch key names (`_conv_stem.weight`, `_blocks.0…`)."""
     return "_conv_stem.weight" in sd and any(k.startswith("_blocks.") for k in sd)
 
 
 def read_weights(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read .safetensors or a weights-only torch file; lukemelas EfficientNet keys become timm's."""
+    """Read .safetensors or a weights-only torch file; lukemelas EfficientNet keys become timm's.
+
+    Raises BackboneError (one line) for a missing or unreadable file, anything but a state dict,
+    and a tensor holding NaN or ±inf.
+    """
     path = Path(path)
     if not path.is_file():
         what = "is a directory, not a weights file" if path.is_dir() else "not found"
@@ -91,6 +113,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, Tensor]:
                 f"({type(exc).__name__}: {first_line(exc)})"
             ) from exc
     sd = _unwrap(obj, path)
+    check_finite(sd, f"weights file {path}")  # names the key as it is in the file
     if is_lukemelas_efficientnet(sd):
         log.info("%s uses lukemelas EfficientNet key names; converting to timm's", path)
         sd = convert_lukemelas_efficientnet_lite(sd)

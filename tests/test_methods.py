@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, Conv2dSame, LayerNorm2d
 from torch import nn
+from torch.nn.utils import parametrize
 from torchvision.models import resnet18
 
 from taps_cl.errors import MethodError
@@ -114,10 +115,9 @@ def test_merge_gives_plain_model_with_same_outputs(name, arch_base):
 
     merged = merge_state(base_state, state.tensors, head)
     restored = make_timm(arch, CLASSES)
+    # A plain state dict: exactly the architecture's keys (no parametrizations, no extras).
+    assert merged.keys() == restored.state_dict().keys()
     restored.load_state_dict(merged, strict=True)
-
-    assert type(restored) is type(make_timm(arch, 1))
-    assert not any("parametrizations" in k for k in restored.state_dict())
     x = torch.randn(4, 3, IMG, IMG)
     torch.testing.assert_close(eval_out(restored, x), eval_out(model, x), atol=1e-5, rtol=0)
     # Stored tensors are CPU copies: changing the model afterwards must not change them.
@@ -136,7 +136,12 @@ def test_base_is_never_written(name, arch_base):
     model, head = task_model(arch, base_state)
     model = method.prepare(model, head)
     train_steps(method, model)
-    method.extract(model, head)
+    state = method.extract(model, head)
+    if METHODS[name].mergeable:
+        # Merging is where a base tensor could be written in place (e.g. `base += delta`).
+        merged = merge_state(base_state, state.tensors, head)
+        changed = any(not torch.equal(merged[k], snapshot[k]) for k in merged if k not in head)
+        assert changed == (name != "linear")  # the linear probe keeps the whole body
 
     for key, value in base_state.items():
         assert torch.equal(value, snapshot[key]), key
@@ -318,22 +323,35 @@ def test_straight_through_gradient_reaches_an_off_gate():
     method = get_method("taps")
     model, head = task_model("test_resnet", base_state)
     model = method.prepare(model, head)
-    name, module, gate = gated_layers(model)[3]
+    layers = gated_layers(model)
+    (_, off_module, off), (_, on_module, on) = layers[3], layers[4]
     x = torch.randn(4, 3, IMG, IMG)
+    y = torch.tensor([0, 1, 2, 0])
     reference = eval_out(model, x)
     with torch.no_grad():
-        gate.delta.normal_(0, 0.1)
-        gate.score.fill_(0.05)  # below tau: the delta is not used in the forward pass
-    assert not gate.is_active()
+        off.delta.normal_(0, 0.1)
+        off.score.fill_(0.05)  # below tau: the delta is not used in the forward pass
+    assert not off.is_active()
     torch.testing.assert_close(eval_out(model, x), reference, atol=0, rtol=0)
+    with torch.no_grad():
+        on.delta.normal_(0, 0.1)
+    assert on.gate().item() == 1.0 and off.gate().item() == 0.0  # values exactly 0 or 1
 
     model.train()
-    F.cross_entropy(model(x), torch.tensor([0, 1, 2, 0])).backward()
-    assert gate.score.grad is not None and gate.score.grad.abs() > 0
-    assert gate.delta.grad.abs().sum() == 0  # off: no gradient reaches the delta itself
-    # Straight-through: dL/ds = <dL/dW_eff, delta> while the gate value stays exactly 0 or 1.
-    on = gated_layers(model)[4][2]
-    assert on.gate().item() == 1.0 and gate.gate().item() == 0.0
+    # cached(): each parametrized weight is computed once, so the forward pass uses exactly the
+    # W_eff tensors held here and autograd can differentiate the loss with respect to them.
+    with parametrize.cached():
+        w_off, w_on = off_module.weight, on_module.weight
+        loss = F.cross_entropy(model(x), y)
+        g_off, g_on, s_off, s_on, d_off = torch.autograd.grad(
+            loss, [w_off, w_on, off.score, on.score, off.delta]
+        )
+    # Straight-through: dL/ds = <dL/dW_eff, ΔW>, for a gate that is off as for one that is on.
+    for g_w, delta, g_s in ((g_off, off.delta, s_off), (g_on, on.delta, s_on)):
+        expected = (g_w.double() * delta.detach().double()).sum().item()
+        assert abs(expected) > 1e-6  # a real, non-zero gradient is compared
+        assert g_s.item() == pytest.approx(expected, rel=1e-5)
+    assert d_off.abs().sum() == 0  # off: no gradient reaches the delta itself
 
 
 def test_penalty_weights_and_warmup():
@@ -413,7 +431,14 @@ def test_get_method_and_config():
         ("taps", {"tau": 0}, r"tau must be > 0"),
         ("taps", {"warmup_epochs": 1.5}, r"warmup_epochs must be an integer"),
         ("taps", {"penalty": "bytes"}, r"penalty must be one of layers, params"),
-        ("taps", {"score_lr": float("nan")}, r"score_lr must be a number"),
+        ("taps", {"score_lr": float("nan")}, r"score_lr must be a finite number, got nan"),
+        ("taps", {"score_lr": float("inf")}, r"score_lr must be a finite number, got inf"),
+        ("taps", {"lam": float("inf")}, r"lam must be a finite number"),
+        ("taps", {"lam": float("nan")}, r"lam must be a finite number"),
+        ("taps", {"tau": float("nan")}, r"tau must be a finite number"),
+        ("taps", {"tau": float("-inf")}, r"tau must be a finite number"),
+        ("taps", {"score_init": float("inf")}, r"score_init must be a finite number"),
+        ("taps", {"lam": 10**400}, r"lam must be a finite number"),
     ],
 )
 def test_get_method_errors(name, overrides, message):

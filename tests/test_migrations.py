@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -10,6 +12,9 @@ from sqlalchemy import text
 from registry import Registry, SchemaOutOfDate, db
 from registry.models import Base
 from tests.test_registry import add_base, begin, finish
+
+# Columns revision 0003 adds: a downgrade drops them (a finished run's token is not needed).
+RUN_COLUMNS = ("run_token", "run_host", "run_pid", "heartbeat_at")
 
 
 def test_models_match_migrations(tmp_path):
@@ -25,8 +30,13 @@ def test_downgrade_upgrade_roundtrip_with_rows(tmp_path):
     add_base(reg)
     begin(reg, "t1")
     finish(reg, "t1")
+    begin(reg, "t2")  # a run in progress (no position) survives the round trip too
     engine = reg.engine
-    dump_before = _dump(engine)
+    with engine.connect() as conn:
+        dump_before = {
+            t: [dict(r._mapping) for r in conn.execute(text(f"SELECT * FROM {t} ORDER BY id"))]
+            for t in ("artifacts", "base_models", "tasks", "task_layers", "evaluations")
+        }
     # Keep the rows across the round trip: copy them out, downgrade to base, upgrade, copy back.
     db.downgrade(engine, "base")
     with engine.connect() as conn:
@@ -36,22 +46,25 @@ def test_downgrade_upgrade_roundtrip_with_rows(tmp_path):
     with engine.begin() as conn:
         for table, rows in dump_before.items():
             for row in rows:
-                cols = ", ".join(row._fields)
-                marks = ", ".join(f":{c}" for c in row._fields)
-                conn.execute(text(f"INSERT INTO {table} ({cols}) VALUES ({marks})"), row._asdict())
+                cols = ", ".join(row)
+                marks = ", ".join(f":{c}" for c in row)
+                conn.execute(text(f"INSERT INTO {table} ({cols}) VALUES ({marks})"), row)
     reg.close()
     again = Registry(tmp_path)
-    assert [t.name for t in again.list_tasks()] == ["t1"]
+    assert [(t.name, t.position) for t in again.list_tasks()] == [("t1", 1), ("t2", None)]
     assert again.get_task("t1").active_layers == 1
+    assert again.get_task("t2").run_token == dump_before["tasks"][1]["run_token"]
     again.close()
 
 
-def _dump(engine):
+def _dump(engine, without=()):
     with engine.connect() as conn:
-        return {
-            t: conn.execute(text(f"SELECT * FROM {t} ORDER BY id")).all()
-            for t in ("artifacts", "base_models", "tasks", "task_layers", "evaluations")
-        }
+        dump = {}
+        for t in ("artifacts", "base_models", "tasks", "task_layers", "evaluations"):
+            result = conn.execute(text(f"SELECT * FROM {t} ORDER BY id"))
+            keep = [i for i, c in enumerate(result.keys()) if c not in without]
+            dump[t] = [tuple(row[i] for i in keep) for row in result]
+        return dump
 
 
 def test_step_downgrade_and_upgrade_keep_rows(tmp_path):
@@ -59,11 +72,61 @@ def test_step_downgrade_and_upgrade_keep_rows(tmp_path):
     add_base(reg)
     begin(reg, "t1")
     finish(reg, "t1")
-    before = _dump(reg.engine)
-    for step in ("0001", "head"):
-        (db.downgrade if step != "head" else db.upgrade)(reg.engine, step)
-        assert _dump(reg.engine) == before
+    begin(reg, "t2")
+    finish(reg, "t2", b"two")
+    before = _dump(reg.engine, without=RUN_COLUMNS)
+    for step in ("0002", "0001", "0002", "0003", "head"):
+        current = db.current_revision(reg.engine)
+        (db.upgrade if step == "head" or step > current else db.downgrade)(reg.engine, step)
+        assert db.current_revision(reg.engine) == (db.head_revision() if step == "head" else step)
+        assert _dump(reg.engine, without=RUN_COLUMNS) == before
     reg.close()
+
+
+def _tasks(engine):
+    with engine.connect() as conn:
+        return {row.name: (row.position, row.status) for row in conn.execute(
+            text("SELECT name, position, status FROM tasks"))}
+
+
+def test_0003_downgrade_places_unfinished_tasks_and_upgrade_unplaces_them(tmp_path):
+    reg = Registry(tmp_path)
+    add_base(reg)
+    add_base(reg, "other", weights=b"w2")
+    finish(reg, begin(reg, "t1"), b"one")
+    begin(reg, "t2")  # training: no position
+    finish(reg, begin(reg, "t3"), b"three")
+    begin(reg, "o1", base="other")  # the only task of its base, still training
+    begin(reg, "t4")
+    assert _tasks(reg.engine) == {
+        "t1": (1, "ready"), "t3": (2, "ready"),
+        "t2": (None, "training"), "t4": (None, "training"), "o1": (None, "training"),
+    }
+    db.downgrade(reg.engine, "0002")
+    # Unplaced rows take the next free positions of their base, in the order they were begun.
+    assert _tasks(reg.engine) == {
+        "t1": (1, "ready"), "t3": (2, "ready"),
+        "t2": (3, "training"), "t4": (4, "training"), "o1": (1, "training"),
+    }
+    raw = sqlite3.connect(tmp_path / "registry.db")
+    columns = {row[1]: row for row in raw.execute("PRAGMA table_info(tasks)")}
+    raw.close()
+    assert not set(RUN_COLUMNS) & set(columns)
+    assert columns["position"][3] == 1  # NOT NULL again at 0002
+    db.upgrade(reg.engine)
+    # Upgrading: a task that is not ready has no position (it gets one when it finishes).
+    assert _tasks(reg.engine) == {
+        "t1": (1, "ready"), "t3": (2, "ready"),
+        "t2": (None, "training"), "t4": (None, "training"), "o1": (None, "training"),
+    }
+    reg.close()
+    with Registry(tmp_path) as again:
+        with again.engine.begin() as conn:  # the leftovers have no run: give t2 one to finish
+            conn.execute(text("UPDATE tasks SET run_token = 'tok-t2' WHERE name = 't2'"))
+        assert finish(again, again.get_task("t2"), b"two").position == 3
+        assert [t.name for t in again.list_tasks("b")] == ["t1", "t3", "t2", "t4"]
+        assert [e.task for e in again.list_evaluations("b") if e.after_task == "t2"] == [
+            "t2", "t1", "t3"]
 
 
 def test_older_database_is_refused_with_hint(tmp_path):

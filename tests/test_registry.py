@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 
 import pytest
 
-from registry import AlreadyExists, IntegrityFailure, NotFound, Registry, RegistryError
-from registry.entities import LayerEntry
+from registry import AlreadyExists, IntegrityFailure, NotFound, Registry, RegistryError, runs
+from registry.entities import EarlierCell, LayerEntry, Task
 from registry.store import ArtifactStore, sha256_bytes
 
 
@@ -25,7 +26,9 @@ def add_base(reg: Registry, name: str = "b", weights: bytes = b"weights-1"):
     )
 
 
-def begin(reg: Registry, name: str, base: str = "b"):
+def begin(reg: Registry, name: str, base: str = "b", *, host: str | None = None,
+          pid: int | None = None) -> Task:
+    """begin_task as a run on this host in this process (unless told otherwise)."""
     return reg.begin_task(
         name,
         base=base,
@@ -34,13 +37,26 @@ def begin(reg: Registry, name: str, base: str = "b"):
         train_config={"epochs": 1},
         dataset_spec={"kind": "digits"},
         class_names=["a", "b", "c"],
+        run_host=runs.this_host() if host is None else host,
+        run_pid=os.getpid() if pid is None else pid,
     )
 
 
-def finish(reg: Registry, name: str, blob: bytes = b"task", acc: float = 0.5):
+def cells_for_ready(reg: Registry, base: str = "b") -> list[EarlierCell]:
+    """A probe cell for every task of ``base`` that is ready now (what a run re-checks)."""
+    ready = reg.list_tasks(base, ready_only=True)
+    return [EarlierCell(t.name, "probe", 0.5, 0.0, True) for t in ready]
+
+
+def finish(reg: Registry, task: Task | str, blob: bytes = b"task", acc: float = 0.5,
+           earlier: list[EarlierCell] | None = None) -> Task:
+    """finish_task for the run of ``task`` (a Task from begin, or a name); by default with a
+    cell for every ready task of its base."""
+    if isinstance(task, str):
+        task = reg.get_task(task)
     layers = [LayerEntry("conv1", "conv2d", 0.2, True, 9, 9), LayerEntry("fc0", "linear", 0.0, False, 4, 0)]
     return reg.finish_task(
-        name,
+        task.run_token,
         task_blob=blob,
         task_num_params=9,
         probe_blob=b"probe-" + blob,
@@ -51,6 +67,7 @@ def finish(reg: Registry, name: str, blob: bytes = b"task", acc: float = 0.5):
         test_accuracy=acc,
         test_loss=1.0,
         test_samples=10,
+        earlier=cells_for_ready(reg, task.base) if earlier is None else earlier,
     )
 
 
@@ -91,22 +108,35 @@ def test_identical_content_stored_once(reg):
 def test_task_lifecycle_positions_and_layers(reg):
     add_base(reg)
     t1 = begin(reg, "t1")
-    assert (t1.status, t1.position) == ("training", 1)
-    done = finish(reg, "t1")
-    assert done.status == "ready" and done.active_layers == 1 and done.total_layers == 2
+    assert (t1.status, t1.position) == ("training", None)  # a position comes with "ready"
+    assert t1.run_token and len(t1.run_token) == 32 and t1.run_pid == os.getpid()
+    assert t1.heartbeat_at is not None
+    done = finish(reg, t1)
+    assert done.status == "ready" and done.position == 1
+    assert done.active_layers == 1 and done.total_layers == 2
     assert done.task_params == 9 and done.probe is not None
-    begin(reg, "t2")
-    reg.discard_task("t2")  # a failed run leaves nothing behind
+    t2 = begin(reg, "t2")
+    reg.discard_task("t2", run_token=t2.run_token)  # a failed run leaves nothing behind
     t3 = begin(reg, "t3")
-    assert t3.position == 2
-    with pytest.raises(AlreadyExists):
+    t4 = begin(reg, "t4")
+    assert t3.position is None and t3.run_token != t4.run_token
+    # Tasks without a position are listed last, in the order they were begun.
+    assert [t.name for t in reg.list_tasks()] == ["t1", "t3", "t4"]
+    assert finish(reg, t4, b"four").position == 2  # finishing order decides positions
+    assert finish(reg, t3, b"three").position == 3
+    assert [t.name for t in reg.list_tasks()] == ["t1", "t4", "t3"]
+    with pytest.raises(AlreadyExists, match="ready"):
         begin(reg, "t1")
     with pytest.raises(RegistryError):
         reg.discard_task("t1")  # finished tasks are never removed
-    assert [t.name for t in reg.list_tasks()] == ["t1", "t3"]
-    assert [t.name for t in reg.list_tasks(ready_only=True)] == ["t1"]
+    reg.discard_task("t1", run_token=t1.run_token)  # nor by the run that made them
+    assert reg.get_task("t1").status == "ready"
+    assert [t.name for t in reg.list_tasks(ready_only=True)] == ["t1", "t4", "t3"]
     with pytest.raises(NotFound):
-        begin(reg, "t4", base="missing")
+        begin(reg, "t5", base="missing")
+    assert reg.get_task_by_token(t3.run_token).name == "t3"
+    with pytest.raises(NotFound):
+        reg.get_task_by_token(t2.run_token)
 
 
 def test_evaluations(reg):
@@ -115,12 +145,13 @@ def test_evaluations(reg):
     finish(reg, "t1", b"one", acc=0.7)
     begin(reg, "t2")
     finish(reg, "t2", b"two", acc=0.8)
-    reg.add_evaluation("t1", after_task="t2", kind="probe", accuracy=0.7, max_logit_drift=0.0, probe_ok=True)
+    reg.add_evaluation("t1", after_task="t2", kind="measured", accuracy=0.7)
     evals = reg.list_evaluations("b")
     assert [(e.task, e.after_task, e.kind) for e in evals] == [
         ("t1", "t1", "measured"),
         ("t2", "t2", "measured"),
-        ("t1", "t2", "probe"),
+        ("t1", "t2", "probe"),  # recorded with t2, in its transaction
+        ("t1", "t2", "measured"),
     ]
     with pytest.raises(RegistryError):
         reg.add_evaluation("t1", after_task="t2", kind="guess")
@@ -157,8 +188,9 @@ def test_foreign_and_unreadable_database(tmp_path):
         Registry(tmp_path, db_url=f"sqlite:///{foreign}")
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(RegistryError, match="cannot read database"):
+    with pytest.raises(RegistryError, match="not a taps-cl registry"):
         Registry(tmp_path, db_url=f"sqlite:///{junk}")
+    assert junk.read_bytes() == b"this is not a database" * 100
 
 
 def test_invalid_names(reg):

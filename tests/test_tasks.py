@@ -115,12 +115,12 @@ def test_bad_data_fails_cleanly(manager, tmp_path, capsys):
 
 
 def test_interrupted_training_leaves_no_task(manager, image_data, monkeypatch):
-    import taps_cl.manager as mgr
+    import taps_cl.adding as adding
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mgr, "fit", boom)
+    monkeypatch.setattr(adding, "fit", boom)
     with pytest.raises(KeyboardInterrupt):
         manager.add_task("t", "b", f"imagefolder:{image_data}", **FAST)
     assert manager.list_tasks() == []
@@ -206,8 +206,14 @@ def test_sigterm_during_training_removes_the_task(tmp_path, image_data):
 
 
 def test_stale_training_row_is_named_and_removable(manager, image_data, capsys):
+    import socket
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid on this host that no longer runs: the run was killed
     manager.registry.begin_task("t", base="b", method="taps", method_config={}, train_config={},
-                                dataset_spec={"kind": "digits"}, class_names=["a", "b"])
+                                dataset_spec={"kind": "digits"}, class_names=["a", "b"],
+                                run_host=socket.gethostname(), run_pid=gone.pid)
     with pytest.raises(AlreadyExists, match="task remove t"):
         manager.add_task("t", "b", f"imagefolder:{image_data}", **FAST)
     code, out, _ = run(capsys, "--home", str(manager.home), "task", "remove", "t")
@@ -221,10 +227,12 @@ def test_stale_training_row_is_named_and_removable(manager, image_data, capsys):
 def test_interrupt_during_probe_checks_leaves_no_half_task(manager, image_data, monkeypatch):
     manager.add_task("a", "b", f"imagefolder:{image_data}", **FAST)
 
-    def interrupted(task):
+    from taps_cl.verification import Verifier
+
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(manager, "check_probe", interrupted)
+    monkeypatch.setattr(Verifier, "check_task", interrupted)
     with pytest.raises(KeyboardInterrupt):
         manager.add_task("b2", "b", f"imagefolder:{image_data}", **FAST)
     assert [t.name for t in manager.list_tasks()] == ["a"]

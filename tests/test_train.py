@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import timm
@@ -122,17 +123,37 @@ def test_fit_sgd_without_validation_keeps_last_epoch(caplog):
 
 
 def test_fit_when_no_epoch_is_selectable_uses_the_last():
-    # TAPS with a warm-up as long as training: nothing is "after warm-up", keep the final weights.
-    model, method = prepared("taps", warmup_epochs=2)
-    result = fit(model, method, TRAIN, VAL, TrainConfig(epochs=1, batch_size=16, device="cpu"))
-    assert result.best_epoch == 0
+    # Selection limited to an epoch that never runs: nothing is selectable, keep the last weights.
+    model, method = prepared(method=OnlyEpoch(5))
+    result = fit(model, method, TRAIN, VAL,
+                 TrainConfig(epochs=3, batch_size=16, lr=0.05, device="cpu"))
+    assert result.best_epoch == 2
+    assert evaluate(model, VAL).loss == pytest.approx(result.history[-1]["val_loss"], abs=1e-6)
+
+
+def training_batch_sizes(model: nn.Module) -> list[int]:
+    """Sizes of the batches the model sees in train mode, recorded by a forward pre-hook."""
+    sizes: list[int] = []
+    model.register_forward_pre_hook(
+        lambda module, args: sizes.append(args[0].shape[0]) if module.training else None
+    )
+    return sizes
 
 
 def test_fit_drops_a_last_batch_of_one():
     # 17 samples at batch 16 would end with one sample, which BatchNorm cannot train on.
-    data = make_dataset(17, seed=2)
     model, method = prepared("taps")
-    fit(model, method, data, VAL, TrainConfig(epochs=1, batch_size=16, device="cpu"))
+    sizes = training_batch_sizes(model)
+    result = fit(model, method, make_dataset(17, seed=2), VAL,
+                 TrainConfig(epochs=2, batch_size=16, device="cpu"))
+    assert sizes == [16, 16]  # one full batch per epoch; the single leftover sample is dropped
+    assert all(math.isfinite(r["train_loss"]) for r in result.history)
+    # Any other remainder is trained on: 18 samples give a last batch of 2.
+    model, method = prepared("taps")
+    sizes = training_batch_sizes(model)
+    fit(model, method, make_dataset(18, seed=2), VAL,
+        TrainConfig(epochs=1, batch_size=16, device="cpu"))
+    assert sizes == [16, 2]
 
 
 def test_fit_rejects_empty_training_set():
@@ -148,6 +169,9 @@ def test_fit_rejects_empty_training_set():
         ("epochs", 0, "epochs must be >= 1"),
         ("batch_size", 2.5, "batch_size must be an integer"),
         ("lr", 0.0, "lr must be > 0"),
+        ("lr", float("inf"), "lr must be a finite number"),
+        ("lr", float("nan"), "lr must be a finite number"),
+        ("weight_decay", float("inf"), "weight_decay must be a finite number"),
         ("optimizer", "adam", "optimizer must be one of adamw, sgd"),
         ("weight_decay", -1, "weight_decay must be >= 0"),
         ("seed", "1", "seed must be an integer"),

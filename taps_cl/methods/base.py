@@ -3,17 +3,22 @@
 A method turns a fresh copy of the base model into a trainable task model (`prepare`), tells the
 training loop what to optimise (`param_groups`, `extra_loss`, `set_train_mode`, `selectable`) and
 extracts what the task must store (`extract`). What it stores is a flat dict of tensors whose names
-say how they combine with the base: `delta/<state-dict key>` is added to the base value and
-`set/<state-dict key>` replaces it (`merge_state`).
+say how they combine with the base (`merge_state`): `delta/<state-dict key>` is added to the base
+value; `factor_b/<key>` (out × r) and `factor_a/<key>` (r × rest) always come as a pair and add
+their product B·A, reshaped to the base weight's shape (a conv weight seen as out × in·k·k);
+`set/<state-dict key>` replaces the base value. Stored tensors may be in a narrower float type than
+the base (e.g. bfloat16); merging casts them to the base's type.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
@@ -22,6 +27,9 @@ from taps_cl.errors import MethodError
 
 DELTA_PREFIX = "delta/"
 SET_PREFIX = "set/"
+# A low-rank delta B·A: B (out × r) and A (r × in·k·k) of the weight `<key>`, always both.
+FACTOR_B_PREFIX = "factor_b/"
+FACTOR_A_PREFIX = "factor_a/"
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,9 @@ class TaskState:
 
     tensors: dict[str, Tensor]
     layers: list[LayerRecord]
+    # False when some tensor was stored in a narrower type than trained (e.g. bfloat16): the model
+    # rebuilt from `tensors` then differs from the trained one by that rounding.
+    exact: bool = True
 
     @property
     def num_params(self) -> int:
@@ -90,6 +101,15 @@ class Method(ABC):
     def extra_loss(self, model: nn.Module, epoch: int) -> Tensor | None:
         """A loss term added to the task loss in `epoch` (0-based), or None."""
         return None
+
+    def after_step(self, model: nn.Module, epoch: int) -> None:
+        """Called by `fit` after every optimizer step of `epoch` (0-based), e.g. to adapt λ."""
+
+    def finalize(self, model: nn.Module) -> None:
+        """Called once after `fit` and before `extract`: a last change to the trained model itself.
+
+        Whatever it changes is what gets stored and evaluated, so trained and stored model agree.
+        """
 
     def set_train_mode(self, model: nn.Module) -> None:
         """Put `model` in the mode used for training steps."""
@@ -151,14 +171,23 @@ def check_number(
     positive: bool = False,
     integer: bool = False,
 ) -> float | int:
-    """Validate one numeric config field and return it as float (or int); raise MethodError."""
+    """Validate one numeric config field and return it as float (or int); raise MethodError.
+
+    Float fields must be finite: an inf or NaN learning rate or λ passes every range check
+    (`inf > 0`, NaN compares false) and would only fail once training has started.
+    """
     # bool is an int subclass, but `lam=True` is certainly a mistake.
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         wanted = "an integer" if integer else "a number"
         raise MethodError(f"{method}: {field} must be {wanted}, got {value!r}")
-    if not integer and value != value:  # NaN compares unequal to itself
-        raise MethodError(f"{method}: {field} must be a number, got {value!r}")
+    if not integer:
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int too large for a float
+            finite = False
+        if not finite:
+            raise MethodError(f"{method}: {field} must be a finite number, got {value!r}")
     if positive and not value > 0:
         raise MethodError(f"{method}: {field} must be > 0, got {value!r}")
     if minimum is not None and value < minimum:
@@ -236,16 +265,27 @@ def head_state(model: nn.Module, head: frozenset[str]) -> dict[str, Tensor]:
 # -------------------------------------------------------------------------------------- merging
 
 
+def factor_product(b: Tensor, a: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """The low-rank delta B·A reshaped to a weight's `shape`.
+
+    TAPS's training forward and `merge_state` both use this one expression, so a restored weight
+    is the trained one (not merely close to it).
+    """
+    return (b @ a).reshape(shape)
+
+
 def merge_state(
     base_state: dict[str, Tensor], tensors: dict[str, Tensor], head: frozenset[str]
 ) -> dict[str, Tensor]:
-    """A plain state dict for the task: base without its head, `delta/` added, `set/` replacing.
+    """A plain state dict for the task: base without its head, deltas added, `set/` replacing.
 
     The result loads with `strict=True` into the base architecture built with the task's number of
     classes. Base entries that the task does not change are shared with `base_state`, not copied.
+    Stored tensors are cast to the base entry's type; B·A is computed in float32.
     """
     merged = {key: value for key, value in base_state.items() if key not in head}
     sets: dict[str, Tensor] = {}
+    factors: dict[str, dict[str, Tensor]] = {}
     for name, value in tensors.items():
         if name.startswith(DELTA_PREFIX):
             key = name[len(DELTA_PREFIX):]
@@ -258,19 +298,57 @@ def merge_state(
                     f"base weight has {tuple(base.shape)}"
                 )
             merged[key] = base + value.to(device=base.device, dtype=base.dtype)
+        elif name.startswith((FACTOR_B_PREFIX, FACTOR_A_PREFIX)):
+            prefix = FACTOR_B_PREFIX if name.startswith(FACTOR_B_PREFIX) else FACTOR_A_PREFIX
+            factors.setdefault(name[len(prefix):], {})[prefix] = value
         elif name.startswith(SET_PREFIX):
             sets[name[len(SET_PREFIX):]] = value
         else:
-            raise MethodError(f"task tensor {name!r} is neither 'delta/…' nor 'set/…'")
+            raise MethodError(
+                f"task tensor {name!r} is neither 'delta/…', 'factor_b/…', 'factor_a/…' "
+                "nor 'set/…'"
+            )
+    for key, pair in factors.items():
+        merged[key] = _fold_factors(merged, key, pair, has_delta=f"{DELTA_PREFIX}{key}" in tensors)
     # Replacements win over deltas: they hold the trained value itself.
     for key, value in sets.items():
         if key not in merged and key not in head:
             raise MethodError(f"task tensor 'set/{key}' has no matching base entry")
-        merged[key] = value
+        reference = base_state.get(key)
+        merged[key] = value if reference is None else value.to(dtype=reference.dtype)
     missing = sorted(head - merged.keys())
     if missing:
         raise MethodError(f"task state lacks head tensor(s) {missing}")
     return merged
+
+
+def _fold_factors(
+    merged: dict[str, Tensor], key: str, pair: dict[str, Tensor], has_delta: bool
+) -> Tensor:
+    """The weight `key` of `merged` plus B·A; MethodError for a lone or inconsistent factor."""
+    b, a = pair.get(FACTOR_B_PREFIX), pair.get(FACTOR_A_PREFIX)
+    if b is None or a is None:
+        given, lacking = (FACTOR_B_PREFIX, FACTOR_A_PREFIX) if a is None else (
+            FACTOR_A_PREFIX, FACTOR_B_PREFIX)
+        raise MethodError(f"task tensor '{given}{key}' has no matching '{lacking}{key}'")
+    base = merged.get(key)
+    if base is None:
+        raise MethodError(f"task factors of {key!r} have no matching base weight")
+    if has_delta:
+        raise MethodError(f"task stores both a delta and factors for {key!r}")
+    if b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0]:
+        raise MethodError(
+            f"task factors of {key!r} disagree on the rank: B {tuple(b.shape)}, A {tuple(a.shape)}"
+        )
+    if base.dim() == 0 or b.shape[0] != base.shape[0] or b.shape[0] * a.shape[1] != base.numel():
+        raise MethodError(
+            f"task factors of {key!r} give shape ({b.shape[0]}, {a.shape[1]}), "
+            f"base weight has {tuple(base.shape)}"
+        )
+    # float32 like the training forward (bfloat16 factors are widened exactly), then the base type.
+    f32 = {"device": base.device, "dtype": torch.float32}
+    delta = factor_product(b.to(**f32), a.to(**f32), base.shape)
+    return (base.to(torch.float32) + delta).to(base.dtype)
 
 
 def trainable(params: list[nn.Parameter]) -> list[nn.Parameter]:

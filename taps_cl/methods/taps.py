@@ -1,15 +1,23 @@
-"""TAPS — Task Adaptive Parameter Sharing (Wallingford et al., CVPR 2022), as in DESIGN §4.
+"""TAPS — Task Adaptive Parameter Sharing (Wallingford et al., CVPR 2022), as in DESIGN §4 and §4a.
 
 Every adaptable layer l (each Conv2d/Linear of the backbone, not the new head) gets a task delta
 ΔW_l, zero at start, and a scalar score s_l. The effective weight is W_l + 1[s_l ≥ τ]·ΔW_l; the
 backward pass treats the step as the identity (straight-through), so ∂L/∂s_l = ⟨∂L/∂W_eff, ΔW_l⟩
 and a gate that went off can come back on. A penalty λ·Σ_l w_l·|s_l| switches gates off. Norm layers
 (parameters and statistics) and the head are task-specific too; the base weights stay frozen.
+
+Compact mode (§4a). With `rank` R > 0 the delta of every large layer is a product ΔW = B·A (B zero
+at start, so training starts at the base); small and depthwise layers keep full deltas, which are
+cheaper there. With a `budget` the task may store at most that fraction of the base: λ rises by
+dual ascent while the active layers store too much, and `finalize` switches off the active layers
+worth least per stored number until the task fits. Stored tensors may be rounded to bfloat16 or
+float16 (`store_dtype`, `store_norms_head_dtype`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +27,8 @@ from torch.nn.utils import parametrize
 from taps_cl.errors import MethodError
 from taps_cl.methods.base import (
     DELTA_PREFIX,
+    FACTOR_A_PREFIX,
+    FACTOR_B_PREFIX,
     SET_PREFIX,
     LayerRecord,
     Method,
@@ -27,9 +37,9 @@ from taps_cl.methods.base import (
     check_choice,
     check_number,
     cpu_copy,
+    factor_product,
     freeze,
     head_parameters,
-    head_state,
     layer_kind,
     module_state,
     norm_layers,
@@ -40,13 +50,38 @@ from taps_cl.methods.base import (
 logger = logging.getLogger(__name__)
 
 PENALTIES = ("layers", "params")
+# Types stored tensors may be rounded to (`store_dtype`, `store_norms_head_dtype`).
+STORE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+# Factor learning rate as a multiple of the task lr when `factor_lr` is None. DESIGN §4a, Lite0:
+# rank-4 factors under-fit at the deltas' lr 1e-3 (60.9 %, train accuracy 66 %) and reached
+# full-delta accuracy at 5e-3–1e-2 (77.7–82.3 % against 80.3–81.8 %).
+FACTOR_LR_SCALE = 5.0
+# Dual ascent on λ under a budget, after every step past the warm-up:
+#   λ ← clamp(λ · exp(BUDGET_RATE · clip(size / limit − 1, −1, 1)), floor, LAM_MAX).
+# At most ×1.105 a step while over the limit (×150 in 50 steps, so within the first epochs after
+# the warm-up, while the cosine schedule still lets scores move), and back down towards the floor
+# (config.lam) while under it, so gates the task needs may come back on. Tried on timm's tiny
+# test_efficientnet (rank 2, random images, 6–8 steps an epoch; every gate on stores 0.15×):
+# budget 0.09×, λ from 1: λ went to 2.1 and 17 → 7 layers on, fitting without `finalize`;
+# budget 0.07×, λ from the 0.01 floor: at a rate of 0.05 λ only reached 0.65 in 88 steps and
+# gates barely moved, at 0.2 it shot to 85 and left 2 layers on where the budget allowed more.
+BUDGET_RATE = 0.1
+# λ's start and floor when `lam` is 0 but a budget is set: a multiplicative rule cannot leave 0.
+BUDGET_LAM_FLOOR = 0.01
+# λ's ceiling: keeps the penalty finite (with SGD, λ scales a score's step directly).
+LAM_MAX = 1e4
 
 
 @dataclass(frozen=True)
 class TapsConfig:
-    """Options of TAPS; defaults follow DESIGN §4."""
+    """Options of TAPS; defaults follow DESIGN §4 (compact mode, §4a, is off by default)."""
 
-    # Weight λ of the sparsity penalty λ·Σ w_l·|s_l| (0 keeps every gate on).
+    # Weight λ of the sparsity penalty λ·Σ w_l·|s_l| (0 keeps every gate on); with a budget, the
+    # floor that dual ascent raises λ from.
     lam: float = 1.0
     # Gate threshold τ: a layer uses its delta iff its score s_l >= τ.
     tau: float = 0.1
@@ -56,8 +91,24 @@ class TapsConfig:
     score_lr: float = 1e-2
     # Epochs trained before the penalty starts; validation only picks epochs after the warm-up.
     warmup_epochs: int = 1
-    # Penalty weights w_l: "layers" = 1/L (as in the paper), "params" = layer's share of weights.
+    # Penalty weights w_l: "layers" = 1/L (as in the paper), "params" = the layer's share of the
+    # numbers all layers would store if active (factors for factorised layers, else the weight).
     penalty: str = "layers"
+    # Rank R of factorised deltas ΔW = B·A (conv weight seen as out × in·k·k); 0 = full deltas.
+    rank: int = 0
+    # A layer is factorised only if groups == 1, its weight has at least this many numbers and
+    # R·(out + in·k·k) < its size: small and depthwise layers keep (cheaper) full deltas.
+    factor_min_params: int = 20000
+    # Learning rate of the factors A and B; None = FACTOR_LR_SCALE × the task learning rate.
+    factor_lr: float | None = None
+    # Most the task may store, as a fraction of the base's parameters (backbone without its
+    # head): active deltas/factors + norm parameters and statistics + head. None = no limit.
+    budget: float | None = None
+    # Type the deltas/factors are stored in: "float32", "bfloat16" or "float16".
+    store_dtype: str = "float32"
+    # Type the norm parameters/statistics and the head are stored in (integer buffers such as
+    # BatchNorm's num_batches_tracked keep theirs).
+    store_norms_head_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         def fix(field: str, value: object) -> None:
@@ -70,6 +121,18 @@ class TapsConfig:
         fix("warmup_epochs",
             check_number("taps", "warmup_epochs", self.warmup_epochs, minimum=0, integer=True))
         fix("penalty", check_choice("taps", "penalty", self.penalty, PENALTIES))
+        fix("rank", check_number("taps", "rank", self.rank, minimum=0, integer=True))
+        fix("factor_min_params",
+            check_number("taps", "factor_min_params", self.factor_min_params, minimum=0,
+                         integer=True))
+        if self.factor_lr is not None:
+            fix("factor_lr", check_number("taps", "factor_lr", self.factor_lr, positive=True))
+        if self.budget is not None:
+            fix("budget", check_number("taps", "budget", self.budget, positive=True))
+        dtypes = tuple(STORE_DTYPES)
+        fix("store_dtype", check_choice("taps", "store_dtype", self.store_dtype, dtypes))
+        fix("store_norms_head_dtype", check_choice(
+            "taps", "store_norms_head_dtype", self.store_norms_head_dtype, dtypes))
         if self.score_init < self.tau:
             raise MethodError(
                 f"taps: score_init {self.score_init} must be at least tau {self.tau}, "
@@ -77,13 +140,15 @@ class TapsConfig:
             )
 
 
-class TapsGate(nn.Module):
-    """Parametrization of a layer's weight: W ↦ W + (1[s ≥ τ] + s − sg(s))·ΔW."""
+class GatedDelta(nn.Module):
+    """Parametrization of a layer's weight: W ↦ W + (1[s ≥ τ] + s − sg(s))·ΔW.
+
+    Subclasses say what ΔW is (`delta_weight`) and what the task stores for it.
+    """
 
     def __init__(self, weight: Tensor, score_init: float, tau: float) -> None:
         super().__init__()
         self.tau = tau
-        self.delta = nn.Parameter(torch.zeros_like(weight, memory_format=torch.contiguous_format))
         self.score = nn.Parameter(
             torch.tensor(score_init, dtype=weight.dtype, device=weight.device)
         )
@@ -95,23 +160,87 @@ class TapsGate(nn.Module):
         # Parenthesised so the value is exactly 0 or 1: (1 + s) - s can round away from 1.
         return hard + (s - s.detach())
 
+    def delta_weight(self, shape: torch.Size) -> Tensor:
+        """ΔW with the weight's `shape`."""
+        raise NotImplementedError
+
     def forward(self, weight: Tensor) -> Tensor:
-        return weight + self.gate() * self.delta
+        return weight + self.gate() * self.delta_weight(weight.shape)
 
     def is_active(self) -> bool:
         """Whether the layer currently uses its delta (same comparison as the forward pass)."""
         return bool(self.score.detach() >= self.tau)
 
+    def stored_numel(self) -> int:
+        """Numbers the task stores for this layer if it is active."""
+        return sum(t.numel() for t in self.stored_tensors("weight").values())
 
-def gate_of(module: nn.Module) -> TapsGate | None:
-    """The TapsGate on `module.weight`, or None."""
+    def stored_tensors(self, key: str) -> dict[str, Tensor]:
+        """The tensors stored for the weight `key` if the layer is active (not copied)."""
+        raise NotImplementedError
+
+
+class TapsGate(GatedDelta):
+    """A gated full delta: ΔW is a tensor of the weight's shape, zero at start."""
+
+    def __init__(self, weight: Tensor, score_init: float, tau: float) -> None:
+        super().__init__(weight, score_init, tau)
+        self.delta = nn.Parameter(torch.zeros_like(weight, memory_format=torch.contiguous_format))
+
+    def delta_weight(self, shape: torch.Size) -> Tensor:
+        return self.delta
+
+    def stored_tensors(self, key: str) -> dict[str, Tensor]:
+        return {f"{DELTA_PREFIX}{key}": self.delta}
+
+
+class LowRankTapsGate(GatedDelta):
+    """A gated rank-R delta ΔW = B·A, the weight seen as out × rest (a conv's in/groups·k·k).
+
+    B (out × R) is zero at start, so the task starts at the base; A (R × rest) ~ N(0, 1/rest) is
+    drawn from torch's global RNG on the CPU, so one seed gives the same factors on every device.
+    """
+
+    def __init__(self, weight: Tensor, score_init: float, tau: float, rank: int) -> None:
+        super().__init__(weight, score_init, tau)
+        out = weight.shape[0]
+        rest = weight.numel() // out
+        self.factor_b = nn.Parameter(
+            torch.zeros(out, rank, dtype=weight.dtype, device=weight.device)
+        )
+        a = torch.randn(rank, rest, dtype=torch.float32) / math.sqrt(rest)
+        self.factor_a = nn.Parameter(a.to(device=weight.device, dtype=weight.dtype))
+
+    @property
+    def rank(self) -> int:
+        return self.factor_a.shape[0]
+
+    def delta_weight(self, shape: torch.Size) -> Tensor:
+        # The same expression as merge_state's fold, so a restored weight equals the trained one.
+        return factor_product(self.factor_b, self.factor_a, shape)
+
+    def stored_tensors(self, key: str) -> dict[str, Tensor]:
+        return {f"{FACTOR_B_PREFIX}{key}": self.factor_b, f"{FACTOR_A_PREFIX}{key}": self.factor_a}
+
+
+def factorised(module: nn.Module, rank: int, min_params: int) -> bool:
+    """Whether TAPS gives `module` a rank-`rank` factor, not a full delta (see TapsConfig)."""
+    weight = module.weight
+    if rank == 0 or getattr(module, "groups", 1) != 1 or weight.numel() < min_params:
+        return False
+    out = weight.shape[0]
+    return rank * (out + weight.numel() // out) < weight.numel()
+
+
+def gate_of(module: nn.Module) -> GatedDelta | None:
+    """The TAPS gate (full or low-rank) on `module.weight`, or None."""
     if not parametrize.is_parametrized(module, "weight"):
         return None
-    found = [p for p in module.parametrizations.weight if isinstance(p, TapsGate)]
+    found = [p for p in module.parametrizations.weight if isinstance(p, GatedDelta)]
     return found[0] if found else None
 
 
-def gated_layers(model: nn.Module) -> list[tuple[str, nn.Module, TapsGate]]:
+def gated_layers(model: nn.Module) -> list[tuple[str, nn.Module, GatedDelta]]:
     """(name, module, gate) of every layer of `model` prepared by TAPS, in module order."""
     out = []
     for name, module in model.named_modules():
@@ -128,53 +257,164 @@ class Taps(Method):
     name = "taps"
     Config = TapsConfig
 
-    def prepare(self, model: nn.Module, head: frozenset[str]) -> nn.Module:
-        """Freeze the base, gate a zero delta onto every adaptable layer, train norms and head."""
+    def __init__(self, config: TapsConfig | None = None) -> None:
+        super().__init__(config)
         cfg = self.config
-        freeze(model)
+        # λ of the penalty now: config.lam, or under a budget its floor raised by `after_step`.
+        self._lam_floor = cfg.lam if cfg.budget is None or cfg.lam > 0 else BUDGET_LAM_FLOOR
+        self._lam = self._lam_floor
+        # Set by `prepare`: the base's parameter count and what norms + head store.
+        self._base_params: int | None = None
+        self._fixed_params: int | None = None
+        self._logged_epoch = -1
+
+    @property
+    def lam(self) -> float:
+        """λ in effect now (differs from config.lam only under a budget, see `after_step`)."""
+        return self._lam
+
+    def prepare(self, model: nn.Module, head: frozenset[str]) -> nn.Module:
+        """Freeze the base, gate a zero delta (full or B·A) onto each adaptable layer.
+
+        Norms and head become trainable. With a budget that norms and head alone exceed, raise
+        MethodError before changing `model`.
+        """
+        cfg = self.config
         layers = adaptable_layers(model, head)
         if not layers:
             raise MethodError("taps: the model has no Conv2d or Linear layer outside the head")
         for name, module in layers:
             if parametrize.is_parametrized(module, "weight"):
                 raise MethodError(f"taps: layer {name!r} already has a parametrized weight")
-            # parametrize keeps the module (and its class's forward, e.g. timm's Conv2dSame).
-            parametrize.register_parametrization(
-                module, "weight", TapsGate(module.weight, cfg.score_init, cfg.tau)
+        # The registry's base size (parameters outside the head), counted before any task tensor.
+        self._base_params = sum(p.numel() for n, p in model.named_parameters() if n not in head)
+        self._fixed_params = sum(t.numel() for t in _norm_head_state(model, head).values())
+        if cfg.budget is not None and self._fixed_params > self._limit():
+            # Rounded up, so that the named minimum is itself accepted.
+            minimum = math.ceil(self._fixed_params / self._base_params * 1e4) / 1e4
+            raise MethodError(
+                f"taps: --budget {cfg.budget:g} is below what this task needs for norms and head "
+                f"alone ({minimum:.4f}× base)"
             )
+        freeze(model)
+        low_rank = 0
+        for name, module in layers:
+            if factorised(module, cfg.rank, cfg.factor_min_params):
+                gate: GatedDelta = LowRankTapsGate(module.weight, cfg.score_init, cfg.tau, cfg.rank)
+                low_rank += 1
+            else:
+                gate = TapsGate(module.weight, cfg.score_init, cfg.tau)
+            # parametrize keeps the module (and its class's forward, e.g. timm's Conv2dSame).
+            parametrize.register_parametrization(module, "weight", gate)
         for _, module in norm_layers(model):
             trainable(list(module.parameters()))
         trainable(head_parameters(model, head))
-        logger.debug("taps: gated %d layers, %d norm layers", len(layers), len(norm_layers(model)))
+        self._lam, self._logged_epoch = self._lam_floor, -1
+        logger.debug("taps: gated %d layers (%d factorised at rank %d), %d norm layers",
+                     len(layers), low_rank, cfg.rank, len(norm_layers(model)))
         return model
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
-        """Deltas, norms and head at `lr`; scores at `score_lr` without weight decay."""
-        scores = [gate.score for _, _, gate in gated_layers(model)]
-        if not scores:
+        """Full deltas, norms and head at `lr`; scores at `score_lr`; factors at `factor_lr`.
+
+        Scores get no weight decay; `factor_lr` None means FACTOR_LR_SCALE × `lr`, and the factor
+        group exists only when some layer is factorised.
+        """
+        gates = [gate for _, _, gate in gated_layers(model)]
+        if not gates:
             raise MethodError("taps: the model was not prepared by taps")
-        score_ids = {id(s) for s in scores}
-        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in score_ids]
-        return [
+        scores = [g.score for g in gates]
+        factors = [p for g in gates if isinstance(g, LowRankTapsGate)
+                   for p in (g.factor_b, g.factor_a)]
+        own = {id(p) for p in scores + factors}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
+        groups = [
             {"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "task"},
             {"params": scores, "lr": self.config.score_lr, "weight_decay": 0.0, "name": "scores"},
         ]
+        if factors:
+            factor_lr = self.config.factor_lr
+            factor_lr = FACTOR_LR_SCALE * lr if factor_lr is None else factor_lr
+            groups.append({"params": factors, "lr": factor_lr, "weight_decay": weight_decay,
+                           "name": "factors"})
+        return groups
 
     def penalty_weights(self, model: nn.Module) -> Tensor:
-        """w_l per gated layer, summing to 1: uniform, or by the layer's weight count."""
+        """w_l per gated layer, summing to 1: uniform, or by what the layer would store."""
         gates = [gate for _, _, gate in gated_layers(model)]
         if self.config.penalty == "layers":
             return torch.full((len(gates),), 1.0 / len(gates))
-        sizes = torch.tensor([float(g.delta.numel()) for g in gates], dtype=torch.float64)
+        sizes = torch.tensor([float(g.stored_numel()) for g in gates], dtype=torch.float64)
         return (sizes / sizes.sum()).to(torch.float32)
 
     def extra_loss(self, model: nn.Module, epoch: int) -> Tensor | None:
         """λ·Σ_l w_l·|s_l| once `epoch` (0-based) reaches the warm-up length."""
-        if epoch < self.config.warmup_epochs or self.config.lam == 0:
+        if epoch < self.config.warmup_epochs or self._lam == 0:
             return None
         scores = torch.stack([gate.score for _, _, gate in gated_layers(model)])
         weights = self.penalty_weights(model).to(device=scores.device, dtype=scores.dtype)
-        return self.config.lam * (weights * scores.abs()).sum()
+        return self._lam * (weights * scores.abs()).sum()
+
+    def after_step(self, model: nn.Module, epoch: int) -> None:
+        """Under a budget and past the warm-up: one dual-ascent step of λ (see BUDGET_RATE)."""
+        cfg = self.config
+        if cfg.budget is None or epoch < cfg.warmup_epochs:
+            return
+        size = self._stored_now(model)
+        excess = min(max(size / self._limit() - 1.0, -1.0), 1.0)
+        self._lam = min(max(self._lam_floor, self._lam * math.exp(BUDGET_RATE * excess)), LAM_MAX)
+        if epoch != self._logged_epoch:
+            self._logged_epoch = epoch
+            logger.info("taps: epoch %d: λ %.4g, active layers store %.4f× base (budget %g×)",
+                        epoch + 1, self._lam, size / self._base_params, cfg.budget)
+
+    def finalize(self, model: nn.Module) -> None:
+        """Under a budget: switch off active layers until the task fits; no-op without a budget.
+
+        Layers go in order of lowest score per stored number; a switched-off layer's score is set
+        just below τ, so the trained model itself changes and trained and stored model agree.
+        """
+        cfg = self.config
+        if cfg.budget is None:
+            return
+        limit = self._limit()
+        size = self._stored_now(model)
+        active = [(name, gate) for name, _, gate in gated_layers(model) if gate.is_active()]
+        active.sort(key=lambda item: (float(item[1].score.detach()) / item[1].stored_numel(),
+                                      item[0]))
+        switched_off = []
+        for name, gate in active:
+            if size <= limit:
+                break
+            with torch.no_grad():
+                gate.score.copy_(_just_below(gate.tau, gate.score))
+            assert not gate.is_active(), name
+            size -= gate.stored_numel()
+            switched_off.append(name)
+        if switched_off:
+            logger.info("taps: switched off %d layer(s) to fit the budget %g× base: %s",
+                        len(switched_off), cfg.budget, ", ".join(switched_off))
+        logger.info("taps: the task stores %.4f× base (budget %g×, final λ %.4g)",
+                    size / self._base_params, cfg.budget, self._lam)
+
+    def stored_params(self, model: nn.Module, head: frozenset[str]) -> int:
+        """Numbers `extract` would store now: active layers' deltas/factors, norm state, head."""
+        fixed = sum(t.numel() for t in _norm_head_state(model, head).values())
+        return fixed + sum(g.stored_numel() for _, _, g in gated_layers(model) if g.is_active())
+
+    def _limit(self) -> float:
+        """The most the task may store, in numbers (needs `prepare` and a budget)."""
+        if self._base_params is None or self.config.budget is None:
+            raise MethodError("taps: the budget needs a model prepared by this method")
+        return self.config.budget * self._base_params
+
+    def _stored_now(self, model: nn.Module) -> int:
+        """What the task would store now, with one device synchronisation (called every step)."""
+        if self._fixed_params is None:
+            raise MethodError("taps: the model was not prepared by this method")
+        gates = [gate for _, _, gate in gated_layers(model)]
+        on = (torch.stack([g.score.detach() for g in gates]) >= self.config.tau).tolist()
+        return self._fixed_params + sum(g.stored_numel() for g, is_on in zip(gates, on) if is_on)
 
     def selectable(self, epoch: int, epochs: int) -> bool:
         """Only epochs trained with the penalty may be picked (warm-up weights are dense)."""
@@ -184,9 +424,21 @@ class Taps(Method):
         return sum(gate.is_active() for _, _, gate in gated_layers(model))
 
     def extract(self, model: nn.Module, head: frozenset[str]) -> TaskState:
-        """Deltas of active layers, every norm layer's state and the head."""
+        """Deltas or factors of active layers, every norm layer's state and the head.
+
+        Floating-point tensors are stored in `store_dtype` (deltas, factors) and
+        `store_norms_head_dtype` (the rest); `exact` is False when that rounded any of them.
+        """
+        cfg = self.config
         tensors: dict[str, Tensor] = {}
         layers: list[LayerRecord] = []
+        exact = True
+
+        def store(stored: str, value: Tensor, dtype: torch.dtype) -> None:
+            nonlocal exact
+            tensors[stored] = _stored_copy(value, dtype)
+            exact = exact and tensors[stored].dtype == value.dtype
+
         for name, module in adaptable_layers(model, head):
             gate = gate_of(module)
             if gate is None:
@@ -194,7 +446,8 @@ class Taps(Method):
             active = gate.is_active()
             key = f"{name}.weight" if name else "weight"
             if active:
-                tensors[f"{DELTA_PREFIX}{key}"] = cpu_copy(gate.delta)
+                for stored, value in gate.stored_tensors(key).items():
+                    store(stored, value, STORE_DTYPES[cfg.store_dtype])
             layers.append(
                 LayerRecord(
                     name=name,
@@ -202,11 +455,37 @@ class Taps(Method):
                     score=float(gate.score.detach()),
                     active=active,
                     base_params=module.parametrizations.weight.original.numel(),
-                    task_params=gate.delta.numel() if active else 0,
+                    task_params=gate.stored_numel() if active else 0,
                 )
             )
-        for name, module in norm_layers(model):
-            for key, value in module_state(name, module).items():
-                tensors[f"{SET_PREFIX}{key}"] = cpu_copy(value)
-        tensors.update(head_state(model, head))
-        return TaskState(tensors=tensors, layers=layers)
+        for key, value in _norm_head_state(model, head).items():
+            store(f"{SET_PREFIX}{key}", value, STORE_DTYPES[cfg.store_norms_head_dtype])
+        return TaskState(tensors=tensors, layers=layers, exact=exact)
+
+
+def _norm_head_state(model: nn.Module, head: frozenset[str]) -> dict[str, Tensor]:
+    """What a task stores whole (`set/`, not copied): norm parameters and buffers, then the head.
+
+    Buffers include BatchNorm's running statistics and num_batches_tracked.
+    """
+    state: dict[str, Tensor] = {}
+    for name, module in norm_layers(model):
+        state.update(module_state(name, module))
+    full = model.state_dict()
+    missing = sorted(head - full.keys())
+    if missing:
+        raise MethodError(f"the model has no head key(s) {missing}")
+    state.update({key: full[key] for key in sorted(head)})
+    return state
+
+
+def _stored_copy(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """A CPU copy of `value` as stored: floating point in `dtype`, integers unchanged."""
+    copy = cpu_copy(value)
+    return copy.to(dtype) if copy.is_floating_point() else copy
+
+
+def _just_below(tau: float, like: Tensor) -> Tensor:
+    """The largest value of `like`'s type below τ: compares < τ both in that type and in float64."""
+    tau_t = torch.tensor(tau, dtype=like.dtype, device=like.device)
+    return torch.nextafter(tau_t, torch.tensor(-math.inf, dtype=like.dtype, device=like.device))

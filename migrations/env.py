@@ -25,11 +25,14 @@ def run_migrations_online() -> None:
         engine = create_engine(context.config.get_main_option("sqlalchemy.url"))
     with engine.connect() as connection:
         is_sqlite = connection.dialect.name == "sqlite"
-        if is_sqlite:
+        # PRAGMA foreign_keys is a no-op inside a transaction, and registry.db's engine begins one
+        # before any statement it executes: so these pragmas go to the driver's connection,
+        # outside SQLAlchemy's transaction.
+        raw = connection.connection.dbapi_connection if is_sqlite else None
+        if raw is not None:
             # A batch migration drops and re-creates tables; with foreign keys on, SQLite would
             # cascade those drops into the rows that reference them.
-            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
-            connection.commit()
+            raw.execute("PRAGMA foreign_keys=OFF")
         # render_as_batch lets ALTER-style migrations work on SQLite (copy-and-move tables).
         context.configure(
             connection=connection, target_metadata=target_metadata, render_as_batch=True
@@ -37,9 +40,9 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         connection.commit()
-        if is_sqlite:
-            broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
-            connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+        if raw is not None:
+            broken = raw.execute("PRAGMA foreign_key_check").fetchall()
+            raw.execute("PRAGMA foreign_keys=ON")
             if broken:
                 raise RuntimeError(f"migration left dangling foreign keys: {broken[:3]}")
 

@@ -1,0 +1,303 @@
+"""One `task add` run: check the request, train on the frozen base, store, record, re-check.
+
+The run is recorded (status ``training``, a run token, host, pid and a heartbeat) only once
+everything that can be rejected has been checked, and it is finished by its token, never by its
+name: a run whose row was removed cannot write into someone else's task. The task gets its
+position when it finishes, in the same transaction as its column of the accuracy matrix, so
+concurrent adds land in the order they became ready and every column is complete.
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from registry import AlreadyExists, EarlierChanged, NotFound, Registry, RunLost
+from registry.entities import BaseModel, EarlierCell, LayerEntry, Task
+from registry.runs import HEARTBEAT_INTERVAL_SECONDS
+from taps_cl import backbones, data, evaluate, serialization
+from taps_cl.errors import MethodError, TapsError
+from taps_cl.methods import Method, get_method
+from taps_cl.restoring import ModelStore, plain_model
+from taps_cl.train import TrainConfig, fit, resolve_device
+from taps_cl.verification import (
+    RECORD_KEY,
+    ProbeCheck,
+    Verifier,
+    probe_indices,
+    sha256_of,
+    task_record,
+)
+
+log = logging.getLogger(__name__)
+
+PROBE_SIZE = 32  # test inputs kept per task to prove later additions did not change it
+MERGE_ATOL = 1e-5  # restored vs trained model on the probe batch, when stored tensors are exact
+MAX_FINISH_ATTEMPTS = 100  # finish retries while concurrent adds keep landing first
+
+
+@dataclass(frozen=True)
+class TaskAddResult:
+    """What `task add` did: the recorded task, its scores and the re-checks of earlier tasks."""
+
+    task: Task
+    test_accuracy: float
+    best_val_accuracy: Optional[float]
+    history: list[dict[str, Any]]
+    probe_checks: list[ProbeCheck]
+    # Largest |restored − trained| logit on the probe batch, measured on the CPU in float32
+    # (0 for exact storage; the rounding error when tensors are stored in 16 bits).
+    merge_error: float
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """Everything `task add` was asked, checked before anything is recorded."""
+
+    name: str
+    base: str
+    data_spec: str
+    method: str = "taps"
+    classes: Optional[str] = None
+    img_size: Optional[int] = None
+    max_train: Optional[int] = None
+    max_test: Optional[int] = None
+    val_fraction: float = 0.1
+    method_options: Optional[dict[str, Any]] = None
+
+
+def configured_method(method: str, options: dict[str, Any], epochs: int) -> Method:
+    """The configured method; a warm-up that would swallow every epoch is shortened."""
+    learner = get_method(method, **options)
+    warmup = getattr(learner.config, "warmup_epochs", None)
+    penalised = (getattr(learner.config, "lam", 0) > 0
+                 or getattr(learner.config, "budget", None) is not None)
+    if warmup is not None and warmup >= epochs and penalised:
+        if "warmup_epochs" in options:
+            raise MethodError(
+                f"--warmup-epochs {warmup} leaves no epoch of the {epochs} for the sparsity "
+                "penalty; use fewer warm-up epochs or more epochs"
+            )
+        learner = get_method(method, **{**options, "warmup_epochs": epochs - 1})
+    return learner
+
+
+class Heartbeat:
+    """Marks a run alive in the registry every few seconds from a daemon thread.
+
+    When the run's row is gone (`task remove --force`), a run in the main thread is interrupted
+    at once instead of training on for nothing; `lost` tells the caller why.
+    """
+
+    def __init__(self, registry: Registry, run_token: str) -> None:
+        self._registry, self._token = registry, run_token
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="taps-cl-heartbeat", daemon=True)
+        self._interrupt = threading.current_thread() is threading.main_thread()
+        self.lost = False
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_INTERVAL_SECONDS):
+            try:
+                self._registry.heartbeat_task(self._token)
+                self._registry.get_task_by_token(self._token)
+            except NotFound:
+                self.lost = True
+                if self._interrupt and not self._stop.is_set():
+                    _thread.interrupt_main()
+                return
+            except Exception as exc:  # a missed beat must not kill the run
+                log.warning("heartbeat failed: %s", exc)
+
+
+class TaskAdder:
+    """Runs `task add` against one registry."""
+
+    def __init__(self, registry: Registry, models: ModelStore) -> None:
+        self.registry = registry
+        self.models = models
+
+    def add(self, request: TaskRequest, train_cfg: TrainConfig,
+            progress: bool = False) -> TaskAddResult:
+        """Train and record the task; a failure or interrupt leaves the registry as it was."""
+        reg = self.registry
+        base = reg.get_base(request.base)
+        self._check_name_free(request.name)
+        learner = configured_method(request.method, request.method_options or {},
+                                    train_cfg.epochs)
+        resolve_device(train_cfg.device)  # an unavailable device fails before any work
+        spec = data.DataSpec.parse(request.data_spec, classes=request.classes)
+        task_data = data.load_task_data(
+            spec, base.data_config, img_size=request.img_size,
+            val_fraction=request.val_fraction, seed=train_cfg.seed,
+            max_train=request.max_train, max_test=request.max_test,
+        )
+        head = frozenset(base.head_keys)
+        torch.manual_seed(train_cfg.seed)  # the new head's and any factor's initialisation
+        model = backbones.build_task_model(
+            backbones.ModelSpec.parse(base.model_spec), self.models.base_state(base),
+            len(task_data.class_names), head,
+        )
+        model = learner.prepare(model, head)  # may refuse (e.g. a budget below norms + head)
+        dataset_json = dict(
+            spec.to_json(), img_size=request.img_size, max_train=request.max_train,
+            max_test=request.max_test, val_fraction=request.val_fraction,
+        )
+        started = reg.begin_task(
+            request.name, base=base.name, method=learner.name,
+            method_config=learner.config_dict(), train_config=dict(vars(train_cfg)),
+            dataset_spec=dataset_json, class_names=task_data.class_names,
+            run_host=socket.gethostname(), run_pid=os.getpid(),
+        )
+        token = started.run_token
+        assert token is not None
+        heartbeat = Heartbeat(reg, token)
+        try:
+            with heartbeat:
+                return self._train_and_store(started, base, learner, model, train_cfg,
+                                             task_data, progress)
+        except KeyboardInterrupt as exc:
+            if heartbeat.lost:
+                raise RunLost(f"task {request.name!r} was removed while this run was training; "
+                              "nothing was recorded") from exc
+            self._discard(request.name, token)
+            raise
+        except BaseException:
+            self._discard(request.name, token)
+            raise
+
+    def _discard(self, name: str, token: str) -> None:
+        log.warning("task %s did not finish; removing its row", name)
+        self.registry.discard_task(name, run_token=token)
+
+    def _check_name_free(self, name: str) -> None:
+        try:
+            existing = self.registry.get_task(name)
+        except NotFound:
+            return
+        hint = "" if existing.status == "ready" else (
+            f" with status {existing.status} (a run in progress, or one that was killed); "
+            f"`taps-cl task remove {name}` discards a dead run"
+        )
+        raise AlreadyExists(f"task {name!r} already exists{hint}")
+
+    def _train_and_store(
+        self, started: Task, base: BaseModel, learner: Method, model: nn.Module,
+        train_cfg: TrainConfig, task_data: data.TaskData, progress: bool,
+    ) -> TaskAddResult:
+        name = started.name
+        head = frozenset(base.head_keys)
+        t0 = time.perf_counter()
+        fitted = fit(model, learner, task_data.train, task_data.val, train_cfg, progress=progress)
+        seconds = time.perf_counter() - t0
+        learner.finalize(model)
+        # Every number the registry compares is computed on the CPU in float32.
+        model = model.cpu().float()
+        state = learner.extract(model, head)
+        plain = plain_model(base, self.models.base_state(base), state.tensors,
+                            len(task_data.class_names))
+        device = resolve_device(train_cfg.device)
+        test = evaluate.evaluate(plain.to(device), task_data.test)
+        plain = plain.cpu()
+
+        indices = probe_indices(task_data.test.labels, PROBE_SIZE, train_cfg.seed)
+        probe_inputs = torch.stack([task_data.test[i][0] for i in indices])
+        probe_logits = evaluate.logits(plain, probe_inputs)
+        trained_logits = evaluate.logits(model, probe_inputs)
+        merge_error = float((trained_logits - probe_logits).abs().max())
+        if state.exact and merge_error > MERGE_ATOL:
+            raise TapsError(
+                f"restored model of {name!r} differs from the trained one by {merge_error:.3g}"
+            )
+
+        layers = [LayerEntry(r.name, r.kind, r.score, r.active, r.base_params, r.task_params)
+                  for r in state.layers]
+        head_params = sum(int(v.numel()) for k, v in plain.state_dict().items() if k in head)
+        record = task_record(
+            name=name, base_sha256=base.sha256, method=started.method,
+            method_config=started.method_config, train_config=started.train_config,
+            dataset_spec=started.dataset_spec, class_names=started.class_names, layers=layers,
+            head_params=head_params, num_params=state.num_params, test_accuracy=test.accuracy,
+            test_loss=test.loss, test_samples=test.num_samples,
+        )
+        task_blob = serialization.to_bytes(
+            state.tensors,
+            {"method": learner.name, "config": learner.config_dict(), "task": name,
+             RECORD_KEY: record},
+        )
+        probe_tensors = {"inputs": probe_inputs, "logits": probe_logits,
+                         "trained_logits": trained_logits}
+        probe_blob = serialization.to_bytes(
+            probe_tensors,
+            {"task": name, "kind": "probe", "task_sha256": sha256_of(task_blob),
+             "restore_error": merge_error, "exact": state.exact},
+        )
+        checks, task = self._finish(
+            started, base,
+            task_blob=task_blob, task_num_params=state.num_params, probe_blob=probe_blob,
+            probe_num_params=serialization.numel(probe_tensors), layers=layers,
+            head_params=head_params, train_seconds=seconds, test_accuracy=test.accuracy,
+            test_loss=test.loss, test_samples=test.num_samples,
+        )
+        log.info("task %s: test accuracy %.4f, %d/%d layers active", name, test.accuracy,
+                 task.active_layers, task.total_layers)
+        return TaskAddResult(task, test.accuracy, fitted.best_val_accuracy, fitted.history,
+                             checks, merge_error)
+
+    def _finish(self, started: Task, base: BaseModel,
+                **results: Any) -> tuple[list[ProbeCheck], Task]:
+        """Re-check the earlier tasks and record this one with its column; retry while
+        concurrent adds finish first (their tasks then need checking too)."""
+        verifier = Verifier(self.models)
+        checks: dict[str, ProbeCheck] = {}
+        cells: dict[str, EarlierCell] = {}
+        pending = [t for t in self.registry.list_tasks(base.name, ready_only=True)]
+        for _ in range(MAX_FINISH_ATTEMPTS):
+            evaluations = self.registry.list_evaluations(base.name) if pending else []
+            for task in pending:
+                check = verifier.check_task(task, base, evaluations)
+                checks[task.name] = check
+                cells[task.name] = self._cell(task, check, evaluations)
+            try:
+                assert started.run_token is not None
+                task = self.registry.finish_task(started.run_token, earlier=list(cells.values()),
+                                                 **results)
+                return list(checks.values()), task
+            except EarlierChanged as exc:
+                pending = [self.registry.get_task(n) for n in exc.missing]
+            except RunLost as exc:
+                raise RunLost(f"task {started.name!r} was removed while this run was training; "
+                              "nothing was recorded") from exc
+        raise TapsError(f"task {started.name!r}: other tasks kept finishing first; try again")
+
+    def _cell(self, task: Task, check: ProbeCheck, evaluations: list) -> EarlierCell:  # type: ignore[type-arg]
+        """The task's cell in the new column: carried when its probe is unchanged, else
+        re-measured on its data where that is still reachable."""
+        if check.ok:
+            measured = [e.accuracy for e in evaluations
+                        if e.task == task.name and e.kind == "measured" and e.accuracy is not None]
+            return EarlierCell(task.name, "probe", measured[-1] if measured else None,
+                               check.max_drift, True)
+        accuracy = None
+        try:  # the task changed: its carried accuracy means nothing, so measure it again
+            accuracy = self.models.evaluate(task.name, checked=False).accuracy
+        except Exception as exc:  # noqa: BLE001 — a broken task is reported, not fatal
+            log.warning("task %s changed and cannot be re-measured: %s", task.name, exc)
+        return EarlierCell(task.name, "measured", accuracy, check.max_drift, False)

@@ -1,0 +1,221 @@
+"""Proof that tasks are what the registry says: hashes, sizes, recorded rows and probe logits.
+
+Every finished task carries a *record* — the facts its rows hold (method, options, classes, layer
+set, sizes, its own test accuracy) — inside the metadata of its content-addressed task artifact,
+and its probe artifact names the task artifact's sha256. Verification recomputes what it can from
+the files (hashes, byte and parameter counts, probe logits from the rebuilt model) and compares
+every other recorded fact with the record, so an edited row is caught as surely as an edited file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from registry import RegistryError
+from registry.entities import BaseModel, Evaluation, LayerEntry, Task
+from taps_cl import serialization
+from taps_cl.errors import TapsError, first_line
+from taps_cl.restoring import PROBE_ATOL, ModelStore, plain_model, probe_drift
+
+log = logging.getLogger(__name__)
+
+RECORD_KEY = "record"  # metadata key of the task record in the task artifact
+ACCURACY_ATOL = 1e-9  # recorded accuracies are copied, never recomputed: they must match exactly
+
+
+@dataclass(frozen=True)
+class ProbeCheck:
+    """One task (or base) checked against its files: recorded facts and probe logits."""
+
+    task: str
+    max_drift: Optional[float]  # None when the task could not be rebuilt at all
+    ok: bool
+    error: Optional[str] = None
+
+
+def task_record(
+    *, name: str, base_sha256: str, method: str, method_config: dict[str, Any],
+    train_config: dict[str, Any], dataset_spec: dict[str, Any], class_names: Sequence[str],
+    layers: Sequence[LayerEntry], head_params: int, num_params: int, test_accuracy: float,
+    test_loss: float, test_samples: int,
+) -> dict[str, Any]:
+    """The facts a task's rows hold, as stored in its artifact's metadata."""
+    return {
+        "task": name,
+        "base_sha256": base_sha256,
+        "method": method,
+        "method_config": method_config,
+        "train_config": train_config,
+        "dataset_spec": dataset_spec,
+        "class_names": list(class_names),
+        "layers": [_layer(layer) for layer in layers],
+        "head_params": head_params,
+        "num_params": num_params,
+        "test": {"accuracy": test_accuracy, "loss": test_loss, "num_samples": test_samples},
+    }
+
+
+def sha256_of(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _layer(layer: LayerEntry) -> list[Any]:
+    return [layer.name, layer.kind, layer.score, bool(layer.active), layer.base_params,
+            layer.task_params]
+
+
+def _same(a: Any, b: Any) -> bool:
+    # Through JSON both ways, so tuples/lists and int/float spellings compare as stored.
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def record_mismatches(
+    record: dict[str, Any], task: Task, base: BaseModel, evaluations: Iterable[Evaluation]
+) -> list[str]:
+    """Which of the task's recorded rows disagree with the record stored in its artifact."""
+    wrong = []
+    expected = {
+        "task": task.name,
+        "base_sha256": base.sha256,
+        "method": task.method,
+        "method_config": task.method_config,
+        "train_config": task.train_config,
+        "dataset_spec": task.dataset_spec,
+        "class_names": list(task.class_names),
+        "layers": [_layer(layer) for layer in task.layers],
+        "head_params": task.head_params,
+        "num_params": task.task_params,
+    }
+    for key, value in expected.items():
+        if not _same(record.get(key), value):
+            wrong.append("layers (task_layers rows)" if key == "layers" else key)
+    if task.num_classes != len(task.class_names):
+        wrong.append("num_classes")
+    recorded_acc = (record.get("test") or {}).get("accuracy")
+    measured = [e for e in evaluations if e.task == task.name and e.kind == "measured"]
+    own = [e for e in measured if e.after_task == task.name]
+    if not own or any(e.accuracy is None or abs(e.accuracy - recorded_acc) > ACCURACY_ATOL
+                      for e in own):
+        wrong.append("test accuracy (its evaluation row)")
+    # A carried ("probe") cell copies an accuracy measured earlier: it can hold no other value.
+    known = {recorded_acc} | {e.accuracy for e in measured}
+    for e in evaluations:
+        if e.task == task.name and e.kind == "probe" and e.accuracy not in known:
+            wrong.append(f"carried accuracy after {e.after_task}")
+    return wrong
+
+
+class Verifier:
+    """Checks bases and tasks of one registry against their files (see the module docstring)."""
+
+    def __init__(self, models: ModelStore) -> None:
+        self.models = models
+        self.registry = models.registry
+
+    def check_base(self, base: BaseModel) -> Optional[str]:
+        """None when the base's weights match their hash, size and recorded number count."""
+        try:
+            blob = self.registry.check_artifact(base.weights)
+            count = serialization.numel(serialization.from_bytes(blob))
+        except (RegistryError, ValueError, RuntimeError) as exc:
+            return first_line(exc)
+        if count != base.weights.num_params:
+            return (f"weights artifact holds {count:,} numbers, its row says "
+                    f"{base.weights.num_params:,}")
+        return None
+
+    def check_task(
+        self, task: Task, base: BaseModel, evaluations: Sequence[Evaluation]
+    ) -> ProbeCheck:
+        """Check one task's files, rows and probe logits; never raises for a bad task."""
+        if task.status != "ready":
+            if task.artifact is not None or task.probe is not None or any(
+                e.task == task.name or e.after_task == task.name for e in evaluations
+            ):
+                return ProbeCheck(task.name, None, False,
+                                  f"status {task.status!r} but it has stored results: "
+                                  "its rows were altered")
+            return ProbeCheck(task.name, None, True)  # a run in progress: nothing to check yet
+        try:
+            return self._check_ready(task, base, evaluations)
+        except (TapsError, RegistryError, OSError, RuntimeError, ValueError, KeyError) as exc:
+            # A corrupt or missing artifact is a failed check, reported with its reason.
+            return ProbeCheck(task.name, None, False, first_line(exc))
+
+    def _check_ready(
+        self, task: Task, base: BaseModel, evaluations: Sequence[Evaluation]
+    ) -> ProbeCheck:
+        if task.artifact is None or task.probe is None or task.position is None:
+            return ProbeCheck(task.name, None, False, "ready but without artifacts or position")
+        problems = []
+        blob = self.registry.check_artifact(task.artifact)
+        tensors = serialization.from_bytes(blob)
+        if serialization.numel(tensors) != task.artifact.num_params:
+            problems.append("artifact num_params")
+        meta = serialization.metadata_from_bytes(blob)
+        record = serialization.json_field(meta, RECORD_KEY)
+        if not isinstance(record, dict):
+            problems.append("task artifact has no record")
+        else:
+            problems += [f"{what} differs from the record in its artifact"
+                         for what in record_mismatches(record, task, base, evaluations)]
+        probe_blob = self.registry.check_artifact(task.probe)
+        probe = serialization.from_bytes(probe_blob)
+        if serialization.numel(probe) != task.probe.num_params:
+            problems.append("probe artifact num_params")
+        probe_meta = serialization.metadata_from_bytes(probe_blob)
+        if probe_meta.get("task_sha256") != task.artifact.sha256:
+            problems.append("probe artifact belongs to another task artifact")
+        model = plain_model(base, self.models.base_state(base), tensors, task.num_classes)
+        drift = probe_drift(model, probe)
+        if drift > PROBE_ATOL:
+            problems.insert(0, f"probe logits moved by {drift:.3g}")
+        if problems:
+            return ProbeCheck(task.name, drift, False, "; ".join(problems))
+        return ProbeCheck(task.name, drift, True)
+
+    def verify(
+        self, base: Optional[str] = None, tasks: Optional[Sequence[str]] = None
+    ) -> list[ProbeCheck]:
+        """Check every base (or one) and its tasks (or the named ones); the base is read once."""
+        reg = self.registry
+        wanted = set(tasks) if tasks is not None else None
+        checks = []
+        for b in [reg.get_base(base)] if base else reg.list_bases():
+            error = self.check_base(b)
+            if error is not None:
+                checks.append(ProbeCheck(f"base:{b.name}", None, False, error))
+                continue
+            evaluations = reg.list_evaluations(b.name)
+            for task in reg.list_tasks(b.name):
+                if wanted is None or task.name in wanted:
+                    checks.append(self.check_task(task, b, evaluations))
+        if wanted is not None:
+            missing = wanted - {c.task for c in checks}
+            for name in sorted(missing):
+                reg.get_task(name)  # NotFound for an unknown name
+        return checks
+
+
+def probe_indices(labels: torch.Tensor, n: int, seed: int) -> list[int]:
+    """A seeded, class-stratified sample of `n` indices: classes take turns, each shuffled."""
+    generator = torch.Generator().manual_seed(seed)
+    by_class = [
+        idx[torch.randperm(len(idx), generator=generator)].tolist()
+        for idx in (torch.nonzero(labels == c).flatten() for c in torch.unique(labels))
+    ]
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < min(n, len(labels)):
+        for members in by_class:
+            if depth < len(members) and len(chosen) < n:
+                chosen.append(members[depth])
+        depth += 1
+    return sorted(chosen)

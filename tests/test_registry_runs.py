@@ -1,0 +1,161 @@
+"""Runs own their rows: run tokens, heartbeats, liveness, late positions, EarlierChanged/RunLost."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import text
+
+from registry import (
+    AlreadyExists,
+    EarlierChanged,
+    NotFound,
+    Registry,
+    RegistryError,
+    RunLost,
+    run_is_alive,
+    runs,
+)
+from registry.entities import EarlierCell
+from tests.test_registry import add_base, begin, cells_for_ready, finish
+
+
+@pytest.fixture
+def reg(tmp_path):
+    with Registry(tmp_path / "home") as registry:
+        add_base(registry)
+        yield registry
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def _age_heartbeat(reg: Registry, name: str, seconds: float) -> None:
+    past = datetime.now(timezone.utc) - timedelta(seconds=seconds)
+    with reg.engine.begin() as conn:  # SQLite stores UTC as naive text
+        conn.execute(text("UPDATE tasks SET heartbeat_at = :t WHERE name = :n"),
+                     {"t": past.strftime("%Y-%m-%d %H:%M:%S.%f"), "n": name})
+
+
+def test_run_is_alive_rules(reg):
+    task = begin(reg, "t")
+    now = datetime.now(timezone.utc)
+    assert run_is_alive(task, now)  # our own pid, fresh heartbeat
+    stale = now + timedelta(seconds=runs.HEARTBEAT_STALE_SECONDS + 1)
+    assert not run_is_alive(task, stale)
+    assert not run_is_alive(replace(task, run_pid=_dead_pid()), now)  # kill -9 on this host
+    foreign = replace(task, run_host=runs.this_host() + "-elsewhere", run_pid=_dead_pid())
+    assert run_is_alive(foreign, now)  # another host: the heartbeat alone decides
+    assert not run_is_alive(foreign, stale)
+    assert not run_is_alive(replace(task, heartbeat_at=None), now)
+    assert not run_is_alive(replace(task, status="ready"), now)
+    naive = replace(task, heartbeat_at=now.replace(tzinfo=None))  # SQLite returns naive UTC
+    assert run_is_alive(naive, now)
+    assert runs.HEARTBEAT_INTERVAL_SECONDS < runs.HEARTBEAT_STALE_SECONDS
+
+
+def test_live_run_is_not_removable_without_force(reg):
+    begin(reg, "t")
+    with pytest.raises(RegistryError, match=r"still alive.*pid %d.*--force" % os.getpid()):
+        reg.discard_task("t")
+    assert reg.get_task("t").status == "training"
+    with pytest.raises(AlreadyExists, match="run in progress"):
+        begin(reg, "t")
+    reg.discard_task("t", force=True)
+    with pytest.raises(NotFound):
+        reg.get_task("t")
+
+
+def test_dead_runs_are_removable(reg):
+    begin(reg, "killed", pid=_dead_pid())  # this host, pid gone: removable at once
+    with pytest.raises(AlreadyExists, match=r"left over.*taps-cl task remove killed"):
+        begin(reg, "killed")
+    reg.discard_task("killed")
+    begin(reg, "far", host="some-other-host", pid=1)
+    with pytest.raises(RegistryError, match="still alive"):  # fresh heartbeat, pid unknowable
+        reg.discard_task("far")
+    _age_heartbeat(reg, "far", runs.HEARTBEAT_STALE_SECONDS + 5)
+    reg.discard_task("far")
+    assert reg.list_tasks() == []
+
+
+def test_heartbeat_refreshes_liveness(reg):
+    task = begin(reg, "far", host="some-other-host", pid=1)
+    _age_heartbeat(reg, "far", 3600)
+    assert not run_is_alive(reg.get_task("far"))
+    reg.heartbeat_task(task.run_token)
+    assert run_is_alive(reg.get_task("far"))
+    reg.heartbeat_task("no-such-token")  # a row that is gone: nothing happens
+
+
+def test_a_run_cleans_up_only_its_own_row(reg):
+    first = begin(reg, "t")
+    reg.discard_task("t", force=True)  # the user removed the live run ...
+    second = begin(reg, "t")  # ... and started another under the same name
+    reg.discard_task("t", run_token=first.run_token)  # the first run's clean-up: not its row
+    assert reg.get_task("t").run_token == second.run_token
+    with pytest.raises(RunLost, match="removed while the run was training"):
+        finish(reg, first)  # the first run cannot record into the second run's row
+    assert reg.get_task("t").status == "training" and reg.get_task("t").artifact is None
+    assert reg.list_artifacts() == [reg.get_base("b").weights]  # no file or row left behind
+    assert len(list(reg.store.root.rglob("*.safetensors"))) == 1
+    reg.discard_task("t", run_token=second.run_token)
+    reg.discard_task("t", run_token=second.run_token)  # already gone: still nothing to do
+    with pytest.raises(NotFound):
+        reg.get_task("t")
+
+
+def test_finish_after_removal_is_run_lost(reg):
+    task = begin(reg, "t")
+    reg.discard_task("t", force=True)
+    with pytest.raises(RunLost):
+        finish(reg, task)
+    assert reg.list_tasks() == []
+
+
+def test_altered_rows_are_not_removed(reg):
+    finish(reg, begin(reg, "t"))
+    with reg.engine.begin() as conn:  # a ready task set back to training by hand
+        conn.execute(text("UPDATE tasks SET status = 'training' WHERE name = 't'"))
+    with pytest.raises(RegistryError, match=r"stored results.*--verify"):
+        reg.discard_task("t", force=True)
+    assert reg.get_task("t").artifact is not None
+
+
+def test_earlier_changed_names_new_ready_tasks(reg):
+    a = begin(reg, "a")
+    b = begin(reg, "b2")
+    c = begin(reg, "c")
+    stale = cells_for_ready(reg)  # nothing is ready yet: what all three runs saw
+    finish(reg, a, b"A", earlier=stale)
+    with pytest.raises(EarlierChanged) as info:
+        finish(reg, b, b"B", earlier=stale)
+    assert info.value.missing == ["a"]
+    assert reg.get_task("b2").status == "training"
+    # b's files were removed again with its failed transaction; a's stay.
+    assert len(reg.list_artifacts()) == 3 and len(list(reg.store.root.rglob("*.safetensors"))) == 3
+    ghost = EarlierCell("gone", "probe", 0.1, 0.0, True)  # cells of non-ready tasks: ignored
+    done = finish(reg, b, b"B", earlier=cells_for_ready(reg) + [ghost])
+    assert done.position == 2
+    with pytest.raises(EarlierChanged) as info:
+        finish(reg, c, b"C", earlier=[EarlierCell("b2", "probe", 0.5, 0.0, True)])
+    assert info.value.missing == ["a"]
+    assert finish(reg, c, b"C").position == 3
+    column = {(e.task, e.kind) for e in reg.list_evaluations("b") if e.after_task == "c"}
+    assert column == {("c", "measured"), ("a", "probe"), ("b2", "probe")}
+
+
+def test_begin_never_collides_on_positions(reg):
+    runs_ = [begin(reg, f"t{i}") for i in range(4)]  # four adds in flight at once
+    assert all(t.position is None for t in runs_)
+    for i, task in enumerate(reversed(runs_)):
+        assert finish(reg, task, f"blob{i}".encode()).position == i + 1
