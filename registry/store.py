@@ -132,10 +132,6 @@ class ArtifactStore:
             )
         return data
 
-    def verify(self, relative: str, sha256: str) -> None:
-        """Raise IntegrityFailure unless the file exists and hashes to ``sha256``."""
-        self.read(relative, sha256)
-
     def files(self) -> Iterator[tuple[str, int, float]]:
         """Every regular file under the root as ``(relative path, bytes, mtime)``; no symlinks."""
         if not self.root.is_dir():

@@ -22,9 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from taps_cl.errors import BackboneError, first_line
-# read_weights is re-exported for manager.py and examples/benchmark.py, which call
-# `backbones.read_weights`; new code imports it from taps_cl.weights.
-from taps_cl.weights import check_finite, read_weights  # noqa: F401
+from taps_cl.weights import check_finite
 
 log = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ def cli(ctx: click.Context, home: Optional[str], db_url: Optional[str], as_json:
     ctx.call_on_close(ctx.obj.manager.close)
 
 
-def _progress(c: Context) -> bool:
+def _progress() -> bool:
     return sys.stderr.isatty()
 
 
@@ -246,7 +246,7 @@ def task_add(c: Context, name: str, base: str, data_spec: str, classes: Optional
     result = c.manager.add_task(
         name, base, data_spec, method=method, classes=classes,
         method_options={k: v for k, v in options.items() if v is not None},
-        progress=_progress(c) and not c.json, **train,
+        progress=_progress() and not c.json, **train,
     )
     t = result.task
     data = _task_json(t, result.test_accuracy)
@@ -522,7 +522,7 @@ def demo_cmd(c: Context, quick: bool) -> None:
     from taps_cl import demo
 
     # With --json the progress lines go to stderr so stdout stays one JSON document.
-    demo.run(c.manager, quick=quick, progress=_progress(c),
+    demo.run(c.manager, quick=quick, progress=_progress(),
              say=(lambda msg: click.echo(msg, err=True)) if c.json else click.echo)
     budget = c.manager.budget(demo.BASE_NAME)
     accuracy = c.manager.accuracy(demo.BASE_NAME, verify=True)
@@ -570,6 +570,12 @@ def _run(argv: Optional[list[str]]) -> None:
         if _STATE["debug"]:
             raise
         click.echo(f"Error: {first_line(exc)}", err=True)
+        sys.exit(1)
+    except OSError as exc:  # a file the user named or pointed us to: say which and why
+        if _STATE["debug"]:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        click.echo(f"Error: cannot use{where}: {exc.strerror or first_line(exc)}", err=True)
         sys.exit(1)
     except Exception as exc:  # a bug: still one line unless --debug
         if _STATE["debug"]:

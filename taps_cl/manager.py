@@ -13,13 +13,15 @@ from typing import Any, Callable, Optional, Sequence
 
 from torch import nn
 
-from registry import AlreadyExists, NotFound, Registry
+from registry import AlreadyExists, NotFound, Registry, RegistryError
 from registry.entities import BaseModel, GarbageFile, Task
 from taps_cl import backbones, evaluate, reports, serialization
 from taps_cl.adding import TaskAdder, TaskAddResult, TaskRequest
+from taps_cl.errors import TapsError, first_line
 from taps_cl.restoring import ModelStore
 from taps_cl.train import TrainConfig
 from taps_cl.verification import ProbeCheck, Verifier
+from taps_cl.weights import read_weights
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ class Manager:
         spec = backbones.ModelSpec.parse(model)
         net = backbones.create_model(spec, pretrained=pretrained)
         if weights is not None:
-            backbones.apply_weights(net, backbones.read_weights(weights))
+            backbones.apply_weights(net, read_weights(weights))
         head = backbones.head_keys(spec)
         state = net.state_dict()
         blob = serialization.to_bytes(state, {"model": str(spec), "kind": "base"})
@@ -235,8 +237,6 @@ class Manager:
             return self.registry.get_base(base)
         bases = self.registry.list_bases()
         if len(bases) != 1:
-            from taps_cl.errors import TapsError
-
             names = ", ".join(b.name for b in bases) or "none registered"
             raise TapsError(f"choose a base with --base ({names})")
         return bases[0]
@@ -257,9 +257,6 @@ class Manager:
         checks every artifact, recorded fact and probe (see `verify`), and the report is then
         `verified` only if all of them hold and no number in the matrix contradicts them.
         """
-        from registry import RegistryError
-        from taps_cl.errors import TapsError, first_line
-
         b = self.only_base(base)
         skipped: list[str] = []
         if reevaluate:
@@ -289,8 +286,10 @@ def _exists(lookup: Callable[[str], Any], name: str) -> Any:
         return None
 
 
-def restore(name: str, home: str | os.PathLike[str] | None = None, db_url: Optional[str] = None) -> nn.Module:
-    """Restore task ``name`` as a plain timm/torchvision model (the Python API of ``taps-cl restore``)."""
+def restore(
+    name: str, home: str | os.PathLike[str] | None = None, db_url: Optional[str] = None
+) -> nn.Module:
+    """Task ``name`` as a plain timm/torchvision model (the Python API of ``taps-cl restore``)."""
     with Manager(home, db_url) as manager:
         return manager.restore(name)
 

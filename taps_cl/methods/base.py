@@ -24,7 +24,6 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from taps_cl.errors import MethodError
 
-
 DELTA_PREFIX = "delta/"
 SET_PREFIX = "set/"
 # A low-rank delta B·A: B (out × r) and A (r × in·k·k) of the weight `<key>`, always both.

@@ -1,0 +1,314 @@
+"""Task verbs of the Registry: a run begins its task, beats, finishes it or discards it."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+
+from registry import runs
+from registry.artifacts import ArtifactFiles
+from registry.entities import EarlierCell, LayerEntry, Task
+from registry.errors import AlreadyExists, EarlierChanged, NotFound, RegistryError, RunLost
+from registry.models import BaseModelRow, EvaluationRow, TaskLayerRow, TaskRow, utcnow
+from registry.rows import base_row, check_name, task_row, to_task
+from registry.transactions import error_reason
+
+log = logging.getLogger(__name__)
+
+
+class TaskVerbs(ArtifactFiles):
+    """Tasks of the Registry, from a run's ``begin_task`` to ``finish_task`` or ``discard_task``."""
+
+    def begin_task(
+        self,
+        name: str,
+        *,
+        base: str,
+        method: str,
+        method_config: dict[str, Any],
+        train_config: dict[str, Any],
+        dataset_spec: dict[str, Any],
+        class_names: Sequence[str],
+        run_host: str,
+        run_pid: int,
+    ) -> Task:
+        """Record a task in status ``training`` for a new run (fresh run token, heartbeat now).
+
+        The task has no position yet: it gets the next one when it finishes, so concurrent adds
+        of different names never conflict. AlreadyExists only when the name is taken; the
+        message says whether by a ready task, a live run or a left-over one.
+        """
+        check_name(name)
+        with self._session(write=True) as s:
+            existing = s.scalar(select(TaskRow).where(TaskRow.name == name))
+            if existing is not None:
+                raise AlreadyExists(_taken_message(existing))
+            base_id = base_row(s, base).id
+            row = TaskRow(
+                name=name,
+                base_id=base_id,
+                position=None,
+                method=method,
+                method_config=method_config,
+                train_config=train_config,
+                dataset_spec=dataset_spec,
+                num_classes=len(class_names),
+                class_names=list(class_names),
+                status="training",
+                run_token=uuid.uuid4().hex,
+                run_host=run_host,
+                run_pid=run_pid,
+                heartbeat_at=utcnow(),
+            )
+            s.add(row)
+            try:
+                s.flush()
+            except IntegrityError as exc:  # a concurrent insert (databases without BEGIN IMMEDIATE)
+                s.rollback()
+                existing = s.scalar(select(TaskRow).where(TaskRow.name == name))
+                if existing is not None:
+                    raise AlreadyExists(_taken_message(existing)) from exc
+                raise RegistryError(f"cannot record task {name!r}: {error_reason(exc)}") from exc
+            return to_task(row, layers=False)
+
+    def heartbeat_task(self, run_token: str) -> None:
+        """Mark the run as alive (heartbeat_at = now); nothing happens if its row is gone."""
+        with self._session(write=True) as s:
+            s.execute(
+                update(TaskRow)
+                .where(TaskRow.run_token == run_token, TaskRow.status == "training")
+                .values(heartbeat_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+
+    def finish_task(
+        self,
+        run_token: str,
+        *,
+        task_blob: bytes,
+        task_num_params: int,
+        probe_blob: bytes,
+        probe_num_params: int,
+        layers: Sequence[LayerEntry],
+        head_params: int,
+        train_seconds: float,
+        test_accuracy: float,
+        test_loss: float,
+        test_samples: int,
+        earlier: Sequence[EarlierCell] = (),
+    ) -> Task:
+        """Record the run's task as ``ready`` at the next position of its base.
+
+        One write transaction, serialised per base against other writers, stores the artifacts'
+        rows, the layers, the diagonal evaluation and the ``earlier`` cells (this task's column
+        of the accuracy matrix). Every task of the base that is ready at that moment must have
+        a cell in ``earlier``, else EarlierChanged names the missing ones (check them, call
+        again); cells of tasks that are no longer ready are ignored. RunLost when the run's row
+        is gone or no longer ``training``.
+
+        Files are written (atomically) before the transaction; if it fails, files this call
+        created are removed again, so a failure leaves neither rows nor new files.
+        """
+        created: list[str] = []
+        try:
+            task_file = self._stage(task_blob, created)
+            probe_file = self._stage(probe_blob, created)
+            with self._session(write=True) as s:
+                row = _run_row(s, run_token)
+                # SQLite holds the database's write lock already; other databases lock the base.
+                s.execute(
+                    select(BaseModelRow.id).where(BaseModelRow.id == row.base_id).with_for_update()
+                )
+                ready = s.execute(
+                    select(TaskRow.name, TaskRow.id)
+                    .where(TaskRow.base_id == row.base_id, TaskRow.status == "ready")
+                    .order_by(TaskRow.position, TaskRow.id)
+                ).all()
+                ready_ids = {task_name: task_id for task_name, task_id in ready}
+                cells = {cell.task: cell for cell in earlier if cell.task in ready_ids}
+                missing = [task_name for task_name, _ in ready if task_name not in cells]
+                if missing:
+                    raise EarlierChanged(missing)
+                artifact = self._record_artifact(
+                    s, task_blob, task_file, "task", task_num_params, created
+                )
+                probe = self._record_artifact(
+                    s, probe_blob, probe_file, "probe", probe_num_params, created
+                )
+                top = s.scalar(
+                    select(func.max(TaskRow.position)).where(TaskRow.base_id == row.base_id)
+                )
+                row.position = (top or 0) + 1
+                row.artifact_id = artifact.id
+                row.probe_artifact_id = probe.id
+                row.train_seconds = train_seconds
+                row.head_params = head_params
+                row.status = "ready"
+                row.layers = [
+                    TaskLayerRow(
+                        layer_name=layer.name,
+                        kind=layer.kind,
+                        score=layer.score,
+                        active=layer.active,
+                        base_params=layer.base_params,
+                        task_params=layer.task_params,
+                    )
+                    for layer in layers
+                ]
+                s.add(
+                    EvaluationRow(
+                        task_id=row.id,
+                        after_task_id=row.id,
+                        split="test",
+                        kind="measured",
+                        accuracy=test_accuracy,
+                        loss=test_loss,
+                        num_samples=test_samples,
+                        max_logit_drift=0.0,
+                        probe_ok=True,
+                    )
+                )
+                for cell in cells.values():
+                    s.add(
+                        EvaluationRow(
+                            task_id=ready_ids[cell.task],
+                            after_task_id=row.id,
+                            split="test",
+                            kind=cell.kind,
+                            accuracy=cell.accuracy,
+                            max_logit_drift=cell.max_logit_drift,
+                            probe_ok=cell.probe_ok,
+                        )
+                    )
+                s.flush()
+                s.refresh(row)
+                return to_task(row)
+        except BaseException:
+            self._remove_created(created)
+            raise
+
+    def discard_task(
+        self, name: str, *, run_token: Optional[str] = None, force: bool = False
+    ) -> None:
+        """Remove a task that did not finish, and its rows.
+
+        With ``run_token`` (a run cleaning up after itself) the row is deleted only while it
+        still carries that token and is not ready; otherwise nothing happens. Without one (the
+        user's ``task remove``) a ready task is refused, so is a non-ready row with stored
+        results (its rows were altered) and, unless ``force``, a run that is still alive
+        (registry.runs.run_is_alive).
+        """
+        with self._session(write=True) as s:
+            task_id = s.scalar(select(TaskRow.id).where(TaskRow.name == name).with_for_update())
+            if task_id is None:
+                if run_token is not None:
+                    return
+                raise NotFound(f"no task named {name!r}")
+            row = s.get(TaskRow, task_id)
+            assert row is not None
+            if run_token is not None:
+                if row.run_token != run_token or row.status == "ready":
+                    log.info("task %s belongs to another run or is ready; left alone", name)
+                    return
+                s.delete(row)
+                return
+            if row.status == "ready":
+                raise RegistryError(f"task {name!r} is ready; finished tasks are never removed")
+            evaluations = s.scalar(
+                select(func.count())
+                .select_from(EvaluationRow)
+                .where(or_(EvaluationRow.task_id == row.id, EvaluationRow.after_task_id == row.id))
+            )
+            if row.artifact_id is not None or row.probe_artifact_id is not None or evaluations:
+                raise RegistryError(
+                    f"task {name!r} has stored results but status {row.status!r}: its rows were "
+                    "altered; not removing — run `taps-cl report accuracy --verify`"
+                )
+            task = to_task(row, layers=False)
+            if not force and runs.run_is_alive(task):
+                raise RegistryError(
+                    f"task {name!r} is being added by a run that is still alive "
+                    f"({_run_where(task)}); stop that run, or use "
+                    f"`taps-cl task remove {name} --force` if it is gone"
+                )
+            s.delete(row)
+
+    def get_task(self, name: str) -> Task:
+        with self._session() as s:
+            return to_task(task_row(s, name, with_layers=True))
+
+    def get_task_by_token(self, run_token: str) -> Task:
+        """The task a run began (NotFound once it was removed)."""
+        with self._session() as s:
+            row = s.scalar(
+                select(TaskRow)
+                .where(TaskRow.run_token == run_token)
+                .options(selectinload(TaskRow.layers))
+            )
+            if row is None:
+                raise NotFound(f"no task of run {run_token[:8]}… (it was removed)")
+            return to_task(row)
+
+    def list_tasks(self, base: Optional[str] = None, *, ready_only: bool = False) -> list[Task]:
+        """Tasks in sequence order: by base, then position (tasks without one last), then id."""
+        with self._session() as s:
+            query = (
+                select(TaskRow)
+                .join(BaseModelRow, TaskRow.base_id == BaseModelRow.id)
+                .options(selectinload(TaskRow.layers))
+                .order_by(BaseModelRow.id, TaskRow.position.is_(None), TaskRow.position, TaskRow.id)
+            )
+            if base is not None:
+                query = query.where(BaseModelRow.id == base_row(s, base).id)
+            if ready_only:
+                query = query.where(TaskRow.status == "ready")
+            return [to_task(row) for row in s.scalars(query).unique()]
+
+
+def _run_row(s: Session, run_token: str) -> TaskRow:
+    """The run's task row, locked for the write; RunLost unless it is still ``training``."""
+    task_id = s.scalar(select(TaskRow.id).where(TaskRow.run_token == run_token).with_for_update())
+    row = s.get(TaskRow, task_id) if task_id is not None else None
+    if row is None:
+        raise RunLost(
+            f"the task of this run ({run_token[:8]}…) was removed while the run was "
+            "training; nothing was recorded"
+        )
+    if row.status != "training":
+        raise RunLost(
+            f"task {row.name!r} is {row.status}, not training: its row was altered while "
+            "this run was training; nothing was recorded"
+        )
+    return row
+
+
+def _run_where(task: Task) -> str:
+    """Where a run is, for messages: its pid, host and last heartbeat."""
+    age = runs.heartbeat_age(task)
+    beat = "never" if age is None else f"{max(age, 0):.0f} s ago"
+    return f"pid {task.run_pid} on {task.run_host}, last heartbeat {beat}"
+
+
+def _taken_message(row: TaskRow) -> str:
+    """Why a task name is taken: a ready task, a live run, or a left-over row."""
+    task = to_task(row, layers=False)
+    if task.status == "ready":
+        return (
+            f"task {task.name!r} already exists (ready, position {task.position} "
+            f"of base {task.base!r})"
+        )
+    if runs.run_is_alive(task):
+        return (
+            f"task {task.name!r} is being added by a run in progress ({_run_where(task)}); "
+            f"wait for it, or `taps-cl task remove {task.name} --force` if that run is gone"
+        )
+    return (
+        f"task {task.name!r} is left over from a run that did not finish (status {task.status}); "
+        f"remove it with `taps-cl task remove {task.name}`"
+    )
