@@ -9,7 +9,10 @@ instead of failing with "database is locked" when they upgrade their lock.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -175,6 +178,28 @@ def probe_sqlite(path: Path) -> Optional[set[str]]:
     return {row[0] for row in rows}
 
 
+@contextmanager
+def _directory_lock(directory: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on a directory, held for the block; no lock file.
+
+    Where flock is not available (not POSIX) the block runs unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError as exc:
+        raise RegistryError(f"cannot open {directory}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def _tables_after_writer(path: Path) -> set[str]:
     """Table names of an SQLite file once no one holds its write lock.
 
@@ -236,8 +261,17 @@ def ensure_schema(engine: Engine, *, create: bool = True) -> None:
     where = location(engine)
     tables = _tables(engine)
     path = sqlite_path(engine.url)
-    if tables is not None and not tables and path is not None and create:
-        tables = _tables_after_writer(path)  # maybe a registry another process is creating
+    if not tables and path is not None and create:
+        # Several processes may open a new registry at once: one creates it under a lock on
+        # its directory, the others look again once it is done.
+        with _directory_lock(path.parent):
+            tables = _tables(engine)
+            if tables is not None and not tables:
+                tables = _tables_after_writer(path)  # maybe a registry in the making
+            if tables is None:
+                log.info("creating a new registry at revision %s", head_revision())
+                _run_alembic(command.upgrade, engine, "head")
+                return
     if not tables:
         if not create:
             raise NoRegistry(f"no registry at {where} yet ({CREATE_HINT})")
