@@ -26,23 +26,10 @@ from taps_cl.methods.taps import (
     gated_layers,
 )
 from taps_cl.train import TrainConfig, fit
-from tests.test_methods import CLASSES, IMG, make_timm, timm_head
+from tests.test_methods import CLASSES, IMG, make_base, make_timm, timm_head
 
 # Small enough that the tiny timm test models have layers worth factorising.
 COMPACT = {"rank": 2, "factor_min_params": 1000}
-
-
-def make_base(arch: str) -> dict:
-    """Random 'pretrained' weights with non-trivial norm scales and statistics, a 10-class head."""
-    torch.manual_seed(0)
-    base = make_timm(arch, 10)
-    with torch.no_grad():
-        for _, module in norm_layers(base):
-            if getattr(module, "weight", None) is not None:
-                module.weight.uniform_(0.5, 1.5)
-        base.train()
-        base(torch.randn(8, 3, IMG, IMG))
-    return {k: v.detach().clone() for k, v in base.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
