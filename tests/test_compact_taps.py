@@ -26,7 +26,7 @@ from taps_cl.methods.taps import (
     gated_layers,
 )
 from taps_cl.train import TrainConfig, fit
-from tests.test_methods import CLASSES, IMG, make_base, make_timm, timm_head
+from tests.test_methods import CLASSES, IMG, make_base, make_timm, task_model
 
 # Small enough that the tiny timm test models have layers worth factorising.
 COMPACT = {"rank": 2, "factor_min_params": 1000}
@@ -35,17 +35,6 @@ COMPACT = {"rank": 2, "factor_min_params": 1000}
 @pytest.fixture(scope="module")
 def bases() -> dict[str, dict]:
     return {arch: make_base(arch) for arch in ("test_efficientnet", "test_vit")}
-
-
-def task_model(arch: str, base_state: dict, seed: int = 1) -> tuple[nn.Module, frozenset[str]]:
-    """A fresh copy of the base with a new CLASSES-way head, as the manager hands it to prepare."""
-    torch.manual_seed(seed)
-    model = make_timm(arch, CLASSES)
-    head = timm_head(model)
-    state = model.state_dict()
-    state.update({k: v for k, v in base_state.items() if k not in head})
-    model.load_state_dict(state, strict=True)
-    return model, head
 
 
 def prepared(arch: str, base_state: dict, **options) -> tuple:
