@@ -1,4 +1,10 @@
-"""Render a notMNIST-style letters dataset from installed fonts, usable as imagefolder:OUT_DIR."""
+"""Render a notMNIST-style letters dataset, usable as imagefolder:OUT_DIR.
+
+By default from the pinned font files of fonts-dejavu-core, fonts-liberation and
+fonts-freefont-ttf (taps_cl.letters.PINNED_FONTS; refused when one is missing), so the data is the
+same on every machine; --font-dir renders from the fonts in folders you name instead. The fonts
+used (names and sha256) are recorded in OUT_DIR/letters.json.
+"""
 
 from __future__ import annotations
 
@@ -21,10 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-per-class", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0, help="same seed, same fonts → same files")
     parser.add_argument(
-        "--font-dir", action="append", dest="font_dirs", help="search here (repeatable); "
-        "default /usr/share/fonts and /usr/local/share/fonts"
+        "--font-dir", action="append", dest="font_dirs", help="render from the usable fonts "
+        "in this folder instead of the pinned Debian font files (repeatable)"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace a different rendering")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a rendering from another font set or of unknown origin")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

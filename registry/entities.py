@@ -44,6 +44,15 @@ class LayerEntry:
 
 
 @dataclass(frozen=True)
+class TaskDependency:
+    """An earlier task (or shared artifact) a task reads, pinned to the artifact it trained with."""
+
+    task: Optional[str]  # the task read, or None for a shared artifact
+    sha256: str  # the pinned artifact
+    kind: str  # how it is read, e.g. "fusion"
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
     base: str
@@ -65,6 +74,7 @@ class Task:
     run_host: Optional[str] = None  # hostname of that run
     run_pid: Optional[int] = None  # its process id on run_host
     heartbeat_at: Optional[datetime] = None  # last sign of life of the run (UTC)
+    depends_on: tuple[TaskDependency, ...] = ()  # what it reads, pinned (fusion, sharing)
 
     @property
     def task_params(self) -> int:

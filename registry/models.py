@@ -123,6 +123,11 @@ class TaskRow(Base):
     layers: Mapped[list[TaskLayerRow]] = relationship(
         back_populates="task", cascade="all, delete-orphan", order_by="TaskLayerRow.id"
     )
+    # What this task reads, pinned to the exact artifact it was trained against.
+    dependencies: Mapped[list[TaskDependencyRow]] = relationship(
+        foreign_keys="TaskDependencyRow.task_id", cascade="all, delete-orphan",
+        order_by="TaskDependencyRow.id",
+    )
 
 
 class TaskLayerRow(Base):
@@ -173,3 +178,10 @@ class TaskDependencyRow(Base):
     depends_on_task_id: Mapped[Optional[int]] = mapped_column(ForeignKey("tasks.id"))
     artifact_id: Mapped[Optional[int]] = mapped_column(ForeignKey("artifacts.id"))
     kind: Mapped[str] = mapped_column(String(32))  # e.g. "fusion", "shared_adapter"
+
+    depends_on: Mapped[Optional[TaskRow]] = relationship(
+        foreign_keys=[depends_on_task_id], lazy="joined"
+    )
+    artifact: Mapped[Optional[ArtifactRow]] = relationship(
+        foreign_keys=[artifact_id], lazy="joined"
+    )

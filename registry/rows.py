@@ -5,7 +5,14 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from registry.entities import Artifact, BaseModel, Evaluation, LayerEntry, Task
+from registry.entities import (
+    Artifact,
+    BaseModel,
+    Evaluation,
+    LayerEntry,
+    Task,
+    TaskDependency,
+)
 from registry.errors import NotFound, RegistryError
 from registry.models import ArtifactRow, BaseModelRow, EvaluationRow, TaskRow
 
@@ -28,7 +35,7 @@ def base_row(s: Session, name: str) -> BaseModelRow:
 def task_row(s: Session, name: str, with_layers: bool = False) -> TaskRow:
     query = select(TaskRow).where(TaskRow.name == name)
     if with_layers:
-        query = query.options(selectinload(TaskRow.layers))
+        query = query.options(selectinload(TaskRow.layers), selectinload(TaskRow.dependencies))
     row = s.scalar(query)
     if row is None:
         raise NotFound(f"no task named {name!r}")
@@ -76,6 +83,14 @@ def to_task(row: TaskRow, layers: bool = True) -> Task:
         run_host=row.run_host,
         run_pid=row.run_pid,
         heartbeat_at=row.heartbeat_at,
+        depends_on=tuple(
+            TaskDependency(
+                task=dep.depends_on.name if dep.depends_on is not None else None,
+                sha256=dep.artifact.sha256 if dep.artifact is not None else "",
+                kind=dep.kind,
+            )
+            for dep in row.dependencies
+        ),
         layers=tuple(
             LayerEntry(
                 name=layer.layer_name,

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -15,7 +15,15 @@ from registry import runs
 from registry.artifacts import ArtifactFiles
 from registry.entities import EarlierCell, LayerEntry, Task
 from registry.errors import AlreadyExists, EarlierChanged, NotFound, RegistryError, RunLost
-from registry.models import BaseModelRow, EvaluationRow, TaskLayerRow, TaskRow, utcnow
+from registry.models import (
+    ArtifactRow,
+    BaseModelRow,
+    EvaluationRow,
+    TaskDependencyRow,
+    TaskLayerRow,
+    TaskRow,
+    utcnow,
+)
 from registry.rows import base_row, check_name, task_row, to_task
 from registry.transactions import error_reason
 
@@ -102,8 +110,13 @@ class TaskVerbs(ArtifactFiles):
         test_loss: float,
         test_samples: int,
         earlier: Sequence[EarlierCell] = (),
+        dependencies: Sequence[tuple[str, str, str]] = (),
     ) -> Task:
         """Record the run's task as ``ready`` at the next position of its base.
+
+        ``dependencies`` are (task name, pinned artifact sha256, kind) of the earlier tasks it
+        read: each must still be ready on the same base with exactly that artifact, else
+        RegistryError (it changed or was deleted while this run trained).
 
         One write transaction, serialised per base against other writers, stores the artifacts'
         rows, the layers, the diagonal evaluation and the ``earlier`` cells (this task's column
@@ -135,6 +148,7 @@ class TaskVerbs(ArtifactFiles):
                 missing = [task_name for task_name, _ in ready if task_name not in cells]
                 if missing:
                     raise EarlierChanged(missing)
+                pins = [_pin(s, row, *dependency) for dependency in dependencies]
                 artifact = self._record_artifact(
                     s, task_blob, task_file, "task", task_num_params, created
                 )
@@ -161,6 +175,7 @@ class TaskVerbs(ArtifactFiles):
                     )
                     for layer in layers
                 ]
+                row.dependencies = pins
                 s.add(
                     EvaluationRow(
                         task_id=row.id,
@@ -239,6 +254,55 @@ class TaskVerbs(ArtifactFiles):
                 )
             s.delete(row)
 
+    def delete_task(self, name: str) -> list[str]:
+        """Delete a ready task, its rows, and its artifacts no other row references.
+
+        Refused while another task depends on it (naming them). Its column of the accuracy
+        matrix goes with it. Rows go in one transaction; the files after it (a crash in between
+        leaves orphans for `find_garbage`, never a row pointing at nothing). Returns the removed
+        artifact paths.
+        """
+        with self._session(write=True) as s:
+            row = task_row(s, name)
+            if row.status != "ready":
+                raise RegistryError(f"task {name!r} is {row.status}; `taps-cl task remove {name}` "
+                                    "discards an unfinished run")
+            dependents = s.scalars(
+                select(TaskRow.name)
+                .join(TaskDependencyRow, TaskDependencyRow.task_id == TaskRow.id)
+                .where(TaskDependencyRow.depends_on_task_id == row.id)
+                .order_by(TaskRow.name)
+            ).all()
+            if dependents:
+                raise RegistryError(f"task {name!r} cannot be deleted: {', '.join(dependents)} "
+                                    "depend(s) on it (delete those first)")
+            artifact_ids = [i for i in (row.artifact_id, row.probe_artifact_id) if i is not None]
+            s.execute(delete(EvaluationRow).where(
+                or_(EvaluationRow.task_id == row.id, EvaluationRow.after_task_id == row.id)))
+            s.delete(row)
+            s.flush()
+            paths = []
+            for artifact_id in artifact_ids:
+                if not _artifact_in_use(s, artifact_id):
+                    artifact = s.get(ArtifactRow, artifact_id)
+                    assert artifact is not None
+                    paths.append(artifact.path)
+                    s.delete(artifact)
+        for path in paths:
+            self.store.remove(path)
+        return paths
+
+    def list_dependents(self, name: str) -> list[str]:
+        """Names of the tasks that read task `name`."""
+        with self._session() as s:
+            row = task_row(s, name)
+            return list(s.scalars(
+                select(TaskRow.name)
+                .join(TaskDependencyRow, TaskDependencyRow.task_id == TaskRow.id)
+                .where(TaskDependencyRow.depends_on_task_id == row.id)
+                .order_by(TaskRow.name)
+            ).all())
+
     def get_task(self, name: str) -> Task:
         with self._session() as s:
             return to_task(task_row(s, name, with_layers=True))
@@ -261,7 +325,7 @@ class TaskVerbs(ArtifactFiles):
             query = (
                 select(TaskRow)
                 .join(BaseModelRow, TaskRow.base_id == BaseModelRow.id)
-                .options(selectinload(TaskRow.layers))
+                .options(selectinload(TaskRow.layers), selectinload(TaskRow.dependencies))
                 .order_by(BaseModelRow.id, TaskRow.position.is_(None), TaskRow.position, TaskRow.id)
             )
             if base is not None:
@@ -269,6 +333,29 @@ class TaskVerbs(ArtifactFiles):
             if ready_only:
                 query = query.where(TaskRow.status == "ready")
             return [to_task(row) for row in s.scalars(query).unique()]
+
+
+def _pin(s: Session, row: TaskRow, name: str, sha256: str, kind: str) -> TaskDependencyRow:
+    """A dependency row of `row` on task `name`, checked to be ready with artifact `sha256`."""
+    dep = s.scalar(select(TaskRow).where(TaskRow.name == name))
+    if (dep is None or dep.status != "ready" or dep.base_id != row.base_id
+            or dep.artifact is None or dep.artifact.sha256 != sha256):
+        raise RegistryError(f"task {name!r}, which {row.name!r} reads, was deleted or changed "
+                            "while it trained; nothing was recorded")
+    return TaskDependencyRow(depends_on_task_id=dep.id, artifact_id=dep.artifact_id, kind=kind)
+
+
+def _artifact_in_use(s: Session, artifact_id: int) -> bool:
+    """Whether any task, base or dependency row still references the artifact."""
+    uses = [
+        select(func.count()).select_from(TaskRow).where(
+            or_(TaskRow.artifact_id == artifact_id, TaskRow.probe_artifact_id == artifact_id)),
+        select(func.count()).select_from(BaseModelRow).where(
+            BaseModelRow.weights_artifact_id == artifact_id),
+        select(func.count()).select_from(TaskDependencyRow).where(
+            TaskDependencyRow.artifact_id == artifact_id),
+    ]
+    return any(s.scalar(query) for query in uses)
 
 
 def _run_row(s: Session, run_token: str) -> TaskRow:

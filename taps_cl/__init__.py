@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Manager", "open_registry", "restore", "__version__"]
+__all__ = ["Manager", "load_file", "open_registry", "restore", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -14,4 +14,8 @@ def __getattr__(name: str) -> Any:
         from taps_cl import manager
 
         return getattr(manager, name)
+    if name == "load_file":
+        from taps_cl import restoring
+
+        return restoring.load_file
     raise AttributeError(f"module 'taps_cl' has no attribute {name!r}")

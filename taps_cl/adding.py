@@ -26,8 +26,8 @@ from registry.entities import BaseModel, EarlierCell, LayerEntry, Task
 from registry.runs import HEARTBEAT_INTERVAL_SECONDS
 from taps_cl import backbones, data, evaluate, serialization
 from taps_cl.errors import MethodError, TapsError
-from taps_cl.methods import Method, get_method
-from taps_cl.restoring import ModelStore, plain_model
+from taps_cl.methods import Dependency, Method, get_method
+from taps_cl.restoring import ModelStore, example_input, task_model
 from taps_cl.train import TrainConfig, fit, resolve_device
 from taps_cl.verification import (
     RECORD_KEY,
@@ -150,11 +150,19 @@ class TaskAdder:
             max_train=request.max_train, max_test=request.max_test,
         )
         head = frozenset(base.head_keys)
+        resolved = [self._dependency(name, base, learner) for name in learner.dependencies()]
+        dependencies = [dep for dep, _ in resolved]
+        pins = [(dep.name, sha) for dep, sha in resolved]  # the artifacts it is trained against
         torch.manual_seed(train_cfg.seed)  # the new head's and any factor's initialisation
         model = backbones.build_task_model(
             backbones.ModelSpec.parse(base.model_spec), self.models.base_state(base),
             len(task_data.class_names), head,
         )
+        if not learner.mergeable:  # composed: attach modules, place the dependencies' tensors
+            learner.attach(model, head, dependencies,
+                           example_input(base.data_config, request.img_size))
+            placed = {k: v for dep in dependencies for k, v in learner.dependency_state(dep).items()}
+            model.load_state_dict({**model.state_dict(), **placed}, strict=True)
         model = learner.prepare(model, head)  # may refuse (e.g. a budget below norms + head)
         dataset_json = dict(
             spec.to_json(), img_size=request.img_size, max_train=request.max_train,
@@ -172,7 +180,7 @@ class TaskAdder:
         try:
             with heartbeat:
                 return self._train_and_store(started, base, learner, model, train_cfg,
-                                             task_data, progress)
+                                             task_data, dependencies, pins, progress)
         except KeyboardInterrupt as exc:
             if heartbeat.lost:
                 raise RunLost(f"task {request.name!r} was removed while this run was training; "
@@ -187,6 +195,25 @@ class TaskAdder:
         log.warning("task %s did not finish; removing its row", name)
         self.registry.discard_task(name, run_token=token)
 
+    def _dependency(
+        self, name: str, base: BaseModel, learner: Method
+    ) -> tuple[Dependency, str]:
+        """An earlier task the new one reads: it must be ready, on the same base, of a method
+        the new one can read; refused with one line before anything is trained."""
+        try:
+            task = self.registry.get_task(name)
+        except NotFound:
+            raise TapsError(f"{learner.name}: there is no task {name!r} to read") from None
+        if task.status != "ready":
+            raise TapsError(f"{learner.name}: task {name!r} is {task.status}, not ready")
+        if task.base != base.name:
+            raise TapsError(f"{learner.name}: task {name!r} is on base {task.base!r}, "
+                            f"not {base.name!r}")
+        learner.check_dependency(name, task.method)
+        assert task.artifact is not None
+        return (Dependency(task.name, task.method, task.method_config,
+                           self.models.task_tensors(task)), task.artifact.sha256)
+
     def _check_name_free(self, name: str) -> None:
         try:
             existing = self.registry.get_task(name)
@@ -200,7 +227,8 @@ class TaskAdder:
 
     def _train_and_store(
         self, started: Task, base: BaseModel, learner: Method, model: nn.Module,
-        train_cfg: TrainConfig, task_data: data.TaskData, progress: bool,
+        train_cfg: TrainConfig, task_data: data.TaskData, dependencies: list[Dependency],
+        pins: list[tuple[str, str]], progress: bool,
     ) -> TaskAddResult:
         name = started.name
         head = frozenset(base.head_keys)
@@ -211,8 +239,9 @@ class TaskAdder:
         # Every number the registry compares is computed on the CPU in float32.
         model = model.cpu().float()
         state = learner.extract(model, head)
-        plain = plain_model(base, self.models.base_state(base), state.tensors,
-                            len(task_data.class_names))
+        plain = task_model(base, self.models.base_state(base), learner, state.tensors,
+                           len(task_data.class_names), dependencies,
+                           started.dataset_spec.get("img_size"))
         device = resolve_device(train_cfg.device)
         test = evaluate.evaluate(plain.to(device), task_data.test)
         plain = plain.cpu()
@@ -235,7 +264,7 @@ class TaskAdder:
             method_config=started.method_config, train_config=started.train_config,
             dataset_spec=started.dataset_spec, class_names=started.class_names, layers=layers,
             head_params=head_params, num_params=state.num_params, test_accuracy=test.accuracy,
-            test_loss=test.loss, test_samples=test.num_samples,
+            test_loss=test.loss, test_samples=test.num_samples, depends_on=pins,
         )
         task_blob = serialization.to_bytes(
             state.tensors,
@@ -255,6 +284,7 @@ class TaskAdder:
             probe_num_params=serialization.numel(probe_tensors), layers=layers,
             head_params=head_params, train_seconds=seconds, test_accuracy=test.accuracy,
             test_loss=test.loss, test_samples=test.num_samples,
+            dependencies=[(name, sha, learner.name) for name, sha in pins],
         )
         log.info("task %s: test accuracy %.4f, %d/%d layers active", name, test.accuracy,
                  task.active_layers, task.total_layers)

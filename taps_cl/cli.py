@@ -199,7 +199,8 @@ def _task_json(t: Task, accuracy: Optional[float]) -> dict[str, Any]:
 @click.option("--data", "data_spec", required=True,
               help="imagefolder:PATH | idx:DIR | digits | torchvision:NAME[:ROOT].")
 @click.option("--classes", help="Class subset, e.g. 0,1,2 or names.")
-@click.option("--method", default="taps", show_default=True, help="taps | finetune | linear.")
+@click.option("--method", default="taps", show_default=True,
+              help="taps | finetune | linear | adapter | fusion.")
 @click.option("--epochs", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
@@ -226,6 +227,11 @@ def _task_json(t: Task, accuracy: Optional[float]) -> dict[str, Any]:
               help="TAPS: precision of the stored deltas/factors.")
 @click.option("--store-norms-head-dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="TAPS: precision of the stored norms and head.")
+@click.option("--reduction", type=click.IntRange(1),
+              help="adapter/fusion: bottleneck width = channels / reduction (default 16).")
+@click.option("--fuse", help="fusion: the earlier adapter tasks to fuse, e.g. A,B.")
+@click.option("--no-own-adapter", "own_adapter", flag_value=False, default=None,
+              help="fusion: fuse only the earlier adapters, train no adapter of its own.")
 @click.option("--img-size", type=click.IntRange(8), help="Input size (default: the base's).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-train", type=click.IntRange(1), help="Subsample the training set.")
@@ -240,7 +246,7 @@ def task_add(c: Context, name: str, base: str, data_spec: str, classes: Optional
     """Train task NAME on the frozen base and record only what it needs."""
     method_keys = ("lam", "tau", "score_lr", "warmup_epochs", "penalty", "rank",
                    "factor_min_params", "factor_lr", "budget", "store_dtype",
-                   "store_norms_head_dtype")
+                   "store_norms_head_dtype", "reduction", "fuse", "own_adapter")
     options = {k: given.pop(k) for k in method_keys}
     train = given
     result = c.manager.add_task(
@@ -277,6 +283,16 @@ def task_remove(c: Context, name: str, force: bool) -> None:
     c.emit({"removed": name}, lambda: click.echo(f"removed unfinished task {name}"))
 
 
+@task_group.command("delete")
+@click.argument("name")
+@pass_ctx
+def task_delete(c: Context, name: str) -> None:
+    """Delete a ready task and its artifacts no other row uses (refused while others read it)."""
+    removed = c.manager.delete_task(name)
+    c.emit({"deleted": name, "artifacts_removed": removed},
+           lambda: click.echo(f"deleted task {name} ({len(removed)} artifact file(s) removed)"))
+
+
 @task_group.command("list")
 @click.option("--base", help="Only this base's tasks.")
 @pass_ctx
@@ -302,7 +318,9 @@ def task_show(c: Context, name: str, all_layers: bool) -> None:
     base_params = c.manager.get_base(t.base).num_params
     data = _task_json(t, c.manager.test_accuracies(t.base).get(t.name))
     budget = t.method_config.get("budget")
-    data.update(budget=budget, budget_used=t.task_params / base_params if base_params else None)
+    data.update(budget=budget, budget_used=t.task_params / base_params if base_params else None,
+                depends_on=[asdict(pin) for pin in t.depends_on],
+                dependents=c.manager.registry.list_dependents(t.name))
     data.update(method_config=t.method_config, train_config=t.train_config,
                 dataset=t.dataset_spec, class_names=list(t.class_names),
                 train_seconds=t.train_seconds,
@@ -316,6 +334,10 @@ def task_show(c: Context, name: str, all_layers: bool) -> None:
                    f"{t.task_params:,} task-specific parameters, "
                    f"{t.active_layers}/{t.total_layers} layers active")
         click.echo(f"  config: {json.dumps(t.method_config)}")
+        for pin in t.depends_on:
+            click.echo(f"  reads: {pin.task} (pinned artifact {pin.sha256[:12]}…, {pin.kind})")
+        if data["dependents"]:
+            click.echo(f"  read by: {', '.join(data['dependents'])}")
         if budget is not None:
             click.echo(f"  budget: at most {budget:.3f}× base given, {data['budget_used']:.3f}× "
                        "used")
@@ -364,10 +386,11 @@ def report_budget(c: Context, base: Optional[str], plot: Optional[str]) -> None:
 def _budget_text(rep: reports.BudgetReport) -> None:
     click.echo(f"base {rep.base_name} ({rep.base_model}): {rep.base_params:,} parameters, "
                f"{rep.base_bytes:,} bytes")
-    _table(["task", "method", "layers", "params", "bytes", "× base", "budget"],
+    _table(["task", "method", "layers", "params", "bytes", "× base", "budget", "reads"],
            [[t.name, t.method, f"{t.active_layers}/{t.total_layers}", t.task_params, t.bytes,
              _ratio(t.ratio_to_base),
-             "-" if t.budget is None else f"{t.budget:.3f} (used {_ratio(t.budget_used)})"]
+             "-" if t.budget is None else f"{t.budget:.3f} (used {_ratio(t.budget_used)})",
+             ",".join(t.depends_on) or "-"]
             for t in rep.tasks])
     click.echo(f"total: {rep.total_params:,} parameters ({rep.total_bytes:,} bytes) = "
                f"{_ratio(rep.ratio_to_base)}× base; {len(rep.tasks)} fine-tuned models: "

@@ -1,7 +1,14 @@
-"""Render a notMNIST-style letters dataset (an imagefolder) from installed TrueType fonts."""
+"""Render a notMNIST-style letters dataset (an imagefolder) from TrueType fonts.
+
+By default the fonts are a pinned list of files from three named Debian packages
+(`PINNED_FONTS`), so the data set is the same on every machine whatever else is installed; a
+machine that lacks one of them is refused rather than given other fonts. `font_dirs` renders from
+the fonts found in folders the caller names instead.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -16,6 +23,33 @@ from taps_cl.errors import DataError
 
 log = logging.getLogger(__name__)
 
+# The default fonts, by the Debian package that installs them (`dpkg -L PACKAGE` on Debian 12:
+# fonts-dejavu-core 2.37-6, fonts-liberation 1:1.07.4-11, fonts-freefont-ttf 20120503-10; the
+# README's first command and .ci/run install them). Every file draws A–Z, a–z and 0–9 distinctly
+# (the check `_draws_letters` makes). Pinned because rendering from whatever fonts a machine has
+# made the data differ between machines: installing two more font packages moved the benchmark's
+# letters row of the linear probe from 83.4 % to 81.9 % (issue 9). Other fonts are ignored.
+PINNED_FONTS: dict[str, tuple[str, ...]] = {
+    "fonts-dejavu-core": tuple(
+        f"/usr/share/fonts/truetype/dejavu/{name}.ttf" for name in (
+            "DejaVuSans-Bold", "DejaVuSans", "DejaVuSansMono-Bold", "DejaVuSansMono",
+            "DejaVuSerif-Bold", "DejaVuSerif",
+        )
+    ),
+    "fonts-liberation": tuple(
+        f"/usr/share/fonts/truetype/liberation/Liberation{family}-{style}.ttf"
+        for family in ("Mono", "Sans", "SansNarrow", "Serif")
+        for style in ("Bold", "BoldItalic", "Italic", "Regular")
+    ),
+    "fonts-freefont-ttf": tuple(
+        f"/usr/share/fonts/truetype/freefont/{name}.ttf" for name in (
+            "FreeMono", "FreeMonoBold", "FreeMonoBoldOblique", "FreeMonoOblique",
+            "FreeSans", "FreeSansBold", "FreeSansBoldOblique", "FreeSansOblique",
+            "FreeSerif", "FreeSerifBold", "FreeSerifBoldItalic", "FreeSerifItalic",
+        )
+    ),
+}
+# Searched by `find_fonts` when it is given no folders (not used for the pinned default).
 DEFAULT_FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts")
 FONT_SUFFIXES = (".ttf", ".otf")
 TEST_FONT_FRACTION = 0.25
@@ -26,20 +60,35 @@ _MISSING = "\U0010fffd"  # a private-use code point: what a font draws for a gly
 _NOT_TEXT = ("cmex",)
 
 
+def pinned_fonts(letters: str = "ABCDEFGHIJ") -> list[Path]:
+    """The files of `PINNED_FONTS`, sorted; refuses when one is missing or cannot draw `letters`.
+
+    Exactly the listed files, whatever other fonts the machine has: the default data set then
+    does not depend on what else is installed.
+    """
+    listed = [(package, Path(f)) for package, files in PINNED_FONTS.items() for f in files]
+    missing = [(package, path) for package, path in listed if not path.is_file()]
+    if missing:
+        packages = " ".join(dict.fromkeys(package for package, _ in missing))
+        raise DataError(
+            f"{len(missing)} of the {len(listed)} pinned letter fonts are missing: "
+            f"{', '.join(str(p) for _, p in missing)} (install them: sudo apt-get install "
+            f"{packages}; or render from other fonts with font_dirs / --font-dir)"
+        )
+    unusable = [path for _, path in listed if not _draws_letters(path, letters)]
+    if unusable:
+        raise DataError(
+            f"pinned fonts do not draw '{letters}' distinctly: "
+            f"{', '.join(map(str, unusable))} (render from other fonts with font_dirs / --font-dir)"
+        )
+    return sorted((path for _, path in listed), key=lambda p: (p.name, str(p)))
+
+
 def find_fonts(
     letters: str = "ABCDEFGHIJ", font_dirs: Sequence[str | Path] | None = None
 ) -> list[Path]:
-    """Font files drawing every letter distinctly, sorted; matplotlib's if the system has <2."""
-    fonts = _usable_fonts(letters, font_dirs or DEFAULT_FONT_DIRS)
-    if font_dirs is None and len(fonts) < 2:
-        try:
-            import matplotlib
-        except ImportError:
-            return fonts
-        bundled = Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf"
-        log.warning("fewer than 2 system fonts; using matplotlib's bundled fonts in %s", bundled)
-        fonts = _usable_fonts(letters, [bundled])
-    return fonts
+    """Font files in `font_dirs` (default `DEFAULT_FONT_DIRS`) drawing every letter distinctly."""
+    return _usable_fonts(letters, font_dirs or DEFAULT_FONT_DIRS)
 
 
 def _usable_fonts(letters: str, font_dirs: Sequence[str | Path]) -> list[Path]:
@@ -91,6 +140,12 @@ def _read_manifest(path: Path) -> dict | None:
         return None
 
 
+def font_set(fonts: Sequence[Path]) -> dict[str, str]:
+    """File name → sha256 of each font: what the manifest records and a re-render compares."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(fonts, key=lambda p: (p.name, str(p)))}
+
+
 @lru_cache(maxsize=256)
 def _font(path: str, px: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, px)
@@ -132,27 +187,36 @@ def render_letters(
 ) -> Path:
     """Write out_dir/{train,test}/<letter>/NNNNN.png; train and test use disjoint fonts.
 
-    Reproducible: the same seed and fonts give byte-identical files. A folder already rendered with
-    the same settings is reused, an earlier rendering by this function is replaced, and train/test
-    folders of unknown origin are replaced only when overwrite=True.
+    Fonts: exactly the pinned files (`PINNED_FONTS`; refused with the install command when one is
+    missing), or with `font_dirs` the usable fonts found there. `out_dir/letters.json` records the
+    settings and each font file's name and sha256. Reproducible: the same seed and fonts give
+    byte-identical files. A folder already rendered with the same settings is reused; an earlier
+    rendering by this function with other settings is replaced, but one from a different font set
+    is refused (its data would silently change) unless overwrite=True, and so are train/test
+    folders of unknown origin.
     """
     if not letters or len(set(letters)) != len(letters) or not all(ch.isalnum() for ch in letters):
         raise DataError(f"letters must be distinct letters or digits, got '{letters}'")
     if size < 8 or train_per_class < 1 or test_per_class < 1:
         raise DataError("size must be ≥ 8 and train/test images per class ≥ 1")
     out = Path(out_dir).expanduser().resolve()
-    fonts = find_fonts(letters, font_dirs)
-    if len(fonts) < 2:
-        searched = ", ".join(map(str, font_dirs or DEFAULT_FONT_DIRS))
-        raise DataError(
-            f"found {len(fonts)} usable fonts in {searched}, need at least 2 "
-            "(install fonts-dejavu-core, fonts-liberation or fonts-freefont-ttf)"
-        )
+    if font_dirs is None:
+        fonts, source = pinned_fonts(letters), "pinned"
+    else:
+        fonts, source = find_fonts(letters, font_dirs), "font_dirs"
+        if len(fonts) < 2:
+            raise DataError(
+                f"found {len(fonts)} usable fonts in {', '.join(map(str, font_dirs))}, "
+                "need at least 2"
+            )
     train_fonts, test_fonts = split_fonts(fonts, seed)
+    files = font_set(fonts)
     manifest = {
         "letters": letters, "size": size, "seed": seed,
         "per_class": {"train": train_per_class, "test": test_per_class},
         "fonts": {"train": [p.name for p in train_fonts], "test": [p.name for p in test_fonts]},
+        "font_source": source,
+        "font_files": files,
     }
     manifest_path = out / "letters.json"
     previous = _read_manifest(manifest_path)
@@ -162,6 +226,16 @@ def render_letters(
     existing = [out / s for s in ("train", "test") if (out / s).exists()]
     if existing and previous is None and not overwrite:
         raise DataError(f"'{out}' already holds train/test folders; pass overwrite=True to replace")
+    if existing and previous is not None and previous.get("font_files") != files and not overwrite:
+        before = previous.get("font_files") or {}
+        changed = sorted(set(before) ^ set(files)) or sorted(
+            name for name in files if before.get(name) != files[name])
+        raise DataError(
+            f"'{out}' was rendered from a different font set ({len(before)} fonts recorded, "
+            f"{len(files)} now; differing: {', '.join(changed[:5])}"
+            f"{' …' if len(changed) > 5 else ''}); render into a new folder or pass "
+            "overwrite=True to replace it"
+        )
     if existing:
         log.warning("replacing train/ and test/ in %s", out)
     for folder in existing:

@@ -155,6 +155,10 @@ class Manager:
         """Discard a task that never finished (a killed run); a live run only with `force`."""
         self.registry.discard_task(name, force=force)
 
+    def delete_task(self, name: str) -> list[str]:
+        """Delete a ready task and the artifacts nothing else uses; refused with dependents."""
+        return self.registry.delete_task(name)
+
     def list_tasks(self, base: Optional[str] = None) -> list[Task]:
         return self.registry.list_tasks(base)
 

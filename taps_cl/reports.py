@@ -38,9 +38,10 @@ class BudgetRow:
     budget: Optional[float]  # the fraction of the base the task was given (--budget), if any
     budget_used: Optional[float]  # task_params / base parameters, for tasks given a budget
     sha256: Optional[str]  # the artifact's content hash: equal hashes are stored (and counted) once
+    depends_on: tuple[str, ...] = ()  # earlier tasks it reads (fusion): counted in their own rows
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "depends_on": list(self.depends_on)}
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ def budget(base: BaseModel, tasks: Sequence[Task]) -> BudgetReport:
             budget=None if given is None else float(given),
             budget_used=None if given is None else per_base(t.task_params),
             sha256=t.artifact.sha256 if t.artifact else None,
+            depends_on=tuple(pin.task for pin in t.depends_on if pin.task),
         ))
     # Content addressing: two tasks with byte-identical artifacts share one file.
     distinct = {t.artifact.sha256: t.artifact for t in ready if t.artifact is not None}

@@ -20,7 +20,7 @@ from registry import Registry
 from registry.entities import BaseModel, Task
 from taps_cl import backbones, data, evaluate, serialization
 from taps_cl.errors import TapsError
-from taps_cl.methods import merge_state
+from taps_cl.methods import Dependency, Method, build_composed, get_method, merge_state
 from taps_cl.train import resolve_device
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,55 @@ def plain_model(
     model = backbones.create_model(backbones.ModelSpec.parse(base.model_spec),
                                    num_classes=num_classes)
     backbones.apply_weights(model, merged)
+    return model.eval()
+
+
+def example_input(data_config: dict, img_size: Optional[int]) -> torch.Tensor:
+    """A zero batch of one image at the task's input size (composed methods read shapes off it)."""
+    size = img_size or int(data_config["input_size"][-1])
+    return torch.zeros(1, 3, size, size)
+
+
+def task_model(
+    base: BaseModel, base_state: dict[str, torch.Tensor], method: Method,
+    tensors: dict[str, torch.Tensor], num_classes: int, dependencies: Sequence[Dependency],
+    img_size: Optional[int],
+) -> nn.Module:
+    """The task's inference model: a plain model for mergeable methods, else the base class
+    with the method's modules attached (its own and its dependencies' tensors loaded)."""
+    if method.mergeable:
+        return plain_model(base, base_state, tensors, num_classes)
+    model = backbones.create_model(backbones.ModelSpec.parse(base.model_spec),
+                                   num_classes=num_classes)
+    return build_composed(method, model, frozenset(base.head_keys), base_state, tensors,
+                          dependencies, example_input(base.data_config, img_size))
+
+
+def load_file(path: str | os.PathLike[str]) -> nn.Module:
+    """A model exported by `taps-cl restore --out`, rebuilt without a registry.
+
+    A mergeable task's file is a plain state dict; a composed task's file holds every tensor
+    (base, its own and its dependencies' modules) and names method, options and dependencies.
+    """
+    try:
+        blob = Path(path).read_bytes()
+        meta = serialization.metadata_from_bytes(blob)
+        tensors = serialization.from_bytes(blob)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise TapsError(f"cannot read {path}: {exc}") from exc
+    if "model" not in meta or "num_classes" not in meta:
+        raise TapsError(f"{path} is not a model exported by taps-cl (no model in its metadata)")
+    spec = backbones.ModelSpec.parse(meta["model"])
+    model = backbones.create_model(spec, num_classes=int(meta["num_classes"]))
+    method = get_method(meta.get("method", "linear"),
+                        **(serialization.json_field(meta, "method_config") or {}))
+    if not method.mergeable:
+        dependencies = [Dependency(d["name"], d["method"], d["config"], None)
+                        for d in serialization.json_field(meta, "dependencies") or []]
+        data_config = serialization.json_field(meta, "data_config")
+        method.attach(model, backbones.head_keys(spec), dependencies,
+                      example_input(data_config, serialization.json_field(meta, "img_size")))
+    model.load_state_dict(tensors, strict=True)
     return model.eval()
 
 
@@ -78,10 +127,31 @@ class ModelStore:
         assert task.probe is not None
         return serialization.from_bytes(self.registry.read_artifact(task.probe))
 
-    def model(self, task: Task, base: Optional[BaseModel] = None) -> nn.Module:
-        """The task's plain model, without checking its probe batch (see `restore`)."""
+    def dependencies(self, task: Task) -> list[Dependency]:
+        """The earlier tasks `task` reads, with the tensors of the artifacts it pinned."""
+        out = []
+        for pin in task.depends_on:
+            if pin.task is None:
+                raise TapsError(f"task {task.name!r} reads a shared artifact this version "
+                                "cannot load")
+            dep = self.ready_task(pin.task)
+            assert dep.artifact is not None
+            if dep.artifact.sha256 != pin.sha256:
+                raise TapsError(f"task {task.name!r} was trained against another artifact of "
+                                f"{pin.task!r} than the one recorded now")
+            out.append(Dependency(dep.name, dep.method, dep.method_config,
+                                  self.task_tensors(dep)))
+        return out
+
+    def model(self, task: Task, base: Optional[BaseModel] = None,
+              tensors: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
+        """The task's model, without checking its probe batch (see `restore`)."""
         base = base or self.registry.get_base(task.base)
-        return plain_model(base, self.base_state(base), self.task_tensors(task), task.num_classes)
+        method = get_method(task.method, **task.method_config)
+        return task_model(base, self.base_state(base), method,
+                          self.task_tensors(task) if tensors is None else tensors,
+                          task.num_classes, self.dependencies(task),
+                          task.dataset_spec.get("img_size"))
 
     def restore(self, name: str) -> nn.Module:
         """The task's plain model, refused unless it reproduces the task's stored probe logits."""
@@ -113,6 +183,10 @@ class ModelStore:
             "class_names": list(task.class_names),
             "task": task.name,
             "method": task.method,
+            "method_config": task.method_config,
+            "dependencies": [{"name": d.name, "method": d.method, "config": d.config}
+                             for d in self.dependencies(task)],
+            "img_size": task.dataset_spec.get("img_size"),
             "data_config": base.data_config,
         }
         write_atomic(out_path, serialization.to_bytes(model.state_dict(), meta))

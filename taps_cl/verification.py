@@ -22,7 +22,7 @@ from registry import RegistryError
 from registry.entities import BaseModel, Evaluation, LayerEntry, Task
 from taps_cl import serialization
 from taps_cl.errors import TapsError, first_line
-from taps_cl.restoring import PROBE_ATOL, ModelStore, plain_model, probe_drift
+from taps_cl.restoring import PROBE_ATOL, ModelStore, probe_drift
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def task_record(
     *, name: str, base_sha256: str, method: str, method_config: dict[str, Any],
     train_config: dict[str, Any], dataset_spec: dict[str, Any], class_names: Sequence[str],
     layers: Sequence[LayerEntry], head_params: int, num_params: int, test_accuracy: float,
-    test_loss: float, test_samples: int,
+    test_loss: float, test_samples: int, depends_on: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Any]:
     """The facts a task's rows hold, as stored in its artifact's metadata."""
     return {
@@ -59,6 +59,7 @@ def task_record(
         "head_params": head_params,
         "num_params": num_params,
         "test": {"accuracy": test_accuracy, "loss": test_loss, "num_samples": test_samples},
+        "depends_on": [list(pin) for pin in depends_on],
     }
 
 
@@ -92,10 +93,12 @@ def record_mismatches(
         "layers": [_layer(layer) for layer in task.layers],
         "head_params": task.head_params,
         "num_params": task.task_params,
+        "depends_on": [[pin.task, pin.sha256] for pin in task.depends_on],
     }
     for key, value in expected.items():
         if not _same(record.get(key), value):
-            wrong.append("layers (task_layers rows)" if key == "layers" else key)
+            wrong.append({"layers": "layers (task_layers rows)",
+                          "depends_on": "dependencies (task_dependencies rows)"}.get(key, key))
     if task.num_classes != len(task.class_names):
         wrong.append("num_classes")
     recorded_acc = (record.get("test") or {}).get("accuracy")
@@ -173,7 +176,17 @@ class Verifier:
         probe_meta = serialization.metadata_from_bytes(probe_blob)
         if probe_meta.get("task_sha256") != task.artifact.sha256:
             problems.append("probe artifact belongs to another task artifact")
-        model = plain_model(base, self.models.base_state(base), tensors, task.num_classes)
+        for pin in task.depends_on:
+            try:
+                dep = self.registry.get_task(pin.task) if pin.task else None
+            except RegistryError:
+                dep = None
+            if dep is None or dep.status != "ready" or dep.artifact is None \
+                    or dep.artifact.sha256 != pin.sha256:
+                problems.append(f"its pinned dependency {pin.task!r} is gone or changed")
+        if any("pinned dependency" in p for p in problems):
+            return ProbeCheck(task.name, None, False, "; ".join(problems))
+        model = self.models.model(task, base, tensors)
         drift = probe_drift(model, probe)
         if drift > PROBE_ATOL:
             problems.insert(0, f"probe logits moved by {drift:.3g}")

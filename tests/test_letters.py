@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from taps_cl import letters as letters_module
 from taps_cl.data import load_task_data
 from taps_cl.errors import DataError
-from taps_cl.letters import find_fonts, render_letters, split_fonts
+from taps_cl.letters import PINNED_FONTS, pinned_fonts, render_letters, split_fonts
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "make_letters.py"
 SMALL = {"letters": "ABC", "size": 16, "train_per_class": 4, "test_per_class": 2}
@@ -19,10 +20,10 @@ SMALL = {"letters": "ABC", "size": 16, "train_per_class": 4, "test_per_class": 2
 
 @pytest.fixture(scope="module")
 def fonts() -> list[Path]:
-    found = find_fonts(SMALL["letters"])
-    if len(found) < 2:
-        pytest.skip("fewer than 2 usable fonts on this machine")
-    return found
+    try:
+        return pinned_fonts(SMALL["letters"])
+    except DataError as exc:  # .ci/run and the README's first command install them
+        pytest.skip(f"pinned font packages not installed: {exc}")
 
 
 def files(root: Path) -> dict[str, bytes]:
@@ -71,6 +72,54 @@ def test_rerender_is_reused_replaced_or_refused(tmp_path, fonts):
         render_letters(out, **SMALL)
     render_letters(out, overwrite=True, **SMALL)
     assert len(list((out / "train" / "A").iterdir())) == 4
+
+
+def test_default_fonts_are_exactly_the_pinned_files(tmp_path, fonts, monkeypatch):
+    listed = {Path(f).name for files in PINNED_FONTS.values() for f in files}
+    assert {p.name for p in fonts} == listed and len(fonts) == len(listed)
+    # A font in the searched folders that is not pinned changes nothing.
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    shutil.copy(fonts[0], extra / "NotPinned.ttf")
+    monkeypatch.setattr(letters_module, "DEFAULT_FONT_DIRS",
+                        (str(extra), *letters_module.DEFAULT_FONT_DIRS))
+    out = render_letters(tmp_path / "l", **SMALL)
+    manifest = json.loads((out / "letters.json").read_text())
+    assert manifest["font_source"] == "pinned"
+    assert set(manifest["font_files"]) == listed
+    assert all(len(digest) == 64 for digest in manifest["font_files"].values())
+    assert set(manifest["fonts"]["train"]) | set(manifest["fonts"]["test"]) == listed
+
+
+def test_missing_pinned_font_is_refused(tmp_path, monkeypatch):
+    gone = tmp_path / "gone" / "DejaVuGone.ttf"
+    pinned = {"fonts-dejavu-core": (str(gone),),
+              "fonts-liberation": tuple(PINNED_FONTS["fonts-liberation"])}
+    monkeypatch.setattr(letters_module, "PINNED_FONTS", pinned)
+    with pytest.raises(DataError) as caught:
+        render_letters(tmp_path / "out", **SMALL)
+    message = str(caught.value)
+    assert "\n" not in message and str(gone) in message
+    assert "apt-get install fonts-dejavu-core" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_rerender_from_another_font_set_is_refused(tmp_path, fonts):
+    two = tmp_path / "two"
+    two.mkdir()
+    for font in fonts[:2]:
+        shutil.copy(font, two)
+    out = render_letters(tmp_path / "l", font_dirs=[two], **SMALL)
+    manifest = json.loads((out / "letters.json").read_text())
+    assert manifest["font_source"] == "font_dirs"
+    assert sorted(manifest["font_files"]) == sorted(f.name for f in fonts[:2])
+    before = files(out)
+    with pytest.raises(DataError, match="different font set"):
+        render_letters(out, **SMALL)
+    assert files(out) == before
+    render_letters(out, overwrite=True, **SMALL)
+    manifest = json.loads((out / "letters.json").read_text())
+    assert len(manifest["font_files"]) == len(fonts)
 
 
 def test_no_fonts(tmp_path):

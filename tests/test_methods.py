@@ -16,6 +16,7 @@ from torchvision.models import resnet18
 from taps_cl.errors import MethodError
 from taps_cl.methods import (
     METHODS,
+    Dependency,
     adaptable_layers,
     get_method,
     merge_state,
@@ -68,6 +69,27 @@ def task_model(arch: str, base_state: dict, seed: int = 1) -> tuple[nn.Module, f
     state.update({k: v for k, v in base_state.items() if k not in head})
     model.load_state_dict(state, strict=True)
     return model, head
+
+
+def prepared_task(name: str, arch: str, base_state: dict, seed: int = 1):
+    """(method, model, head, dependencies): `name` on a fresh task model, set up as the manager
+    does.
+
+    A composed method is attached first; fusion fuses one adapter task trained on the same base.
+    """
+    deps = []
+    if name == "fusion":
+        adapter, model, head, _ = prepared_task("adapter", arch, base_state, seed=seed + 1)
+        train_steps(adapter, model, steps=1)
+        tensors = adapter.extract(model, head).tensors
+        deps = [Dependency("earlier", "adapter", adapter.config_dict(), tensors)]
+    method = get_method(name, fuse=",".join(d.name for d in deps) or None)
+    model, head = task_model(arch, base_state, seed=seed)
+    if not method.mergeable:
+        method.attach(model, head, deps, torch.randn(2, 3, IMG, IMG))
+        placed = {k: v for d in deps for k, v in method.dependency_state(d).items()}
+        model.load_state_dict({**model.state_dict(), **placed}, strict=True)
+    return method, method.prepare(model, head), head, deps
 
 
 def train_steps(method, model: nn.Module, steps: int = 3, lr: float = 1e-2, epoch: int = 5,
@@ -132,9 +154,7 @@ def test_merge_gives_plain_model_with_same_outputs(name, arch_base):
 def test_base_is_never_written(name, arch_base):
     arch, base_state = arch_base
     snapshot = clone_state(base_state)
-    method = get_method(name)
-    model, head = task_model(arch, base_state)
-    model = method.prepare(model, head)
+    method, model, head, _ = prepared_task(name, arch, base_state)
     train_steps(method, model)
     state = method.extract(model, head)
     if METHODS[name].mergeable:
@@ -158,7 +178,8 @@ def test_base_is_never_written(name, arch_base):
                 assert torch.equal(trained[key], snapshot[key]), key
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+# Composed methods record adapted blocks instead (tests/test_adapters.py).
+@pytest.mark.parametrize("name", sorted(n for n in METHODS if METHODS[n].mergeable))
 def test_layer_records_cover_every_adaptable_layer(name):
     base_state = make_base("test_vit")  # has both a Conv2d (patch embedding) and Linear layers
     method = get_method(name)
@@ -423,7 +444,8 @@ def test_get_method_and_config():
 @pytest.mark.parametrize(
     ("name", "overrides", "message"),
     [
-        ("nope", {}, r"unknown method 'nope' \(choose from finetune, linear, taps"),
+        ("nope", {},
+         r"unknown method 'nope' \(choose from adapter, finetune, fusion, linear, taps"),
         ("taps", {"lamda": 1.0}, r"no option 'lamda' \(options: lam, tau, score_init"),
         ("linear", {"lam": 1.0}, r"no option 'lam' \(options: none\)"),
         ("taps", {"lam": -1.0}, r"lam must be >= 0"),

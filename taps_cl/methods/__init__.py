@@ -5,23 +5,29 @@ Importing a method's module registers it; a new method module is added to the im
 
 from taps_cl.methods.base import (
     METHODS,
+    Dependency,
     LayerRecord,
     Method,
     TaskState,
     adaptable_layers,
+    build_composed,
     get_method,
     merge_state,
     norm_layers,
     register,
 )
-from taps_cl.methods import finetune, linear, taps  # noqa: F401  (registers the methods)
+from taps_cl.methods import (  # noqa: F401  (registers the methods)
+    adapter, finetune, fusion, linear, taps,
+)
 
 __all__ = [
     "METHODS",
+    "Dependency",
     "LayerRecord",
     "Method",
     "TaskState",
     "adaptable_layers",
+    "build_composed",
     "get_method",
     "merge_state",
     "norm_layers",

@@ -8,6 +8,13 @@ value; `factor_b/<key>` (out × r) and `factor_a/<key>` (r × rest) always come 
 their product B·A, reshaped to the base weight's shape (a conv weight seen as out × in·k·k);
 `set/<state-dict key>` replaces the base value. Stored tensors may be in a narrower float type than
 the base (e.g. bfloat16); merging casts them to the base's type.
+
+Composed methods (`mergeable = False`: adapters, fusion) also add modules to the base. They store
+those modules' tensors as `module/<state-dict key of the attached module>` and may read earlier
+tasks' tensors (`dependencies`, handed over frozen as `Dependency` values). Their inference model
+is rebuilt by `build_composed`: the base architecture with `set/` tensors merged, the method's
+modules attached (`attach`), the dependencies' tensors placed (`dependency_state`) and the task's
+own `module/` tensors loaded.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -29,6 +37,22 @@ SET_PREFIX = "set/"
 # A low-rank delta B·A: B (out × r) and A (r × in·k·k) of the weight `<key>`, always both.
 FACTOR_B_PREFIX = "factor_b/"
 FACTOR_A_PREFIX = "factor_a/"
+# A tensor of a module a composed method attaches to the base (its key in the built model).
+MODULE_PREFIX = "module/"
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """An earlier task a composed method reads, frozen: its name, method, options and tensors.
+
+    `tensors` is None when the model is rebuilt from an exported file that already holds every
+    tensor under its key in the built model (then only the structure is needed).
+    """
+
+    name: str
+    method: str
+    config: dict[str, Any]
+    tensors: dict[str, Tensor] | None
 
 
 @dataclass(frozen=True)
@@ -125,6 +149,31 @@ class Method(ABC):
     @abstractmethod
     def extract(self, model: nn.Module, head: frozenset[str]) -> TaskState:
         """The tensors the task must store (on CPU, copied) and a record per adaptable layer."""
+
+    # ------------------------------------------------ composed methods (mergeable = False)
+    def dependencies(self) -> tuple[str, ...]:
+        """Names of the earlier tasks whose stored tensors this task reads (from its options)."""
+        return ()
+
+    def check_dependency(self, name: str, method: str) -> None:
+        """Refuse (MethodError) an earlier task of `method` that this method cannot read."""
+        raise MethodError(f"{self.name} reads no earlier task (got {name!r})")
+
+    def attach(
+        self, model: nn.Module, head: frozenset[str], dependencies: Sequence[Dependency],
+        example: Tensor,
+    ) -> None:
+        """Add this method's modules, and the dependencies' modules, to `model` in place.
+
+        Only the structure: tensors are loaded afterwards (`build_composed`, or `prepare` for
+        training). `example` is an input batch of the task's size, for shapes. The model keeps
+        its class; the added modules' state-dict keys are what `module/` tensors name.
+        """
+        raise MethodError(f"{self.name} attaches no modules to the base")
+
+    def dependency_state(self, dependency: Dependency) -> dict[str, Tensor]:
+        """A dependency's stored tensors under their keys in the model `attach` built."""
+        return {}
 
 
 # --------------------------------------------------------------------------------------- registry
@@ -348,6 +397,40 @@ def _fold_factors(
     f32 = {"device": base.device, "dtype": torch.float32}
     delta = factor_product(b.to(**f32), a.to(**f32), base.shape)
     return (base.to(torch.float32) + delta).to(base.dtype)
+
+
+def build_composed(
+    method: Method, model: nn.Module, head: frozenset[str], base_state: dict[str, Tensor],
+    tensors: dict[str, Tensor], dependencies: Sequence[Dependency], example: Tensor,
+) -> nn.Module:
+    """A composed task's inference model, built in place on `model` (the base architecture with
+    the task's number of classes): base merged with the task's `set/`/`delta/` tensors, the
+    method's modules attached, the dependencies' and the task's own `module/` tensors loaded.
+
+    Every attached tensor must be given exactly once: a missing or unknown one is a MethodError.
+    """
+    plain = {k: v for k, v in tensors.items() if not k.startswith(MODULE_PREFIX)}
+    merged = merge_state(base_state, plain, head)
+    model.load_state_dict(merged, strict=True)
+    method.attach(model, head, dependencies, example)
+    placed: dict[str, Tensor] = {}
+    for dependency in dependencies:
+        placed.update(method.dependency_state(dependency))
+    placed.update({k[len(MODULE_PREFIX):]: v for k, v in tensors.items()
+                   if k.startswith(MODULE_PREFIX)})
+    state = model.state_dict()
+    attached = set(state) - set(merged)
+    missing, unknown = sorted(attached - set(placed)), sorted(set(placed) - attached)
+    if missing or unknown:
+        raise MethodError(f"{method.name}: stored module tensors do not fit the attached modules "
+                          f"(missing {missing[:3]}, unknown {unknown[:3]})")
+    for key, value in placed.items():
+        if state[key].shape != value.shape:
+            raise MethodError(f"{method.name}: module tensor {key!r} has shape "
+                              f"{tuple(value.shape)}, the model {tuple(state[key].shape)}")
+    model.load_state_dict({**merged, **{k: v.to(state[k].dtype) for k, v in placed.items()}},
+                          strict=True)
+    return model.eval()
 
 
 def trainable(params: list[nn.Parameter]) -> list[nn.Parameter]:
