@@ -94,7 +94,6 @@ from taps_cl.errors import MethodError, TapsError
 from taps_cl.evaluate import evaluate
 from taps_cl.letters import render_letters
 from taps_cl.manager import Manager
-from taps_cl.restoring import example_input
 from taps_cl.methods.base import (
     Dependency,
     LayerRecord,
@@ -111,6 +110,7 @@ from taps_cl.methods.base import (
     norm_layers,
     trainable,
 )
+from taps_cl.restoring import example_input
 from taps_cl.train import TrainConfig, fit
 from taps_cl.weights import read_weights
 
@@ -891,10 +891,12 @@ def _row_acc(row: Row) -> str:
 def epoch_ratio(row: Row, ft: Row) -> float:
     """Median over tasks of (seconds per epoch ÷ fine-tune's on the same task), first seeds.
 
-    The median, because one epoch slowed by another process's burst would swing a mean.
+    The median, because one epoch slowed by another process's burst would swing a mean. Only
+    the tasks the row trained itself (not fusion's reused first task).
     """
     mine, theirs = row.runs[0], ft.runs[0]
-    return statistics.median(mine.epoch_seconds[t] / theirs.epoch_seconds[t] for t in mine.acc)
+    return statistics.median(mine.epoch_seconds[t] / theirs.epoch_seconds[t] for t in mine.acc
+                             if t not in mine.reused)
 
 
 def render(rows: list[Row], tasks: list[TaskDef], base_params: int, header: list[str],
@@ -922,7 +924,9 @@ def render(rows: list[Row], tasks: list[TaskDef], base_params: int, header: list
             speed = [f"{epoch_ratio(r, ft):.2f}×", step]
         else:
             speed = ["–", "–"]
-        speed.append(f"{statistics.median(r.runs[0].images_per_s.values()):.0f}")
+        first = r.runs[0]  # its own tasks only: not fusion's reused first task
+        speeds = [v for t, v in first.images_per_s.items() if t not in first.reused]
+        speed.append(f"{statistics.median(speeds):.0f}")
         lines.append(f"| {r.label} | " + " | ".join(accs + sizes + speed) + " |")
     return "\n".join(lines + [""] + notes) + "\n"
 
@@ -1037,8 +1041,9 @@ def composed_notes(rows: list[Row], bench: Bench) -> list[str]:
                    "artifacts only (fusion layers, own adapter, norms, head; the fused adapters "
                    "are their tasks' artifacts); total = base + the row's tasks + every adapter "
                    "they read, each artifact once (the registry's pins), i.e. here base + "
-                   f"{len(bench.tasks) - 1} fusion tasks + {len(bench.tasks) - 1} adapters. Its "
-                   "stage-1 score is the mean over the fusion tasks.")
+                   f"{_plural(len(bench.tasks) - 1, 'fusion task')} + "
+                   f"{_plural(len(bench.tasks) - 1, 'adapter')}. Its stage-1 score, time/epoch "
+                   "and img/s are over the fusion tasks.")
     return out
 
 
@@ -1114,7 +1119,7 @@ def plan(args: argparse.Namespace, specs: list[RowSpec], matched: bool) -> tuple
         f"- stage 1 (learning rate): {len(rows)} rows × {rates} rates × {n_tasks} tasks{fewer} = "
         f"{runs1} training runs on ≤ {args.select_train} images each, "
         f"{_plural(epochs, 'epoch')}" + ("" if rates else " (one rate given: no selection)"),
-        f"- stage 2 (full data): " + " + ".join(
+        "- stage 2 (full data): " + " + ".join(
             f"{n} rows × {_plural(k, 'seed')}" for k, n in sorted(by_seeds.items()))
         + f" = {runs2} row runs × {n_tasks} tasks{fewer} = {fits2} training runs on ≤ "
         f"{args.max_train} images each, {_plural(epochs, 'epoch')}",
