@@ -575,6 +575,19 @@ class Bench:
         return method.prepare(model, self.head)
 
 
+def _record_task(bench, row, run, name: str, result, n_train: int) -> None:  # type: ignore[no-untyped-def]
+    """Note one added task's figures in its row's run and say them."""
+    t = result.task
+    run.task_params[name] = t.task_params
+    run.active[name] = f"{t.active_layers}/{t.total_layers}"
+    run.active_names[name] = [layer.name for layer in t.layers if layer.active]
+    run.epoch_seconds[name], run.images_per_s[name] = _timing(result.history, n_train)
+    run.probes += [c.ok for c in result.probe_checks]
+    run.config = dict(t.method_config)
+    run.acc[name] = result.test_accuracy
+    _say_task(bench, row, run, name)
+
+
 def _timing(history: list[dict], n_train: int) -> tuple[float, float]:
     """(mean seconds per epoch, images per second) from fit's history rows."""
     seconds = sum(r["seconds"] for r in history)
@@ -656,16 +669,7 @@ def run_manager(bench: Bench, manager: Manager, row: Row, seed: int) -> Run:
             img_size=a.img_size, seed=seed, max_train=a.max_train, max_test=a.max_test,
             val_fraction=VAL_FRACTION,
         )
-        t = result.task
-        run.acc[task.name] = result.test_accuracy
-        run.task_params[task.name] = t.task_params
-        run.active[task.name] = f"{t.active_layers}/{t.total_layers}"
-        run.active_names[task.name] = [layer.name for layer in t.layers if layer.active]
-        run.epoch_seconds[task.name], run.images_per_s[task.name] = _timing(
-            result.history, len(sizes[task.name].train))
-        run.probes += [c.ok for c in result.probe_checks]
-        run.config = dict(t.method_config)
-        _say_task(bench, row, run, task.name)
+        _record_task(bench, row, run, task.name, result, len(sizes[task.name].train))
     budget = manager.budget(base_name)
     for entry in budget.tasks:
         run.task_bytes[entry.name.removeprefix(f"{base_name}-")] = entry.bytes
@@ -705,17 +709,8 @@ def run_fusion(bench: Bench, manager: Manager, row: Row, seed: int, adapter: Row
             img_size=a.img_size, seed=seed, max_train=a.max_train, max_test=a.max_test,
             val_fraction=VAL_FRACTION,
         )
-        t = result.task
         mine[task.name] = name
-        run.acc[task.name] = result.test_accuracy
-        run.task_params[task.name] = t.task_params
-        run.active[task.name] = f"{t.active_layers}/{t.total_layers}"
-        run.active_names[task.name] = [layer.name for layer in t.layers if layer.active]
-        run.epoch_seconds[task.name], run.images_per_s[task.name] = _timing(
-            result.history, len(sizes[task.name].train))
-        run.probes += [c.ok for c in result.probe_checks]
-        run.config = dict(t.method_config)
-        _say_task(bench, row, run, task.name)
+        _record_task(bench, row, run, task.name, result, len(sizes[task.name].train))
     budget = manager.budget(base_name)
     entries = {entry.name: entry for entry in budget.tasks}
     for task, name in mine.items():

@@ -3,6 +3,13 @@
 Importing a method's module registers it; a new method module is added to the imports below.
 """
 
+from taps_cl.methods import (  # noqa: F401  (registers the methods)
+    adapter,
+    finetune,
+    fusion,
+    linear,
+    taps,
+)
 from taps_cl.methods.base import (
     METHODS,
     Dependency,
@@ -15,9 +22,6 @@ from taps_cl.methods.base import (
     merge_state,
     norm_layers,
     register,
-)
-from taps_cl.methods import (  # noqa: F401  (registers the methods)
-    adapter, finetune, fusion, linear, taps,
 )
 
 __all__ = [

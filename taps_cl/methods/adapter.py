@@ -48,6 +48,7 @@ from taps_cl.methods.base import (
     freeze,
     head_parameters,
     module_state,
+    norm_head_state,
     norm_layers,
     register,
     trainable,
@@ -269,17 +270,10 @@ def hook_blocks(model: nn.Module, attr: str, sites: list[BlockSite],
     return holder
 
 
-def norm_head_state(model: nn.Module, head: frozenset[str]) -> dict[str, Tensor]:
+def stored_norm_head(model: nn.Module, head: frozenset[str]) -> dict[str, Tensor]:
     """`set/` copies of every norm layer's parameters and buffers, then of the head."""
-    state: dict[str, Tensor] = {}
-    for name, module in norm_layers(model):
-        state.update(module_state(name, module))
-    full = model.state_dict()
-    missing = sorted(head - full.keys())
-    if missing:
-        raise MethodError(f"the model has no head key(s) {missing}")
-    state.update({key: full[key] for key in sorted(head)})
-    return {f"{SET_PREFIX}{key}": cpu_copy(value) for key, value in state.items()}
+    return {f"{SET_PREFIX}{key}": cpu_copy(value)
+            for key, value in norm_head_state(model, head).items()}
 
 
 def train_norms_and_head(model: nn.Module, head: frozenset[str]) -> None:
@@ -336,7 +330,7 @@ class Adapter(Method):
         sizes = block_params(model)
         tensors = {f"{MODULE_PREFIX}{key}": cpu_copy(value)
                    for key, value in module_state(ADAPTERS_ATTR, adapters).items()}
-        tensors.update(norm_head_state(model, head))
+        tensors.update(stored_norm_head(model, head))
         layers = [
             LayerRecord(name=name, kind="adapter", score=None, active=True,
                         base_params=sizes[name],

@@ -22,8 +22,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -299,6 +299,22 @@ def module_state(prefix: str, module: nn.Module) -> dict[str, Tensor]:
     """State-dict entries (parameters, persistent buffers) of one module, keyed as in the model."""
     dotted = f"{prefix}." if prefix else ""
     return {f"{dotted}{key}": value for key, value in module.state_dict().items()}
+
+
+def norm_head_state(model: nn.Module, head: frozenset[str]) -> dict[str, Tensor]:
+    """What a task stores whole (`set/`, not copied): norm parameters and buffers, then the head.
+
+    Buffers include BatchNorm's running statistics and num_batches_tracked.
+    """
+    state: dict[str, Tensor] = {}
+    for name, module in norm_layers(model):
+        state.update(module_state(name, module))
+    full = model.state_dict()
+    missing = sorted(head - full.keys())
+    if missing:
+        raise MethodError(f"the model has no head key(s) {missing}")
+    state.update({key: full[key] for key in sorted(head)})
+    return state
 
 
 def head_state(model: nn.Module, head: frozenset[str]) -> dict[str, Tensor]:

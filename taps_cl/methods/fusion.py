@@ -41,10 +41,10 @@ from taps_cl.methods.adapter import (
     attached,
     block_params,
     hook_blocks,
-    norm_head_state,
     probe_blocks,
     projection,
     site_key,
+    stored_norm_head,
     train_norms_and_head,
 )
 from taps_cl.methods.base import (
@@ -269,7 +269,7 @@ class Fusion(Method):
         tensors = {f"{MODULE_PREFIX}{key}": cpu_copy(value)
                    for key, value in module_state(FUSION_ATTR, sites).items()
                    if not any(part in key for part in fused)}
-        tensors.update(norm_head_state(model, head))
+        tensors.update(stored_norm_head(model, head))
         sizes = block_params(model)
         keys = set(sites.keys())
         layers = [

@@ -41,7 +41,7 @@ from taps_cl.methods.base import (
     freeze,
     head_parameters,
     layer_kind,
-    module_state,
+    norm_head_state,
     norm_layers,
     register,
     trainable,
@@ -288,7 +288,7 @@ class Taps(Method):
                 raise MethodError(f"taps: layer {name!r} already has a parametrized weight")
         # The registry's base size (parameters outside the head), counted before any task tensor.
         self._base_params = sum(p.numel() for n, p in model.named_parameters() if n not in head)
-        self._fixed_params = sum(t.numel() for t in _norm_head_state(model, head).values())
+        self._fixed_params = sum(t.numel() for t in norm_head_state(model, head).values())
         if cfg.budget is not None and self._fixed_params > self._limit():
             # Rounded up, so that the named minimum is itself accepted.
             minimum = math.ceil(self._fixed_params / self._base_params * 1e4) / 1e4
@@ -399,7 +399,7 @@ class Taps(Method):
 
     def stored_params(self, model: nn.Module, head: frozenset[str]) -> int:
         """Numbers `extract` would store now: active layers' deltas/factors, norm state, head."""
-        fixed = sum(t.numel() for t in _norm_head_state(model, head).values())
+        fixed = sum(t.numel() for t in norm_head_state(model, head).values())
         return fixed + sum(g.stored_numel() for _, _, g in gated_layers(model) if g.is_active())
 
     def _limit(self) -> float:
@@ -458,25 +458,9 @@ class Taps(Method):
                     task_params=gate.stored_numel() if active else 0,
                 )
             )
-        for key, value in _norm_head_state(model, head).items():
+        for key, value in norm_head_state(model, head).items():
             store(f"{SET_PREFIX}{key}", value, STORE_DTYPES[cfg.store_norms_head_dtype])
         return TaskState(tensors=tensors, layers=layers, exact=exact)
-
-
-def _norm_head_state(model: nn.Module, head: frozenset[str]) -> dict[str, Tensor]:
-    """What a task stores whole (`set/`, not copied): norm parameters and buffers, then the head.
-
-    Buffers include BatchNorm's running statistics and num_batches_tracked.
-    """
-    state: dict[str, Tensor] = {}
-    for name, module in norm_layers(model):
-        state.update(module_state(name, module))
-    full = model.state_dict()
-    missing = sorted(head - full.keys())
-    if missing:
-        raise MethodError(f"the model has no head key(s) {missing}")
-    state.update({key: full[key] for key in sorted(head)})
-    return state
 
 
 def _stored_copy(value: Tensor, dtype: torch.dtype) -> Tensor:
