@@ -27,8 +27,9 @@ Learning rates: ONE grid for every row (--lr-grid, default 1e-3,3e-3,1e-2). Stag
 row's rate by validation accuracy (mean over the tasks) on a cheaper proxy: each task's training
 set subsampled (class-stratified) to --select-train images (default 350), the full validation
 split, the same epochs, the first seed. The fusion row is scored on tasks 2 … N, fusing the
-adapters the adapter row trained in stage 1 at its chosen rate. For compact TAPS the grid rate is the factors' rate too
-(factor_lr = lr); TAPS scores keep their own score_lr. Stage 2 trains every row at its chosen
+adapters the adapter row trained in stage 1 at its chosen rate. For compact TAPS the factors train
+at --factor-lr-scale × the grid rate (default 1: factor_lr = lr; the library's own default is 5×);
+TAPS scores keep their own score_lr. Stage 2 trains every row at its chosen
 rate on the full data (--max-train per task, --max-test) with the first seed; the rows the targets
 depend on — fine-tune, the compact TAPS rows and the LoRA rows — are also trained with every other
 seed of --seeds (default 0,1,2) and reported as mean ± sample standard deviation (n − 1) over the
@@ -357,15 +358,16 @@ class RowSpec:
     options: dict = field(default_factory=dict)  # method options, the learning rate aside
     seeded: bool = False  # trained with every seed of --seeds (a row the targets depend on)
     max_seeds: int | None = None  # a seeded row uses at most this many of --seeds (None: all)
+    factor_scale: float = 1.0  # compact TAPS: factor_lr = factor_scale × the grid rate
 
     def seeds(self, seeds: list[int]) -> list[int]:
         """The seeds of --seeds this row trains with in stage 2 (the first serves stage 1)."""
         return seeds[:self.max_seeds] if self.seeded else seeds[:1]
 
     def method_options(self, lr: float) -> dict:
-        """Options at learning rate `lr`: compact TAPS factors train at the grid rate too."""
+        """Options at learning rate `lr`: compact TAPS factors at factor_scale × that rate."""
         if self.kind in ("compact", "budget"):
-            return {**self.options, "factor_lr": lr}
+            return {**self.options, "factor_lr": self.factor_scale * lr}
         return dict(self.options)
 
 
@@ -381,14 +383,17 @@ def row_specs(args: argparse.Namespace) -> list[RowSpec]:
     if args.factor_min_params is not None:
         compact["factor_min_params"] = args.factor_min_params
     first = args.rank_values[0]
+    factors = "" if args.factor_lr_scale == 1 else f" factor lr {args.factor_lr_scale:g}×"
     rows = [
         RowSpec("linear", "linear probe", "linear", "linear"),
         RowSpec("finetune", "fine-tune", "finetune", "finetune", seeded=True),
         RowSpec("taps", f"TAPS λ={args.lam:g} full deltas", "taps", "taps", taps),
-        *[RowSpec(f"compact-r{r}", f"compact TAPS r={r} λ={args.lam:g}", "compact", "taps",
-                  {**compact, "rank": r}, seeded=True) for r in args.rank_values],
-        RowSpec("budget", f"compact TAPS r={first} budget {args.budget:g}", "budget", "taps",
-                {**compact, "rank": first, "budget": args.budget}, seeded=True),
+        *[RowSpec(f"compact-r{r}", f"compact TAPS r={r} λ={args.lam:g}{factors}", "compact",
+                  "taps", {**compact, "rank": r}, seeded=True, factor_scale=args.factor_lr_scale)
+          for r in args.rank_values],
+        RowSpec("budget", f"compact TAPS r={first} budget {args.budget:g}{factors}", "budget",
+                "taps", {**compact, "rank": first, "budget": args.budget}, seeded=True,
+                factor_scale=args.factor_lr_scale),
         *[lora_spec(f"lora-r{r}", r, args.lora_alpha) for r in args.lora_rank_values],
         # Fusion must come after the adapter row: its tasks fuse that row's adapter tasks.
         RowSpec(ADAPTER, "adapter", "adapter", "adapter", seeded=True,
@@ -926,6 +931,10 @@ def render(rows: list[Row], tasks: list[TaskDef], base_params: int, header: list
     return "\n".join(lines + [""] + notes) + "\n"
 
 
+def _factor_rate(scale: float) -> str:
+    return "the grid rate (factor_lr = lr)" if scale == 1 else f"factor_lr = {scale:g} × lr"
+
+
 def lr_lines(rows: list[Row], args: argparse.Namespace) -> list[str]:
     """Stage 1 per row: validation accuracy at each grid rate and the chosen rate."""
     grid = ", ".join(map(_lr, args.lr_values))
@@ -935,7 +944,7 @@ def lr_lines(rows: list[Row], args: argparse.Namespace) -> list[str]:
            "with the best validation accuracy (mean over tasks; ties to the smaller rate), each "
            f"task's training set subsampled to {args.select_train} images (class-stratified), "
            f"seed {args.seed_values[0]}, {_plural(args.epochs, 'epoch')}. Compact TAPS factors "
-           "train at the grid rate (factor_lr = lr); TAPS scores keep score_lr."]
+           f"train at {_factor_rate(args.factor_lr_scale)}; TAPS scores keep score_lr."]
     for r in rows:
         scores = " · ".join(
             f"{_lr(lr)} {'diverged' if s is None else f'{100 * s:.1f}'}"
@@ -1170,6 +1179,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.0,
                    help="AdamW weight decay (default 0, the Manager's default)")
     p.add_argument("--lam", type=float, default=1.0, help="TAPS λ of every TAPS row (default 1)")
+    p.add_argument("--factor-lr-scale", type=float, default=1.0,
+                   help="compact TAPS rows: factor_lr = this × the row's learning rate (default "
+                        "1; the library's default is 5)")
     p.add_argument("--penalty", choices=("layers", "params"), default="layers",
                    help="TAPS penalty weights: per layer (paper, default) or per stored number")
     p.add_argument("--ranks", help="compact TAPS ranks, one row each; the first also for the "

@@ -2,7 +2,6 @@
 
 from registry.errors import (
     AlreadyExists,
-    EarlierChanged,
     IntegrityFailure,
     NoRegistry,
     NotFound,
@@ -24,7 +23,6 @@ __all__ = [
     "HEARTBEAT_STALE_SECONDS",
     "TEMP_GRACE_SECONDS",
     "AlreadyExists",
-    "EarlierChanged",
     "IntegrityFailure",
     "NoRegistry",
     "NotFound",

@@ -34,6 +34,7 @@ CREATE_HINT = "`taps-cl base add` creates one"
 # Execution option read by the SQLite "begin" listener: DEFERRED (readers) or IMMEDIATE (writers).
 BEGIN_OPTION = "taps_cl_begin"
 SQLITE_HEADER = b"SQLite format 3\x00"
+SQLITE_MIN_PAGE = 512  # bytes: SQLite's smallest page size
 
 
 def migrations_dir() -> Path:
@@ -158,20 +159,22 @@ def probe_sqlite(path: Path) -> Optional[set[str]]:
         raise RegistryError(f"cannot read database {path}: {exc.strerror or exc}") from exc
     if size == 0:
         return None
-    try:
-        with path.open("rb") as handle:
-            header = handle.read(len(SQLITE_HEADER))
-    except OSError as exc:
-        raise RegistryError(f"cannot read database {path}: {exc.strerror or exc}") from exc
-    if header != SQLITE_HEADER:
+    if size < SQLITE_MIN_PAGE:  # a database SQLite wrote holds at least one whole page
         raise RegistryError(f"database {path} is not a taps-cl registry (not an SQLite file)")
+    # SQLite itself reads the header, never open(): closing any descriptor of the file drops
+    # every POSIX lock this process's open connections hold on it, after which another process
+    # closing its connection takes itself for the last one and deletes the WAL this process
+    # still writes to (its later commits then vanish for everyone else).
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
     except sqlite3.Error as exc:
         raise RegistryError(f"cannot read database {path}: {exc}") from exc
     try:
         rows = conn.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
-    except sqlite3.Error as exc:
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc):  # SQLITE_NOTADB: no SQLite header
+            raise RegistryError(
+                f"database {path} is not a taps-cl registry (not an SQLite file)") from exc
         raise RegistryError(f"cannot read database {path}: {exc}") from exc
     finally:
         conn.close()

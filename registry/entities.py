@@ -75,6 +75,9 @@ class Task:
     run_pid: Optional[int] = None  # its process id on run_host
     heartbeat_at: Optional[datetime] = None  # last sign of life of the run (UTC)
     depends_on: tuple[TaskDependency, ...] = ()  # what it reads, pinned (fusion, sharing)
+    # Its link in the base's hash chain (registry.chain); None until it is ready.
+    chain_prev_sha256: Optional[str] = None
+    chain_sha256: Optional[str] = None
 
     @property
     def task_params(self) -> int:
@@ -87,6 +90,47 @@ class Task:
     @property
     def total_layers(self) -> int:
         return len(self.layers)
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """What a listing or a budget shows of a task: counts and sizes, no layer rows.
+
+    `Registry.task_summaries` computes it in SQL, so listing 10,000 tasks does not load their
+    layers; `TaskSummary.of` gives the same values from a full Task.
+    """
+
+    name: str
+    base: str
+    method: str
+    position: Optional[int]  # None while the task trains
+    status: str
+    num_classes: int
+    method_config: dict[str, Any]
+    task_params: int  # numbers in the task's artifact (0 without one)
+    head_params: Optional[int]  # numbers in its new classifier head
+    active_layers: int  # layers whose task-specific weights are stored
+    total_layers: int  # adaptable layers recorded for the task
+    bytes: int  # size of the task's artifact file (0 without one)
+    sha256: Optional[str]  # the task artifact's content hash (None without one)
+    test_accuracy: Optional[float]  # its latest measured test accuracy (None: none recorded)
+    created_at: datetime
+    depends_on: tuple[str, ...] = ()  # names of the earlier tasks it reads (fusion)
+
+    @classmethod
+    def of(cls, task: Task, test_accuracy: Optional[float] = None) -> TaskSummary:
+        """The summary of a full Task entity (its accuracy is not part of it: pass it)."""
+        return cls(
+            name=task.name, base=task.base, method=task.method, position=task.position,
+            status=task.status, num_classes=task.num_classes,
+            method_config=dict(task.method_config), task_params=task.task_params,
+            head_params=task.head_params, active_layers=task.active_layers,
+            total_layers=task.total_layers,
+            bytes=task.artifact.bytes if task.artifact is not None else 0,
+            sha256=task.artifact.sha256 if task.artifact is not None else None,
+            test_accuracy=test_accuracy, created_at=task.created_at,
+            depends_on=tuple(pin.task for pin in task.depends_on if pin.task),
+        )
 
 
 @dataclass(frozen=True)

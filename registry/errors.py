@@ -31,18 +31,3 @@ class StoreError(RegistryError):
 
 class RunLost(RegistryError):
     """The row a ``task add`` run began is gone or was altered; the run records nothing."""
-
-
-class EarlierChanged(RegistryError):
-    """Tasks became ready while a run trained; it must check them before it can be recorded.
-
-    ``missing`` names the ready tasks of the base that the run's ``earlier`` cells lack, in
-    sequence order.
-    """
-
-    def __init__(self, missing: list[str]) -> None:
-        self.missing = list(missing)
-        super().__init__(
-            f"{len(self.missing)} task(s) of this base became ready while this run trained "
-            f"({', '.join(self.missing)}); check them and record the task again"
-        )

@@ -112,6 +112,11 @@ class TaskRow(Base):
     run_pid: Mapped[Optional[int]] = mapped_column(Integer)  # its process id on run_host
     # Refreshed by the live run; a stale heartbeat means the run is gone (registry.runs).
     heartbeat_at: Mapped[Optional[datetime]] = mapped_column(DateTime(timezone=True))
+    # The base's sequence as a hash chain (registry.chain): set when the task becomes ready, from
+    # the chain of the ready task it followed (or the base's weights) and its own artifacts, so
+    # any later rewrite of an earlier task's rows shows without re-running a model.
+    chain_prev_sha256: Mapped[Optional[str]] = mapped_column(String(64))
+    chain_sha256: Mapped[Optional[str]] = mapped_column(String(64))
 
     base: Mapped[BaseModelRow] = relationship(back_populates="tasks", lazy="joined")
     artifact: Mapped[Optional[ArtifactRow]] = relationship(
@@ -148,7 +153,11 @@ class TaskLayerRow(Base):
 
 class EvaluationRow(Base):
     __tablename__ = "evaluations"
-    __table_args__ = (Index("ix_evaluations_task_id_after_task_id", "task_id", "after_task_id"),)
+    __table_args__ = (
+        Index("ix_evaluations_task_id_after_task_id", "task_id", "after_task_id"),
+        # A column of the accuracy matrix (what one add recorded) without a table scan.
+        Index("ix_evaluations_after_task_id", "after_task_id"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))

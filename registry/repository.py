@@ -2,7 +2,8 @@
 
 Registry is built in layers, one module each: transactions.py opens the database and the
 artifact store and runs transactions; artifacts.py reads, checks, records and cleans up
-artifact files; tasks.py holds the task verbs; this module the base and evaluation verbs.
+artifact files; tasks.py holds the task verbs; summaries.py lists tasks with SQL aggregates
+(no layer rows loaded); this module the base and evaluation verbs.
 Row look-ups and the conversion of rows to entities are in rows.py.
 """
 
@@ -13,20 +14,22 @@ from typing import Any, Optional
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
+from registry import chain
 from registry.artifacts import TEMP_GRACE_SECONDS
 from registry.entities import BaseModel, Evaluation
 from registry.errors import AlreadyExists, RegistryError
-from registry.models import BaseModelRow, EvaluationRow, TaskRow
+from registry.models import ArtifactRow, BaseModelRow, EvaluationRow, TaskRow
 from registry.rows import base_row, check_name, task_row, to_base, to_evaluation
+from registry.summaries import TaskSummaries
 from registry.tasks import TaskVerbs
 from registry.transactions import DB_FILENAME, error_reason
 
 __all__ = ["DB_FILENAME", "TEMP_GRACE_SECONDS", "Registry"]
 
 
-class Registry(TaskVerbs):
+class Registry(TaskVerbs, TaskSummaries):
     """Base models, tasks, layers, artifacts and evaluations under one home directory.
 
     With ``create=False`` (read commands) a missing or empty database raises NoRegistry and
@@ -137,20 +140,59 @@ class Registry(TaskVerbs):
             s.flush()
             return to_evaluation(row, measured.name, after.name)
 
-    def list_evaluations(self, base: Optional[str] = None) -> list[Evaluation]:
-        """Every evaluation (oldest first), optionally of one base's tasks."""
+    def list_evaluations(
+        self, base: Optional[str] = None, *, tasks: Optional[Sequence[str]] = None
+    ) -> list[Evaluation]:
+        """Every evaluation (oldest first), optionally of one base's tasks or of named tasks.
+
+        Read as plain rows (no ORM objects): a base of 10,000 tasks has ~10⁵ cells.
+        """
+        measured, after = aliased(TaskRow), aliased(TaskRow)
+        ev = EvaluationRow
+        query = (
+            select(measured.name, after.name, ev.split, ev.kind, ev.accuracy, ev.loss,
+                   ev.num_samples, ev.max_logit_drift, ev.probe_ok, ev.created_at)
+            .join(measured, ev.task_id == measured.id)
+            .join(after, ev.after_task_id == after.id)
+            .order_by(ev.id)
+        )
         with self._session() as s:
-            names = dict(s.execute(select(TaskRow.id, TaskRow.name)).tuples().all())
-            query = select(EvaluationRow).order_by(EvaluationRow.id)
             if base is not None:
-                base_id = base_row(s, base).id
-                query = query.join(TaskRow, EvaluationRow.task_id == TaskRow.id).where(
-                    TaskRow.base_id == base_id
-                )
-            return [
-                to_evaluation(row, names[row.task_id], names[row.after_task_id])
-                for row in s.scalars(query)
-            ]
+                query = query.where(measured.base_id == base_row(s, base).id)
+            if tasks is not None:
+                query = query.where(measured.name.in_(list(tasks)))
+            return [Evaluation(*values) for values in s.execute(query).tuples()]
+
+    def list_task_names(self, base: str, *, ready_only: bool = True) -> list[str]:
+        """Names of a base's tasks in sequence order, without loading their rows."""
+        with self._session() as s:
+            query = (
+                select(TaskRow.name)
+                .where(TaskRow.base_id == base_row(s, base).id)
+                .order_by(TaskRow.position.is_(None), TaskRow.position, TaskRow.id)
+            )
+            if ready_only:
+                query = query.where(TaskRow.status == "ready")
+            return list(s.scalars(query))
+
+    def chain_problems(self, base: str) -> dict[str, str]:
+        """Task name → why its link in the base's hash chain fails (registry.chain); {} if none.
+
+        Reads rows only: no artifact file is opened.
+        """
+        task_art, probe_art = aliased(ArtifactRow), aliased(ArtifactRow)
+        with self._session() as s:
+            b = base_row(s, base)
+            rows = s.execute(
+                select(TaskRow.name, TaskRow.position, task_art.sha256, probe_art.sha256,
+                       TaskRow.chain_prev_sha256, TaskRow.chain_sha256)
+                .outerjoin(task_art, TaskRow.artifact_id == task_art.id)
+                .outerjoin(probe_art, TaskRow.probe_artifact_id == probe_art.id)
+                .where(TaskRow.base_id == b.id, TaskRow.status == "ready")
+                .order_by(TaskRow.position)
+            ).tuples().all()
+            return chain.chain_problems(b.weights_sha256,
+                                        [chain.ChainEntry(*values) for values in rows])
 
 
 def _refuse_taken_base(s: Session, name: str, cause: Optional[Exception] = None) -> None:

@@ -83,6 +83,8 @@ def to_task(row: TaskRow, layers: bool = True) -> Task:
         run_host=row.run_host,
         run_pid=row.run_pid,
         heartbeat_at=row.heartbeat_at,
+        chain_prev_sha256=row.chain_prev_sha256,
+        chain_sha256=row.chain_sha256,
         depends_on=tuple(
             TaskDependency(
                 task=dep.depends_on.name if dep.depends_on is not None else None,

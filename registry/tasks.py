@@ -7,14 +7,14 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, event, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from registry import runs
+from registry import chain, runs
 from registry.artifacts import ArtifactFiles
 from registry.entities import EarlierCell, LayerEntry, Task
-from registry.errors import AlreadyExists, EarlierChanged, NotFound, RegistryError, RunLost
+from registry.errors import AlreadyExists, NotFound, RegistryError, RunLost
 from registry.models import (
     ArtifactRow,
     BaseModelRow,
@@ -119,11 +119,12 @@ class TaskVerbs(ArtifactFiles):
         RegistryError (it changed or was deleted while this run trained).
 
         One write transaction, serialised per base against other writers, stores the artifacts'
-        rows, the layers, the diagonal evaluation and the ``earlier`` cells (this task's column
-        of the accuracy matrix). Every task of the base that is ready at that moment must have
-        a cell in ``earlier``, else EarlierChanged names the missing ones (check them, call
-        again); cells of tasks that are no longer ready are ignored. RunLost when the run's row
-        is gone or no longer ``training``.
+        rows, the layers, the diagonal evaluation, the ``earlier`` cells (the earlier tasks the
+        run re-checked — a sample; cells of tasks no longer ready are dropped) and the task's
+        link in the base's hash chain (registry.chain). It writes only rows of the new task and
+        new cells — checked before commit, so an add cannot alter anything earlier. Its cost does
+        not depend on how many tasks the base holds. RunLost when the run's row is gone or no
+        longer ``training``.
 
         Files are written (atomically) before the transaction; if it fails, files this call
         created are removed again, so a failure leaves neither rows nor new files.
@@ -132,22 +133,18 @@ class TaskVerbs(ArtifactFiles):
         try:
             task_file = self._stage(task_blob, created)
             probe_file = self._stage(probe_blob, created)
-            with self._session(write=True) as s:
+            with self._session(write=True) as s, _Writes(s) as writes:
                 row = _run_row(s, run_token)
                 # SQLite holds the database's write lock already; other databases lock the base.
                 s.execute(
                     select(BaseModelRow.id).where(BaseModelRow.id == row.base_id).with_for_update()
                 )
-                ready = s.execute(
-                    select(TaskRow.name, TaskRow.id)
-                    .where(TaskRow.base_id == row.base_id, TaskRow.status == "ready")
-                    .order_by(TaskRow.position, TaskRow.id)
-                ).all()
-                ready_ids = {task_name: task_id for task_name, task_id in ready}
-                cells = {cell.task: cell for cell in earlier if cell.task in ready_ids}
-                missing = [task_name for task_name, _ in ready if task_name not in cells]
-                if missing:
-                    raise EarlierChanged(missing)
+                wanted = {cell.task for cell in earlier}
+                ready_ids = dict(s.execute(
+                    select(TaskRow.name, TaskRow.id).where(
+                        TaskRow.base_id == row.base_id, TaskRow.status == "ready",
+                        TaskRow.name.in_(wanted))
+                ).tuples().all()) if wanted else {}
                 pins = [_pin(s, row, *dependency) for dependency in dependencies]
                 artifact = self._record_artifact(
                     s, task_blob, task_file, "task", task_num_params, created
@@ -159,6 +156,9 @@ class TaskVerbs(ArtifactFiles):
                     select(func.max(TaskRow.position)).where(TaskRow.base_id == row.base_id)
                 )
                 row.position = (top or 0) + 1
+                row.chain_prev_sha256 = _chain_head(s, row.base_id)
+                row.chain_sha256 = chain.link(row.chain_prev_sha256, row.position, row.name,
+                                              artifact.sha256, probe.sha256)
                 row.artifact_id = artifact.id
                 row.probe_artifact_id = probe.id
                 row.train_seconds = train_seconds
@@ -189,7 +189,9 @@ class TaskVerbs(ArtifactFiles):
                         probe_ok=True,
                     )
                 )
-                for cell in cells.values():
+                for cell in earlier:
+                    if cell.task not in ready_ids:
+                        continue
                     s.add(
                         EvaluationRow(
                             task_id=ready_ids[cell.task],
@@ -201,6 +203,7 @@ class TaskVerbs(ArtifactFiles):
                             probe_ok=cell.probe_ok,
                         )
                     )
+                writes.check_only(row)
                 s.flush()
                 s.refresh(row)
                 return to_task(row)
@@ -333,6 +336,68 @@ class TaskVerbs(ArtifactFiles):
             if ready_only:
                 query = query.where(TaskRow.status == "ready")
             return [to_task(row) for row in s.scalars(query).unique()]
+
+
+def _chain_head(s: Session, base_id: int) -> str:
+    """The chain value a task finishing now follows: the top ready task's, or the base's."""
+    top = s.execute(
+        select(TaskRow.chain_sha256)
+        .where(TaskRow.base_id == base_id, TaskRow.status == "ready")
+        .order_by(TaskRow.position.desc())
+        .limit(1)
+    ).first()
+    if top is not None and top[0] is not None:
+        return str(top[0])
+    if top is not None:  # a ready task without a chain value: its row was altered
+        raise RegistryError("the last ready task of this base has no chain value (its row was "
+                            "altered); run `taps-cl report accuracy --verify`")
+    weights = s.scalar(select(BaseModelRow.weights_sha256).where(BaseModelRow.id == base_id))
+    return chain.genesis(str(weights))
+
+
+class _Writes:
+    """Every row a session inserts, changes or deletes, across all its flushes (autoflush too)."""
+
+    def __init__(self, s: Session) -> None:
+        self.session = s
+        self.new: list[object] = []
+        self.dirty: list[object] = []
+        self.deleted: list[object] = []
+
+    def __enter__(self) -> _Writes:
+        event.listen(self.session, "before_flush", self._collect)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self.session, "before_flush", self._collect)
+
+    def _collect(self, s: Session, *_: object) -> None:
+        self.new += list(s.new)
+        self.dirty += [obj for obj in s.dirty if s.is_modified(obj)]
+        self.deleted += list(s.deleted)
+
+    def check_only(self, row: TaskRow) -> None:
+        """Refuse to commit a finish that would change anything but `row`'s own rows.
+
+        New rows may be artifacts, the task's layers, pins and evaluations in its column (or its
+        diagonal); the only changed row may be the task itself; nothing may be deleted.
+        """
+        self._collect(self.session)  # what the last flush has not sent yet
+        foreign = [f"changed {type(obj).__name__}" for obj in self.dirty if obj is not row]
+        foreign += [f"deleted {type(obj).__name__}" for obj in self.deleted]
+        own = {id(obj) for obj in [*row.layers, *row.dependencies]}
+        for obj in self.new:
+            if isinstance(obj, EvaluationRow):
+                if obj.after_task_id != row.id:
+                    foreign.append("an evaluation outside the new column")
+            elif isinstance(obj, (TaskLayerRow, TaskDependencyRow)):
+                if id(obj) not in own:
+                    foreign.append(f"a {type(obj).__name__} of another task")
+            elif not isinstance(obj, ArtifactRow):
+                foreign.append(f"new {type(obj).__name__}")
+        if foreign:
+            raise RegistryError("internal error: finishing a task would write beyond its own rows "
+                                f"({', '.join(sorted(set(foreign)))}); nothing was recorded")
 
 
 def _pin(s: Session, row: TaskRow, name: str, sha256: str, kind: str) -> TaskDependencyRow:

@@ -12,16 +12,18 @@ from __future__ import annotations
 import _thread
 import logging
 import os
+import random
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from registry import AlreadyExists, EarlierChanged, NotFound, Registry, RunLost
+from registry import AlreadyExists, NotFound, Registry, RunLost
 from registry.entities import BaseModel, EarlierCell, LayerEntry, Task
 from registry.runs import HEARTBEAT_INTERVAL_SECONDS
 from taps_cl import backbones, data, evaluate, serialization
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 
 PROBE_SIZE = 32  # test inputs kept per task to prove later additions did not change it
 MERGE_ATOL = 1e-5  # restored vs trained model on the probe batch, when stored tensors are exact
-MAX_FINISH_ATTEMPTS = 100  # finish retries while concurrent adds keep landing first
+RECHECK_SAMPLE = 8  # earlier tasks whose probes an add re-checks (a bounded, seeded sample)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,9 @@ class TaskRequest:
     max_test: Optional[int] = None
     val_fraction: float = 0.1
     method_options: Optional[dict[str, Any]] = None
+    # Earlier tasks whose probes the add re-checks (a seeded sample; 0: none). Whatever the
+    # number, the add cannot change them; `report accuracy --verify` checks them all.
+    recheck: int = RECHECK_SAMPLE
 
 
 def configured_method(method: str, options: dict[str, Any], epochs: int) -> Method:
@@ -180,7 +185,8 @@ class TaskAdder:
         try:
             with heartbeat:
                 return self._train_and_store(started, base, learner, model, train_cfg,
-                                             task_data, dependencies, pins, progress)
+                                             task_data, dependencies, pins, progress,
+                                             request.recheck)
         except KeyboardInterrupt as exc:
             if heartbeat.lost:
                 raise RunLost(f"task {request.name!r} was removed while this run was training; "
@@ -228,13 +234,32 @@ class TaskAdder:
     def _train_and_store(
         self, started: Task, base: BaseModel, learner: Method, model: nn.Module,
         train_cfg: TrainConfig, task_data: data.TaskData, dependencies: list[Dependency],
-        pins: list[tuple[str, str]], progress: bool,
+        pins: list[tuple[str, str]], progress: bool, recheck: int,
     ) -> TaskAddResult:
-        name = started.name
-        head = frozenset(base.head_keys)
         t0 = time.perf_counter()
         fitted = fit(model, learner, task_data.train, task_data.val, train_cfg, progress=progress)
         seconds = time.perf_counter() - t0
+        return self.store_trained(started, base, learner, model, task_data, dependencies, pins,
+                                  train_seconds=seconds, device=train_cfg.device,
+                                  seed=train_cfg.seed, history=fitted.history,
+                                  best_val_accuracy=fitted.best_val_accuracy, recheck=recheck)
+
+    def store_trained(
+        self, started: Task, base: BaseModel, learner: Method, model: nn.Module,
+        task_data: data.TaskData, dependencies: list[Dependency], pins: list[tuple[str, str]],
+        *, train_seconds: float, device: str = "cpu", seed: int = 0,
+        history: Optional[list[dict[str, Any]]] = None, best_val_accuracy: Optional[float] = None,
+        recheck: int = RECHECK_SAMPLE,
+    ) -> TaskAddResult:
+        """Store a trained model as the run `started`'s task: the second half of `add`.
+
+        Evaluates it on the test split, records the probe batch, writes the artifacts and
+        finishes the task (re-checking a bounded sample of earlier tasks). `examples/scale.py`
+        uses it to record synthetic tasks through exactly the path a real add takes.
+        """
+        name = started.name
+        head = frozenset(base.head_keys)
+        seconds = train_seconds
         learner.finalize(model)
         # Every number the registry compares is computed on the CPU in float32.
         model = model.cpu().float()
@@ -242,11 +267,10 @@ class TaskAdder:
         plain = task_model(base, self.models.base_state(base), learner, state.tensors,
                            len(task_data.class_names), dependencies,
                            started.dataset_spec.get("img_size"))
-        device = resolve_device(train_cfg.device)
-        test = evaluate.evaluate(plain.to(device), task_data.test)
+        test = evaluate.evaluate(plain.to(resolve_device(device)), task_data.test)
         plain = plain.cpu()
 
-        indices = probe_indices(task_data.test.labels, PROBE_SIZE, train_cfg.seed)
+        indices = probe_indices(task_data.test.labels, PROBE_SIZE, seed)
         probe_inputs = torch.stack([task_data.test[i][0] for i in indices])
         probe_logits = evaluate.logits(plain, probe_inputs)
         trained_logits = evaluate.logits(model, probe_inputs)
@@ -279,7 +303,7 @@ class TaskAdder:
              "restore_error": merge_error, "exact": state.exact},
         )
         checks, task = self._finish(
-            started, base,
+            started, base, recheck, seed, pins,
             task_blob=task_blob, task_num_params=state.num_params, probe_blob=probe_blob,
             probe_num_params=serialization.numel(probe_tensors), layers=layers,
             head_params=head_params, train_seconds=seconds, test_accuracy=test.accuracy,
@@ -288,34 +312,36 @@ class TaskAdder:
         )
         log.info("task %s: test accuracy %.4f, %d/%d layers active", name, test.accuracy,
                  task.active_layers, task.total_layers)
-        return TaskAddResult(task, test.accuracy, fitted.best_val_accuracy, fitted.history,
-                             checks, merge_error)
+        return TaskAddResult(task, test.accuracy, best_val_accuracy, history or [], checks,
+                             merge_error)
 
-    def _finish(self, started: Task, base: BaseModel,
-                **results: Any) -> tuple[list[ProbeCheck], Task]:
-        """Re-check the earlier tasks and record this one with its column; retry while
-        concurrent adds finish first (their tasks then need checking too)."""
+    def _finish(self, started: Task, base: BaseModel, recheck: int, seed: int,
+                pins: list[tuple[str, str]], **results: Any) -> tuple[list[ProbeCheck], Task]:
+        """Re-check a bounded sample of earlier tasks and record this one with their cells.
+
+        The add cannot change an earlier task (artifacts are content-addressed and never
+        rewritten; `finish_task` writes only the new task's rows and links it into the base's
+        hash chain), so the re-check is a spot check whose cost does not grow with the registry;
+        `report accuracy --verify` re-checks all of them.
+        """
         verifier = Verifier(self.models)
-        checks: dict[str, ProbeCheck] = {}
-        cells: dict[str, EarlierCell] = {}
-        pending = [t for t in self.registry.list_tasks(base.name, ready_only=True)]
-        for _ in range(MAX_FINISH_ATTEMPTS):
-            evaluations = self.registry.list_evaluations(base.name) if pending else []
-            for task in pending:
-                check = verifier.check_task(task, base, evaluations)
-                checks[task.name] = check
-                cells[task.name] = self._cell(task, check, evaluations)
-            try:
-                assert started.run_token is not None
-                task = self.registry.finish_task(started.run_token, earlier=list(cells.values()),
-                                                 **results)
-                return list(checks.values()), task
-            except EarlierChanged as exc:
-                pending = [self.registry.get_task(n) for n in exc.missing]
-            except RunLost as exc:
-                raise RunLost(f"task {started.name!r} was removed while this run was training; "
-                              "nothing was recorded") from exc
-        raise TapsError(f"task {started.name!r}: other tasks kept finishing first; try again")
+        sample = recheck_sample(self.registry.list_task_names(base.name), recheck,
+                                f"{seed}:{started.name}", first=[name for name, _ in pins])
+        evaluations = self.registry.list_evaluations(base.name, tasks=sample) if sample else []
+        checks, cells = [], []
+        for name in sample:
+            task = self.registry.get_task(name)
+            own = [e for e in evaluations if e.task == name]
+            check = verifier.check_task(task, base, own)
+            checks.append(check)
+            cells.append(self._cell(task, check, own))
+        assert started.run_token is not None
+        try:
+            task = self.registry.finish_task(started.run_token, earlier=cells, **results)
+        except RunLost as exc:
+            raise RunLost(f"task {started.name!r} was removed while this run was training; "
+                          "nothing was recorded") from exc
+        return checks, task
 
     def _cell(self, task: Task, check: ProbeCheck, evaluations: list) -> EarlierCell:  # type: ignore[type-arg]
         """The task's cell in the new column: carried when its probe is unchanged, else
@@ -331,3 +357,19 @@ class TaskAdder:
         except Exception as exc:  # noqa: BLE001 — a broken task is reported, not fatal
             log.warning("task %s changed and cannot be re-measured: %s", task.name, exc)
         return EarlierCell(task.name, "measured", accuracy, check.max_drift, False)
+
+
+def recheck_sample(names: Sequence[str], size: int, seed: str,
+                   first: Sequence[str] = ()) -> list[str]:
+    """Which of a base's ready tasks (`names`, in sequence order) an add re-checks: at most
+    `size`, in sequence order — the tasks it reads (`first`), the latest one, then a draw
+    seeded by `seed` from the rest, so every task is spot-checked now and then."""
+    if size <= 0 or not names:
+        return []
+    known = set(names)
+    chosen = [name for name in dict.fromkeys([*first, names[-1]]) if name in known][:size]
+    taken = set(chosen)
+    rest = [name for name in names if name not in taken]
+    picks = random.Random(seed).sample(rest, min(size - len(chosen), len(rest)))
+    order = {name: i for i, name in enumerate(names)}
+    return sorted([*chosen, *picks], key=order.__getitem__)

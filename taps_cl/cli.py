@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import click
 
 from registry import RegistryError, db
-from registry.entities import BaseModel, Task
+from registry.entities import BaseModel, Task, TaskSummary
 from taps_cl import reports
 from taps_cl.errors import TapsError, first_line
 from taps_cl.manager import Manager
@@ -22,6 +22,11 @@ log = logging.getLogger("taps_cl")
 
 # Set by the group callback so that main() knows whether to show tracebacks.
 _STATE = {"debug": False}
+
+# Rows a human table shows when no --limit is given (--json always lists every row).
+TABLE_ROWS = 50
+# Beyond this many tasks `report accuracy` prints a summary instead of the N × N matrix.
+SUMMARY_ABOVE = 20
 
 
 class Context:
@@ -89,6 +94,12 @@ def _fmt(value: Any) -> str:
 
 def _pct(value: Optional[float]) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _more(count: int, hint: str) -> None:
+    """The line under a table that was cut: how many rows are not shown, and how to see them."""
+    if count > 0:
+        click.echo(f"… {count:,} more ({hint})")
 
 
 # ------------------------------------------------------------------------ db
@@ -240,6 +251,9 @@ def _task_json(t: Task, accuracy: Optional[float]) -> dict[str, Any]:
               default=0.1, show_default=True)
 @click.option("--device", default="auto", show_default=True,
               help="Where training runs: auto, cpu, cuda, cuda:N or mps (checks run on the CPU).")
+@click.option("--recheck", type=click.IntRange(0),
+              help="Earlier tasks whose probes are re-checked (default 8: the latest, any it "
+                   "reads, a seeded sample of the rest; `report accuracy --verify` checks all).")
 @pass_ctx
 def task_add(c: Context, name: str, base: str, data_spec: str, classes: Optional[str],
              method: str, **given: Any) -> None:
@@ -264,6 +278,9 @@ def task_add(c: Context, name: str, base: str, data_spec: str, classes: Optional
                    f"test accuracy {_pct(result.test_accuracy)}%, "
                    f"{t.active_layers}/{t.total_layers} layers active, "
                    f"{t.task_params:,} task-specific parameters")
+        if result.probe_checks:
+            click.echo(f"  re-checked {len(result.probe_checks)} earlier task(s) "
+                       "(a sample; `report accuracy --verify` checks every one):")
         for p in result.probe_checks:
             state = "unchanged" if p.ok else f"CHANGED ({p.error or 'logits moved'})"
             click.echo(f"  earlier task {p.task}: probe logits {state} "
@@ -293,19 +310,37 @@ def task_delete(c: Context, name: str) -> None:
            lambda: click.echo(f"deleted task {name} ({len(removed)} artifact file(s) removed)"))
 
 
+def _summary_json(t: TaskSummary) -> dict[str, Any]:
+    return {"name": t.name, "base": t.base, "method": t.method, "position": t.position,
+            "status": t.status, "num_classes": t.num_classes, "task_params": t.task_params,
+            "active_layers": t.active_layers, "total_layers": t.total_layers,
+            "test_accuracy": t.test_accuracy}
+
+
 @task_group.command("list")
 @click.option("--base", help="Only this base's tasks.")
+@click.option("--limit", type=click.IntRange(0),
+              help=f"Show at most N tasks (default: all with --json, else {TABLE_ROWS}).")
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True,
+              help="Skip the first N tasks of the sequence.")
 @pass_ctx
-def task_list(c: Context, base: Optional[str]) -> None:
+def task_list(c: Context, base: Optional[str], limit: Optional[int], offset: int) -> None:
     """List tasks in sequence order."""
-    tasks = c.manager.list_tasks(base)
-    acc = c.manager.test_accuracies(base)
-    rows = [_task_json(t, acc.get(t.name)) for t in tasks]
-    c.emit(rows, lambda: _table(
-        ["#", "name", "base", "method", "status", "classes", "task params", "layers", "test acc %"],
-        [[r["position"], r["name"], r["base"], r["method"], r["status"], r["num_classes"],
-          r["task_params"], f"{r['active_layers']}/{r['total_layers']}",
-          _pct(r["test_accuracy"])] for r in rows]))
+    if limit is None and not c.json:
+        limit = TABLE_ROWS
+    summaries = c.manager.task_summaries(base, limit=limit, offset=offset)
+    rows = [_summary_json(t) for t in summaries]
+
+    def text() -> None:
+        _table(["#", "name", "base", "method", "status", "classes", "task params", "layers",
+                "test acc %"],
+               [[r["position"], r["name"], r["base"], r["method"], r["status"],
+                 r["num_classes"], r["task_params"], f"{r['active_layers']}/{r['total_layers']}",
+                 _pct(r["test_accuracy"])] for r in rows])
+        if limit is not None and len(rows) == limit:  # maybe cut: say how many are left
+            _more(c.manager.count_tasks(base) - offset - len(rows), "use --limit/--offset/--json")
+
+    c.emit(rows, text)
 
 
 @task_group.command("show")
@@ -374,24 +409,31 @@ def report_group() -> None:
 @report_group.command("budget")
 @click.option("--base", help="Base model (needed when there are several).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a bar chart PNG.")
+@click.option("--limit", type=click.IntRange(0),
+              help=f"Show at most N task rows in the table (default: all up to {TABLE_ROWS}, "
+                   f"else the first {TABLE_ROWS}); totals and --json cover every task.")
 @pass_ctx
-def report_budget(c: Context, base: Optional[str], plot: Optional[str]) -> None:
+def report_budget(c: Context, base: Optional[str], plot: Optional[str],
+                  limit: Optional[int]) -> None:
     """Base + Σ task-specific parameters and bytes vs N fine-tuned models."""
     rep = c.manager.budget(base)
     if plot:
         reports.plot_budget(rep, plot)
-    c.emit(rep.to_json(), lambda: _budget_text(rep))
+    c.emit(rep.to_json(), lambda: _budget_text(rep, limit))
 
 
-def _budget_text(rep: reports.BudgetReport) -> None:
+def _budget_text(rep: reports.BudgetReport, limit: Optional[int] = None) -> None:
     click.echo(f"base {rep.base_name} ({rep.base_model}): {rep.base_params:,} parameters, "
                f"{rep.base_bytes:,} bytes")
+    if limit is None:
+        limit = len(rep.tasks) if len(rep.tasks) <= TABLE_ROWS else TABLE_ROWS
     _table(["task", "method", "layers", "params", "bytes", "× base", "budget", "reads"],
            [[t.name, t.method, f"{t.active_layers}/{t.total_layers}", t.task_params, t.bytes,
              _ratio(t.ratio_to_base),
              "-" if t.budget is None else f"{t.budget:.3f} (used {_ratio(t.budget_used)})",
              ",".join(t.depends_on) or "-"]
-            for t in rep.tasks])
+            for t in rep.tasks[:limit]])
+    _more(len(rep.tasks) - limit, "use --limit/--json")
     click.echo(f"total: {rep.total_params:,} parameters ({rep.total_bytes:,} bytes) = "
                f"{_ratio(rep.ratio_to_base)}× base; {len(rep.tasks)} fine-tuned models: "
                f"{rep.finetune_total_params:,}; linear probes: {rep.linear_total_params:,}")
@@ -408,30 +450,56 @@ def _ratio(value: Optional[float]) -> str:
                    "task's probe logits; exit status 1 unless all hold.")
 @click.option("--reevaluate", is_flag=True,
               help="Re-measure every task's test accuracy where its data is reachable.")
+@click.option("--workers", type=click.IntRange(1),
+              help="Processes that verify tasks in parallel (default: one per core; a few "
+                   "tasks are checked in this process).")
+@click.option("--task", "tasks", multiple=True, metavar="NAME",
+              help="Verify only this task (repeatable; needs --verify).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a heatmap PNG.")
+@click.option("--full", is_flag=True,
+              help=f"Print the whole matrix even for more than {SUMMARY_ABOVE} tasks.")
+@click.option("--limit", type=click.IntRange(1), default=10, show_default=True,
+              help="Tasks listed in the summary of a long sequence.")
+@click.option("--summary", is_flag=True,
+              help="The summary even for a short sequence; with --json, no dense matrix (the "
+                   "final column, metrics and counts only).")
 @pass_ctx
 def report_accuracy(c: Context, base: Optional[str], verify: bool, reevaluate: bool,
-                    plot: Optional[str]) -> None:
+                    workers: Optional[int], tasks: tuple[str, ...], plot: Optional[str],
+                    full: bool, limit: int, summary: bool) -> None:
     """Accuracy of every task after every later addition; forgetting and BWT."""
-    rep = c.manager.accuracy(base, verify=verify, reevaluate=reevaluate)
+    if tasks and not verify:
+        raise click.UsageError("--task limits verification: give --verify too")
+    rep = c.manager.accuracy(base, verify=verify, reevaluate=reevaluate, workers=workers,
+                             progress=_progress() and not c.json, tasks=list(tasks) or None)
     if plot:
         reports.plot_accuracy(rep, plot)
-    c.emit(rep.to_json(), lambda: _accuracy_text(rep))
+    if full and summary:
+        raise click.UsageError("--full and --summary contradict each other")
+    c.emit(rep.to_json(matrix=not summary),
+           lambda: _accuracy_text(rep, full, limit, summary))
     if rep.reason:
         raise TapsError(rep.reason)
 
 
-def _accuracy_text(rep: reports.AccuracyReport) -> None:
+def _accuracy_text(rep: reports.AccuracyReport, full: bool = False, limit: int = 10,
+                   summary: bool = False) -> None:
     names = list(rep.tasks)
-    rows = []
-    for name, row, kinds in zip(names, rep.matrix, rep.cells):
-        rows.append([name] + [
-            "-" if k is None else f"CHANGED {_pct(v)}" if k == "changed"
-            else _pct(v) + ("*" if k == "probe" else "")
-            for v, k in zip(row, kinds)])
-    _table(["task \\ after"] + names, rows)
-    click.echo("* probe-checked when recorded: logits on the stored probe batch unchanged, so "
-               "the accuracy is the measured one")
+    if not summary and (full or len(names) <= SUMMARY_ABOVE):
+        rows = []
+        for name, row, kinds in zip(names, rep.matrix, rep.cells):
+            rows.append([name] + [
+                "-" if k is None else f"CHANGED {_pct(v)}" if k == "changed"
+                else _pct(v) + {"probe": "*", "derived": "~"}.get(k, "")
+                for v, k in zip(row, kinds)])
+        _table(["task \\ after"] + names, rows)
+        click.echo("* probe-checked when recorded: logits on the stored probe batch unchanged, "
+                   "so the accuracy is the measured one")
+        if any(k == "derived" for row in rep.cells for k in row):
+            click.echo("~ derived: not re-checked by that add, which wrote only its own rows; "
+                       "the task is the same model as at its last record")
+    else:
+        _accuracy_summary(rep, limit)
     click.echo(f"average accuracy {_pct(rep.average_accuracy)}%, "
                f"forgetting {_pct(rep.forgetting)} points, BWT {_pct(rep.bwt)} points"
                + ("" if rep.complete else " (final column incomplete)"))
@@ -439,8 +507,15 @@ def _accuracy_text(rep: reports.AccuracyReport) -> None:
         click.echo(f"WARNING: probe logits changed for {cell}")
     for line in rep.contradictions:
         click.echo(f"WARNING: {line}")
+    for line in rep.chain_problems:
+        click.echo(f"WARNING: hash chain broken at {line}")
     for line in rep.reevaluate_skipped:
         click.echo(f"not re-evaluated: {line}")
+    if rep.verify_seconds is not None:
+        rate = rep.verify_tasks_per_s
+        click.echo(f"verify: {len(rep.verified_tasks)} tasks checked in "
+                   f"{rep.verify_seconds:.1f} s ({'-' if rate is None else f'{rate:.2f}'} "
+                   "tasks/s)")
     # "verified" is printed only for a report whose every check and every number agree.
     if rep.verified:
         click.echo(f"verified: interference-free — every artifact matches its sha256, every "
@@ -449,6 +524,24 @@ def _accuracy_text(rep: reports.AccuracyReport) -> None:
     elif rep.verified is False:
         click.echo(f"NOT verified: {len(rep.problems)} problem(s); the figures above are not "
                    "confirmed")
+
+
+def _accuracy_summary(rep: reports.AccuracyReport, limit: int) -> None:
+    """The matrix of a long sequence in a few lines: counts, and the tasks that lost most."""
+    kinds: dict[str, int] = {}
+    for kind in rep.final_cells:
+        kinds[kind or "none"] = kinds.get(kind or "none", 0) + 1
+    how = ", ".join(f"{count:,} {kind}" for kind, count in sorted(kinds.items()))
+    click.echo(f"{len(rep.tasks):,} tasks; {rep.stored_cells:,} stored cells; final column: {how}")
+    diagonal = {name: next((v for j, v, _ in records if j == i), None)
+                for i, (name, records) in enumerate(zip(rep.tasks, rep.recorded))}
+    rows = [(name, diagonal[name], final, kind)
+            for name, final, kind in zip(rep.tasks, rep.final, rep.final_cells)]
+    lost = sorted(rows, key=lambda r: -((r[1] or 0) - (r[2] or 0)))[:limit]
+    click.echo(f"the {len(lost)} task(s) that lost most since they were added "
+               "(the full matrix: --full, --json or --plot):")
+    _table(["task", "when added", "now", "known by"],
+           [[name, _pct(added), _pct(now), kind or "-"] for name, added, now, kind in lost])
 
 
 @report_group.command("layers")

@@ -1,27 +1,32 @@
 """The public Python API: one object per registry that the CLI and scripts call.
 
 It holds no algorithm of its own: adding a task is `adding`, rebuilding models is `restoring`,
-checking them is `verification`, report data is `reports`.
+checking them is `verification`, report data is `reports`. Those modules (and torch) are imported
+where they are first used, so reading commands (`task list`, `report budget`, `report accuracy`)
+start without importing torch.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from registry import AlreadyExists, NotFound, Registry, RegistryError
-from registry.entities import BaseModel, GarbageFile, Task
-from taps_cl import backbones, evaluate, reports, serialization
-from taps_cl.adding import TaskAdder, TaskAddResult, TaskRequest
+from registry.entities import BaseModel, GarbageFile, Task, TaskSummary
+from taps_cl import reports
 from taps_cl.errors import TapsError, first_line
-from taps_cl.restoring import ModelStore
-from taps_cl.train import TrainConfig
-from taps_cl.verification import ProbeCheck, Verifier
-from taps_cl.weights import read_weights
+
+if TYPE_CHECKING:  # these import torch: loaded where first used (see the module docstring)
+    from torch import nn
+
+    from taps_cl import evaluate
+    from taps_cl.adding import TaskAddResult
+    from taps_cl.restoring import ModelStore
+    from taps_cl.verification import ProbeCheck
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,8 @@ class Manager:
 
     @property
     def models(self) -> ModelStore:
+        from taps_cl.restoring import ModelStore
+
         if self._models is None or self._models.registry is not self.registry:
             self._models = ModelStore(self.registry)
         return self._models
@@ -82,6 +89,9 @@ class Manager:
         self, name: str, model: str, weights: Optional[str] = None, pretrained: bool = False
     ) -> BaseModel:
         """Build the backbone, load its weights and store them once as the frozen base."""
+        from taps_cl import backbones, serialization
+        from taps_cl.weights import read_weights
+
         reg = self._writable()
         if _exists(reg.get_base, name):  # fail before building the model
             raise AlreadyExists(f"base model {name!r} already exists")
@@ -132,14 +142,22 @@ class Manager:
         device: str = "auto",
         method_options: Optional[dict[str, Any]] = None,
         progress: bool = False,
+        recheck: Optional[int] = None,
     ) -> TaskAddResult:
-        """Train a task on the frozen base, store only what it needs, and re-check earlier tasks.
+        """Train a task on the frozen base, store only what it needs, and spot-check earlier tasks.
+
+        `recheck` earlier tasks (default RECHECK_SAMPLE: a seeded sample with the latest task and
+        any it reads) get their probe logits re-checked; the add cost does not grow with the
+        registry, and nothing earlier can change (see `TaskAdder._finish`).
 
         Everything that can be rejected (names, method options, data, budget) is checked before
         the task is recorded; a failure or Ctrl-C afterwards removes the task again. `device`
         ("auto", "cpu", "cuda[:N]", "mps") is where training runs; the registry's checks run on
         the CPU in float32 whatever it is.
         """
+        from taps_cl.adding import TaskAdder, TaskRequest
+        from taps_cl.train import TrainConfig
+
         train_cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr,
                                 optimizer=optimizer, weight_decay=weight_decay, seed=seed,
                                 device=device)
@@ -147,6 +165,7 @@ class Manager:
             name=name, base=base, data_spec=data_spec, method=method, classes=classes,
             img_size=img_size, max_train=max_train, max_test=max_test,
             val_fraction=val_fraction, method_options=method_options,
+            **({} if recheck is None else {"recheck": recheck}),
         )
         registry = self._writable()
         return TaskAdder(registry, self.models).add(request, train_cfg, progress=progress)
@@ -161,6 +180,22 @@ class Manager:
 
     def list_tasks(self, base: Optional[str] = None) -> list[Task]:
         return self.registry.list_tasks(base)
+
+    def task_summaries(
+        self, base: Optional[str] = None, *, ready_only: bool = False,
+        limit: Optional[int] = None, offset: int = 0,
+    ) -> list[TaskSummary]:
+        """Tasks in sequence order with their sizes, layer counts and latest measured accuracy.
+
+        Computed by the database (no layer rows loaded): what `task list` shows, fast at
+        thousands of tasks; `limit`/`offset` page through the sequence.
+        """
+        return self.registry.task_summaries(base, ready_only=ready_only, limit=limit,
+                                            offset=offset)
+
+    def count_tasks(self, base: Optional[str] = None, ready_only: bool = False) -> int:
+        """How many tasks there are (of one base; only ready ones with `ready_only`)."""
+        return self.registry.count_tasks(base, ready_only=ready_only)
 
     def get_task(self, name: str) -> Task:
         return self.registry.get_task(name)
@@ -210,19 +245,27 @@ class Manager:
         result = self.models.evaluate(name, data_spec, max_test=max_test, device=device)
         if record:
             task = self.registry.get_task(name)
-            last = self.registry.list_tasks(task.base, ready_only=True)[-1]
+            last = self.registry.list_task_names(task.base)[-1]
             self.registry.add_evaluation(
-                name, after_task=last.name, kind="measured", accuracy=result.accuracy,
+                name, after_task=last, kind="measured", accuracy=result.accuracy,
                 loss=result.loss, num_samples=result.num_samples,
             )
         return result
 
     # ------------------------------------------------------------ verification
     def verify(
-        self, base: Optional[str] = None, tasks: Optional[Sequence[str]] = None
+        self, base: Optional[str] = None, tasks: Optional[Sequence[str]] = None, *,
+        workers: Optional[int] = None, progress: bool = False,
     ) -> list[ProbeCheck]:
-        """Check every artifact, recorded fact and probe of a base's (or every) task."""
-        return Verifier(self.models).verify(base, tasks)
+        """Check every artifact, recorded fact and probe of a base's (or every, or the named) task.
+
+        `workers` processes check the tasks in parallel (None: automatic, see
+        `Verifier.verify`); a script that verifies with workers needs an
+        ``if __name__ == "__main__":`` guard, as with any spawned process.
+        """
+        from taps_cl.verification import Verifier
+
+        return Verifier(self.models).verify(base, tasks, workers=workers, progress=progress)
 
     # ----------------------------------------------------------------- garbage
     def find_garbage(self) -> list[GarbageFile]:
@@ -248,11 +291,12 @@ class Manager:
     def budget(self, base: Optional[str] = None) -> reports.BudgetReport:
         """Base + Σ stored parameters and bytes of `base`'s ready tasks (None: the only base)."""
         b = self.only_base(base)
-        return reports.budget(b, self.registry.list_tasks(b.name, ready_only=True))
+        return reports.budget(b, self.registry.task_summaries(b.name, ready_only=True))
 
     def accuracy(
         self, base: Optional[str] = None, *, verify: bool = False, reevaluate: bool = False,
-        device: str = "auto",
+        device: str = "auto", workers: Optional[int] = None, progress: bool = False,
+        tasks: Optional[Sequence[str]] = None,
     ) -> reports.AccuracyReport:
         """The accuracy matrix of `base`'s ready tasks, with forgetting and BWT.
 
@@ -260,21 +304,34 @@ class Manager:
         latest column (tasks it cannot re-measure are listed in `reevaluate_skipped`); `verify`
         checks every artifact, recorded fact and probe (see `verify`), and the report is then
         `verified` only if all of them hold and no number in the matrix contradicts them.
+        `tasks` limits verification to the named tasks (the recorded history is still read
+        whole); `workers` and `progress` are `verify`'s.
         """
+        if tasks is not None and not verify:
+            raise TapsError("naming tasks limits verification: verify them too (--verify)")
         b = self.only_base(base)
         skipped: list[str] = []
         if reevaluate:
-            for t in self.registry.list_tasks(b.name, ready_only=True):
+            for name in self.registry.list_task_names(b.name):
                 try:
-                    self.evaluate_task(t.name, record=True, device=device)
+                    self.evaluate_task(name, record=True, device=device)
                 except (TapsError, RegistryError, OSError) as exc:  # data moved away: keep records
-                    skipped.append(f"{t.name}: {first_line(exc)}")
-        checks = self.verify(b.name) if verify else None
-        return reports.accuracy_matrix(
-            self.registry.list_tasks(b.name, ready_only=True),
+                    skipped.append(f"{name}: {first_line(exc)}")
+        checks, seconds = None, None
+        if verify:
+            start = time.perf_counter()
+            checks = self.verify(b.name, tasks, workers=workers, progress=progress)
+            seconds = time.perf_counter() - start
+        report = reports.accuracy_matrix(
+            self.registry.list_task_names(b.name),
             self.registry.list_evaluations(b.name),
             checks=checks, reevaluate_skipped=skipped,
+            chain_problems=self.registry.chain_problems(b.name),
         )
+        if checks is None:
+            return report
+        return replace(report, verify_seconds=seconds, verified_tasks=tuple(
+            c.task for c in checks if not c.task.startswith("base:")))
 
     def layer_map(self, base: Optional[str] = None) -> reports.LayerMap:
         """Which adaptable layers each of `base`'s ready tasks turned on."""
@@ -306,6 +363,19 @@ def open_registry(
     Use it as a context manager, or call ``close()`` when done.
     """
     return Manager(home, db)
+
+
+def __getattr__(name: str) -> Any:
+    # ProbeCheck and TaskAddResult stay importable from here without importing torch up front.
+    if name == "ProbeCheck":
+        from taps_cl.verification import ProbeCheck
+
+        return ProbeCheck
+    if name == "TaskAddResult":
+        from taps_cl.adding import TaskAddResult
+
+        return TaskAddResult
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["Manager", "ProbeCheck", "TaskAddResult", "open_registry", "restore"]

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from registry.entities import BaseModel, Evaluation, Task
+from registry.entities import BaseModel, Evaluation, Task, TaskSummary
+from taps_cl.errors import TapsError
 
 if TYPE_CHECKING:  # only the shape is needed here; verification imports torch
     from taps_cl.verification import ProbeCheck
@@ -20,6 +22,8 @@ if TYPE_CHECKING:  # only the shape is needed here; verification imports torch
 # An unchanged model on the same data makes the same predictions: its accuracy, a ratio of
 # counts, is then the same float. Anything beyond rounding noise is a contradiction.
 CONSISTENCY_ATOL = 1e-9
+# The accuracy heatmap labels every cell; beyond this many tasks it would be unreadable.
+PLOT_MAX_TASKS = 25
 
 
 # ----------------------------------------------------------------------- budget
@@ -72,9 +76,14 @@ class BudgetReport:
         }
 
 
-def budget(base: BaseModel, tasks: Sequence[Task]) -> BudgetReport:
-    """The budget of `base`'s ready tasks (others are skipped: they store nothing final yet)."""
-    ready = [t for t in tasks if t.status == "ready" and t.artifact is not None]
+def budget(base: BaseModel, tasks: Sequence[Task | TaskSummary]) -> BudgetReport:
+    """The budget of `base`'s ready tasks (others are skipped: they store nothing final yet).
+
+    `tasks` may be full Task entities or the TaskSummary rows `Registry.task_summaries` reads
+    without loading layer rows (what `Manager.budget` passes, so 10,000 tasks stay cheap).
+    """
+    summaries = [t if isinstance(t, TaskSummary) else TaskSummary.of(t) for t in tasks]
+    ready = [t for t in summaries if t.status == "ready" and t.sha256 is not None]
     per_base = (lambda n: n / base.num_params) if base.num_params else (lambda n: None)
     rows = []
     for t in ready:
@@ -82,20 +91,19 @@ def budget(base: BaseModel, tasks: Sequence[Task]) -> BudgetReport:
         rows.append(BudgetRow(
             name=t.name, method=t.method, task_params=t.task_params,
             head_params=t.head_params or 0, active_layers=t.active_layers,
-            total_layers=t.total_layers, bytes=t.artifact.bytes if t.artifact else 0,
+            total_layers=t.total_layers, bytes=t.bytes,
             ratio_to_base=per_base(t.task_params),
             budget=None if given is None else float(given),
             budget_used=None if given is None else per_base(t.task_params),
-            sha256=t.artifact.sha256 if t.artifact else None,
-            depends_on=tuple(pin.task for pin in t.depends_on if pin.task),
+            sha256=t.sha256, depends_on=t.depends_on,
         ))
     # Content addressing: two tasks with byte-identical artifacts share one file.
-    distinct = {t.artifact.sha256: t.artifact for t in ready if t.artifact is not None}
-    total = base.num_params + sum(a.num_params for a in distinct.values())
+    distinct = {t.sha256: (t.task_params, t.bytes) for t in ready}
+    total = base.num_params + sum(params for params, _ in distinct.values())
     return BudgetReport(
         base_name=base.name, base_model=base.model_spec, base_params=base.num_params,
         base_bytes=base.weights.bytes, tasks=tuple(rows), total_params=total,
-        total_bytes=base.weights.bytes + sum(a.bytes for a in distinct.values()),
+        total_bytes=base.weights.bytes + sum(nbytes for _, nbytes in distinct.values()),
         ratio_to_base=per_base(total),
         finetune_total_params=sum(base.num_params + r.head_params for r in rows),
         linear_total_params=base.num_params + sum(r.head_params for r in rows),
@@ -113,12 +121,16 @@ class AccuracyReport:
     """
 
     tasks: tuple[str, ...]  # rows and columns, in sequence order
-    matrix: tuple[tuple[Optional[float], ...], ...]  # R[i][j]: task i after task j (None: none)
-    cells: tuple[tuple[Optional[str], ...], ...]  # "measured", "probe" (carried), "changed", None
+    # What is stored, per task (row): (column, accuracy, kind) of each recorded cell in column
+    # order, kind "measured", "probe" (re-checked, accuracy carried) or "changed" (probe moved).
+    # Cells between records are derived (see `cells`); the dense matrix is built on demand.
+    recorded: tuple[tuple[tuple[int, Optional[float], str], ...], ...]
+    final: tuple[Optional[float], ...]  # R[i][T], recorded or derived
+    final_cells: tuple[Optional[str], ...]  # how each final cell is known (kinds of `cells`)
     average_accuracy: Optional[float]  # mean of the final column (None unless complete)
     forgetting: Optional[float]  # mean over i < T of R[i][i] − R[i][T] (None unless complete)
     bwt: Optional[float]  # backward transfer, −forgetting
-    complete: bool  # diagonal and final column all recorded
+    complete: bool  # diagonal recorded for every task (the final column then is known)
     changed: tuple[str, ...]  # "A after B": cells whose probe logits were recorded as moved
     contradictions: tuple[str, ...]  # cells that differ from an unchanged task's own accuracy
     max_logit_drift: float  # largest probe drift recorded (or recomputed, with verification)
@@ -126,10 +138,55 @@ class AccuracyReport:
     checks: tuple[ProbeCheck, ...] = ()  # what verification found, one per base/task
     reevaluate_skipped: tuple[str, ...] = ()  # "task: reason" for tasks not re-measured
     problems: tuple[str, ...] = field(default=())  # "task: what is wrong" lines
+    verify_seconds: Optional[float] = None  # wall time of the verification (None: not verified)
+    verified_tasks: tuple[str, ...] = ()  # the tasks verification checked, in sequence order
+    # Links of the base's hash chain that fail (registry.chain): a task's rows were altered.
+    chain_problems: tuple[str, ...] = ()
+
+    @cached_property
+    def cells(self) -> tuple[tuple[Optional[str], ...], ...]:
+        """How each cell R[i][j] is known: a recorded kind, "derived", or None (j < i).
+
+        A cell no add measured is derived from the last record before it in its row: an add
+        writes only its own rows and artifacts are never rewritten, so the task is the same
+        model as then. It stays "changed" after a cell recorded as changed.
+        """
+        return tuple(tuple(kind for _, kind in row) for row in self._dense)
+
+    @cached_property
+    def matrix(self) -> tuple[tuple[Optional[float], ...], ...]:
+        """R[i][j]: task i's accuracy after task j was added (None before task i)."""
+        return tuple(tuple(value for value, _ in row) for row in self._dense)
+
+    @cached_property
+    def _dense(self) -> list[list[tuple[Optional[float], Optional[str]]]]:
+        n = len(self.tasks)
+        dense = []
+        for records in self.recorded:
+            row: list[tuple[Optional[float], Optional[str]]] = [(None, None)] * n
+            for k, (column, value, kind) in enumerate(records):
+                end = records[k + 1][0] if k + 1 < len(records) else n
+                row[column] = (value, kind)
+                carried = "changed" if kind == "changed" else "derived"
+                row[column + 1:end] = [(value, carried)] * (end - column - 1)
+            dense.append(row)
+        return dense
+
+    @property
+    def stored_cells(self) -> int:
+        """Cells the registry stores for this matrix (the rest are derived)."""
+        return sum(len(records) for records in self.recorded)
 
     @property
     def verify_failures(self) -> tuple[ProbeCheck, ...]:
         return tuple(c for c in self.checks if not c.ok)
+
+    @property
+    def verify_tasks_per_s(self) -> Optional[float]:
+        """Verification throughput: tasks checked per second of wall time (None: not verified)."""
+        if not self.verify_seconds:
+            return None
+        return len(self.verified_tasks) / self.verify_seconds
 
     @property
     def reason(self) -> Optional[str]:
@@ -138,11 +195,14 @@ class AccuracyReport:
             return None
         return "verification failed for " + "; ".join(self.problems)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, matrix: bool = True) -> dict[str, Any]:
+        """The JSON document; without `matrix` it leaves out the dense `matrix` and `cells` (a
+        base of 10,000 tasks has 10⁸ of each) and keeps the rest, `final` included."""
+        dense = {"matrix": [list(row) for row in self.matrix],
+                 "cells": [list(row) for row in self.cells]} if matrix else {}
         return {
             "tasks": list(self.tasks),
-            "matrix": [list(row) for row in self.matrix],
-            "cells": [list(row) for row in self.cells],
+            **dense,
             "average_accuracy": self.average_accuracy,
             "forgetting": self.forgetting,
             "bwt": self.bwt,
@@ -154,14 +214,27 @@ class AccuracyReport:
             "problems": list(self.problems),
             "reevaluate_skipped": list(self.reevaluate_skipped),
             "verify_failures": [asdict(c) for c in self.verify_failures],
+            "verify_seconds": self.verify_seconds,
+            "verify_tasks_per_s": self.verify_tasks_per_s,
+            "verified_tasks": list(self.verified_tasks),
+            "final": list(self.final),
+            "final_cells": list(self.final_cells),
+            "stored_cells": self.stored_cells,
+            "chain_problems": list(self.chain_problems),
         }
 
 
 def accuracy_matrix(
-    tasks: Sequence[Task], evaluations: Sequence[Evaluation], *,
+    tasks: Sequence[str | Task], evaluations: Sequence[Evaluation], *,
     checks: Optional[Sequence[ProbeCheck]] = None, reevaluate_skipped: Sequence[str] = (),
+    chain_problems: Optional[dict[str, str]] = None,
 ) -> AccuracyReport:
     """R[i][j]: task i's accuracy after task j was added; the latest record per cell wins.
+
+    Only measured cells are stored (each add records its diagonal and the earlier tasks it
+    re-checked); every other cell right of the diagonal is derived from the last record before
+    it in its row (AccuracyReport.cells). Everything here is computed from the records, without
+    the dense matrix, so a base of 10,000 tasks reports in well under a second.
 
     Metrics as Avalanche defines them on the final column T: average accuracy = mean_i R[i][T];
     forgetting = mean over i < T of (R[i][i] − R[i][T]); BWT = mean over i < T of
@@ -171,30 +244,42 @@ def accuracy_matrix(
     a task never recorded as changed (and not failing its check) is the same model on the same
     data, so every cell of its row must equal the accuracy recorded when it was added; a cell
     that does not (a re-measurement on changed data, or an edited row) is a contradiction.
+    `chain_problems` (task → reason, from `Registry.chain_problems`) are problems too.
     """
-    names = [t.name for t in tasks]
+    names = [t if isinstance(t, str) else t.name for t in tasks]
     index = {name: i for i, name in enumerate(names)}
     n = len(names)
-    matrix: list[list[Optional[float]]] = [[None] * n for _ in range(n)]
-    kinds: list[list[Optional[str]]] = [[None] * n for _ in range(n)]
+    cells: list[dict[int, tuple[Optional[float], str]]] = [{} for _ in range(n)]
     recorded: list[Optional[float]] = [None] * n  # the first measurement on the diagonal
     drift = 0.0
     changed: list[str] = []
+    moved_cells: list[tuple[str, str]] = []  # (task, after) of cells recorded as changed
     for ev in evaluations:
         if ev.task not in index or ev.after_task not in index or ev.split != "test":
             continue
         i, j = index[ev.task], index[ev.after_task]
         # A cell whose probe moved is flagged; its value is a fresh measurement, if any.
-        kinds[i][j] = "changed" if ev.probe_ok is False else ev.kind
-        matrix[i][j] = ev.accuracy
+        cells[i][j] = (ev.accuracy, "changed" if ev.probe_ok is False else ev.kind)
         if i == j and ev.kind == "measured" and recorded[i] is None:
             recorded[i] = ev.accuracy
         if ev.probe_ok is False:
             changed.append(f"{ev.task} after {ev.after_task}")
+            moved_cells.append((ev.task, ev.after_task))
         if ev.max_logit_drift is not None:
             drift = max(drift, ev.max_logit_drift)
-    final = [matrix[i][n - 1] for i in range(n)]
-    diagonal = [matrix[i][i] for i in range(n)]
+    rows = tuple(tuple((j, value, kind) for j, (value, kind) in sorted(row.items()))
+                 for row in cells)
+    final: list[Optional[float]] = []
+    final_cells: list[Optional[str]] = []
+    for records in rows:
+        if not records:
+            final.append(None)
+            final_cells.append(None)
+            continue
+        column, value, kind = records[-1]
+        final.append(value)
+        final_cells.append(kind if column == n - 1 or kind == "changed" else "derived")
+    diagonal = [cells[i].get(i, (None, ""))[0] for i in range(n)]
     # Metrics only from a complete final column: a partial average would hide the missing task.
     complete = n > 0 and all(a is not None for a in final + diagonal)
     forgetting = None
@@ -203,13 +288,13 @@ def accuracy_matrix(
         forgetting = sum(gaps) / len(gaps) if gaps else 0.0
 
     failed = {c.task for c in checks or () if not c.ok}
-    failed |= {ev.task for ev in evaluations if ev.probe_ok is False}  # ever recorded as moved
+    failed |= {task for task, _ in moved_cells}  # ever recorded as moved
     contradictions = []
     for i, name in enumerate(names):
         own = recorded[i]
         if own is None or name in failed:
             continue  # nothing to compare with, or a model known to have changed
-        for j, (value, kind) in enumerate(zip(matrix[i], kinds[i])):
+        for j, value, kind in rows[i]:
             if value is None or abs(value - own) <= CONSISTENCY_ATOL:
                 continue
             how = "re-measured" if kind == "measured" else "carried"
@@ -219,12 +304,12 @@ def accuracy_matrix(
                 "(its data changed, or rows were edited)")
             break  # one line per task is enough to say it is wrong
 
+    chain_lines = tuple(f"{name}: {why}" for name, why in (chain_problems or {}).items())
     verified = None
     problems = [f"{c.task}: {_failure(c)}" for c in checks or () if not c.ok]
-    problems += [f"{ev.task}: probe logits changed after {ev.after_task}"
-                 for ev in evaluations if ev.probe_ok is False and ev.task in index
-                 and ev.after_task in index and ev.split == "test"]
+    problems += [f"{task}: probe logits changed after {after}" for task, after in moved_cells]
     problems += contradictions
+    problems += chain_lines
     if checks is not None:
         drift = max((c.max_drift for c in checks if c.max_drift is not None), default=0.0)
         # Interference-free means now (every probe recomputes), in the recorded history, and in
@@ -232,8 +317,9 @@ def accuracy_matrix(
         verified = not problems
     return AccuracyReport(
         tasks=tuple(names),
-        matrix=tuple(tuple(row) for row in matrix),
-        cells=tuple(tuple(row) for row in kinds),
+        recorded=rows,
+        final=tuple(final),
+        final_cells=tuple(final_cells),
         average_accuracy=sum(final) / n if complete else None,  # type: ignore[arg-type]
         forgetting=forgetting,
         bwt=None if forgetting is None else (-forgetting if forgetting else 0.0),
@@ -245,6 +331,7 @@ def accuracy_matrix(
         checks=tuple(checks or ()),
         reevaluate_skipped=tuple(reevaluate_skipped),
         problems=tuple(problems),
+        chain_problems=chain_lines,
     )
 
 
@@ -327,6 +414,9 @@ def plot_accuracy(report: AccuracyReport, path: str | Path) -> Path:
 
     names = report.tasks
     n = len(names)
+    if n > PLOT_MAX_TASKS:
+        raise TapsError(f"{n} tasks are too many to draw one cell each (at most "
+                        f"{PLOT_MAX_TASKS}); `report accuracy --json` has the full matrix")
     values = np.array([[np.nan if v is None else v for v in row] for row in report.matrix],
                       dtype=float).reshape(n, n)
     fig, ax = plt.subplots(figsize=(1.1 * n + 3, 0.9 * n + 2))

@@ -112,6 +112,14 @@ class ModelStore:
             self._bases[base.sha256] = state
         return state
 
+    def trust_base(self, base: BaseModel, state: dict[str, torch.Tensor]) -> None:
+        """Use `state` as `base`'s weights from now on, without reading or hashing them again.
+
+        Only for a state whose bytes the caller has just checked against `base.sha256` (the
+        verifier's base check, or its parent process handing a checked state to its workers).
+        """
+        self._bases[base.sha256] = state
+
     def ready_task(self, name: str) -> Task:
         """The task named `name`; TapsError unless it finished training."""
         task = self.registry.get_task(name)

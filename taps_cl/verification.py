@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from tqdm import tqdm
 
 from registry import RegistryError
 from registry.entities import BaseModel, Evaluation, LayerEntry, Task
@@ -28,6 +30,9 @@ log = logging.getLogger(__name__)
 
 RECORD_KEY = "record"  # metadata key of the task record in the task artifact
 ACCURACY_ATOL = 1e-9  # recorded accuracies are copied, never recomputed: they must match exactly
+# Automatic worker count: below this many ready tasks, checking in this process is faster than
+# starting worker processes (each imports torch and timm before its first check).
+AUTO_MIN_TASKS = 8
 
 
 @dataclass(frozen=True)
@@ -126,12 +131,14 @@ class Verifier:
         """None when the base's weights match their hash, size and recorded number count."""
         try:
             blob = self.registry.check_artifact(base.weights)
-            count = serialization.numel(serialization.from_bytes(blob))
+            state = serialization.from_bytes(blob)
         except (RegistryError, ValueError, RuntimeError) as exc:
             return first_line(exc)
+        count = serialization.numel(state)
         if count != base.weights.num_params:
             return (f"weights artifact holds {count:,} numbers, its row says "
                     f"{base.weights.num_params:,}")
+        self.models.trust_base(base, state)  # just hashed: its tasks need not read it again
         return None
 
     def check_task(
@@ -195,26 +202,106 @@ class Verifier:
         return ProbeCheck(task.name, drift, True)
 
     def verify(
-        self, base: Optional[str] = None, tasks: Optional[Sequence[str]] = None
+        self, base: Optional[str] = None, tasks: Optional[Sequence[str]] = None, *,
+        workers: Optional[int] = None, progress: bool = False,
     ) -> list[ProbeCheck]:
-        """Check every base (or one) and its tasks (or the named ones); the base is read once."""
+        """Check every base (or one) and its tasks (or the named ones), in sequence order.
+
+        Each base is read and hashed once. With more than one worker the ready tasks are checked
+        in that many processes (`verify_pool`); None picks min(cores, tasks), in this process
+        below AUTO_MIN_TASKS tasks. Named tasks limit the check to them and their bases; an
+        unknown name is NotFound. `progress` shows a bar on stderr.
+        """
+        if workers is not None and workers < 1:
+            raise TapsError(f"workers must be at least 1, got {workers}")
         reg = self.registry
-        wanted = set(tasks) if tasks is not None else None
-        checks = []
-        for b in [reg.get_base(base)] if base else reg.list_bases():
+        bases = [reg.get_base(base)] if base else reg.list_bases()
+        if tasks is None:
+            listed = [(b, reg.list_tasks(b.name)) for b in bases]
+        else:  # only the named rows are read (a base may hold thousands)
+            named = [reg.get_task(name) for name in dict.fromkeys(tasks)]  # NotFound if unknown
+            for task in named:
+                if base is not None and task.base != base:
+                    raise TapsError(f"task {task.name!r} belongs to base {task.base!r}, "
+                                    f"not {base!r}")
+            order = {b.name: i for i, b in enumerate(bases)}
+            named.sort(key=lambda t: (order[t.base], t.position is None, t.position or 0))
+            listed = [(b, its) for b in bases
+                      if (its := [t for t in named if t.base == b.name])]
+        checks: list[Optional[ProbeCheck]] = []
+        jobs: list[tuple[int, Task, BaseModel, list[Evaluation]]] = []
+        for b, its in listed:
             error = self.check_base(b)
             if error is not None:
                 checks.append(ProbeCheck(f"base:{b.name}", None, False, error))
                 continue
-            evaluations = reg.list_evaluations(b.name)
-            for task in reg.list_tasks(b.name):
-                if wanted is None or task.name in wanted:
-                    checks.append(self.check_task(task, b, evaluations))
-        if wanted is not None:
-            missing = wanted - {c.task for c in checks}
-            for name in sorted(missing):
-                reg.get_task(name)  # NotFound for an unknown name
-        return checks
+            about = evaluations_by_task(reg.list_evaluations(
+                b.name, tasks=None if tasks is None else [t.name for t in its]))
+            for task in its:
+                jobs.append((len(checks), task, b, about.get(task.name, [])))
+                checks.append(None)
+        size = pool_size(workers, sum(1 for job in jobs if job[1].status == "ready"))
+        pooled = [job for job in jobs if size > 1 and job[1].status == "ready"]
+        bar = tqdm(total=len(jobs), disable=not progress, desc="verify", unit="task",
+                   dynamic_ncols=True)
+        try:
+            for slot, task, b, about_task in jobs:
+                if size == 1 or task.status != "ready":  # nothing to rebuild: no worker needed
+                    checks[slot] = safe_check(self, task, b, about_task)
+                    bar.update()
+            if pooled:
+                from taps_cl import verify_pool  # imports this module
+
+                found = verify_pool.check_tasks([job[1:] for job in pooled], self.models, size,
+                                                on_done=bar.update)
+                for job, check in zip(pooled, found, strict=True):
+                    checks[job[0]] = check
+        finally:
+            bar.close()
+        return [c for c in checks if c is not None]
+
+
+def pool_size(workers: Optional[int], ready: int) -> int:
+    """How many worker processes check `ready` tasks (1: in this process, no pool)."""
+    if workers is None:
+        if ready < AUTO_MIN_TASKS:
+            return 1
+        workers = available_cpus()
+    return max(1, min(workers, ready))
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (its affinity mask, e.g. a container's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def evaluations_by_task(evaluations: Iterable[Evaluation]) -> dict[str, list[Evaluation]]:
+    """Each task's evaluations: its own rows and the cells recorded after it.
+
+    A task's check reads only these, so handing each check its own list keeps a whole-registry
+    verification linear in the number of rows instead of tasks × rows.
+    """
+    about: dict[str, list[Evaluation]] = {}
+    for ev in evaluations:
+        about.setdefault(ev.task, []).append(ev)
+        if ev.after_task != ev.task:
+            about.setdefault(ev.after_task, []).append(ev)
+    return about
+
+
+def safe_check(
+    verifier: Verifier, task: Task, base: BaseModel, evaluations: Sequence[Evaluation]
+) -> ProbeCheck:
+    """`verifier.check_task`, with an unexpected error as a failed check instead of a traceback."""
+    try:
+        return verifier.check_task(task, base, evaluations)
+    except Exception as exc:
+        log.debug("checking task %r failed unexpectedly", task.name, exc_info=True)
+        return ProbeCheck(task.name, None, False,
+                          f"unexpected {type(exc).__name__}: {first_line(exc)}")
 
 
 def probe_indices(labels: torch.Tensor, n: int, seed: int) -> list[int]:

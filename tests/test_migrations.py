@@ -15,6 +15,8 @@ from tests.test_registry import add_base, begin, finish
 
 # Columns revision 0003 adds: a downgrade drops them (a finished run's token is not needed).
 RUN_COLUMNS = ("run_token", "run_host", "run_pid", "heartbeat_at")
+# Columns revision 0004 adds: its upgrade recomputes them from the rows (registry.chain).
+CHAIN_COLUMNS = ("chain_prev_sha256", "chain_sha256")
 
 
 def test_models_match_migrations(tmp_path):
@@ -74,12 +76,16 @@ def test_step_downgrade_and_upgrade_keep_rows(tmp_path):
     finish(reg, "t1")
     begin(reg, "t2")
     finish(reg, "t2", b"two")
-    before = _dump(reg.engine, without=RUN_COLUMNS)
-    for step in ("0002", "0001", "0002", "0003", "head"):
+    before = _dump(reg.engine, without=RUN_COLUMNS + CHAIN_COLUMNS)
+    chained = _dump(reg.engine, without=RUN_COLUMNS)
+    for step in ("0003", "0002", "0001", "0002", "0003", "0004", "head"):
         current = db.current_revision(reg.engine)
         (db.upgrade if step == "head" or step > current else db.downgrade)(reg.engine, step)
         assert db.current_revision(reg.engine) == (db.head_revision() if step == "head" else step)
-        assert _dump(reg.engine, without=RUN_COLUMNS) == before
+        assert _dump(reg.engine, without=RUN_COLUMNS + CHAIN_COLUMNS) == before
+    # 0004's upgrade recomputed the chain columns it dropped: the same values came back.
+    assert _dump(reg.engine, without=RUN_COLUMNS) == chained
+    assert reg.chain_problems("b") == {}
     reg.close()
 
 

@@ -1,4 +1,4 @@
-"""Runs own their rows: run tokens, heartbeats, liveness, late positions, EarlierChanged/RunLost."""
+"""Runs own their rows: run tokens, heartbeats, liveness, late positions, sampled columns, RunLost."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from sqlalchemy import text
 
 from registry import (
     AlreadyExists,
-    EarlierChanged,
     NotFound,
     Registry,
     RegistryError,
@@ -131,27 +130,55 @@ def test_altered_rows_are_not_removed(reg):
     assert reg.get_task("t").artifact is not None
 
 
-def test_earlier_changed_names_new_ready_tasks(reg):
+def test_finish_records_only_the_cells_given(reg):
+    """An add records the earlier tasks it re-checked (a sample), never needs all of them, and
+    drops cells of tasks that are not ready; concurrent runs land without retrying."""
     a = begin(reg, "a")
     b = begin(reg, "b2")
     c = begin(reg, "c")
     stale = cells_for_ready(reg)  # nothing is ready yet: what all three runs saw
     finish(reg, a, b"A", earlier=stale)
-    with pytest.raises(EarlierChanged) as info:
-        finish(reg, b, b"B", earlier=stale)
-    assert info.value.missing == ["a"]
-    assert reg.get_task("b2").status == "training"
-    # b's files were removed again with its failed transaction; a's stay.
-    assert len(reg.list_artifacts()) == 3 and len(list(reg.store.root.rglob("*.safetensors"))) == 3
-    ghost = EarlierCell("gone", "probe", 0.1, 0.0, True)  # cells of non-ready tasks: ignored
-    done = finish(reg, b, b"B", earlier=cells_for_ready(reg) + [ghost])
-    assert done.position == 2
-    with pytest.raises(EarlierChanged) as info:
-        finish(reg, c, b"C", earlier=[EarlierCell("b2", "probe", 0.5, 0.0, True)])
-    assert info.value.missing == ["a"]
-    assert finish(reg, c, b"C").position == 3
-    column = {(e.task, e.kind) for e in reg.list_evaluations("b") if e.after_task == "c"}
-    assert column == {("c", "measured"), ("a", "probe"), ("b2", "probe")}
+    ghost = EarlierCell("gone", "probe", 0.1, 0.0, True)
+    assert finish(reg, b, b"B", earlier=stale + [ghost]).position == 2
+    assert finish(reg, c, b"C", earlier=[EarlierCell("b2", "probe", 0.5, 0.0, True)]).position == 3
+    columns = {(e.task, e.after_task, e.kind) for e in reg.list_evaluations("b")}
+    assert columns == {("a", "a", "measured"), ("b2", "b2", "measured"), ("c", "c", "measured"),
+                       ("b2", "c", "probe")}
+
+
+def test_chain_links_each_task_to_the_one_before(reg):
+    from registry import chain
+
+    tasks = [finish(reg, begin(reg, name), name.encode()) for name in ("a", "b2", "c")]
+    base = reg.get_base("b")
+    assert tasks[0].chain_prev_sha256 == chain.genesis(base.sha256)
+    for before, task in zip(tasks, tasks[1:]):
+        assert task.chain_prev_sha256 == before.chain_sha256
+    for task in tasks:
+        assert task.chain_sha256 == chain.link(task.chain_prev_sha256, task.position, task.name,
+                                               task.artifact.sha256, task.probe.sha256)
+    assert reg.chain_problems("b") == {}
+    # Pointing an earlier task at another artifact breaks its link; rewriting its chain value
+    # as well breaks the next task's.
+    with reg.engine.begin() as conn:
+        conn.execute(text("UPDATE tasks SET artifact_id = (SELECT probe_artifact_id FROM tasks "
+                          "WHERE name = 'a') WHERE name = 'a'"))
+    assert set(reg.chain_problems("b")) == {"a"}
+    fake = reg.get_task("a")
+    forged = chain.link(fake.chain_prev_sha256, 1, "a", fake.artifact.sha256, fake.probe.sha256)
+    with reg.engine.begin() as conn:
+        conn.execute(text("UPDATE tasks SET chain_sha256 = :c WHERE name = 'a'"), {"c": forged})
+    problems = reg.chain_problems("b")
+    assert set(problems) == {"b2"} and "does not follow" in problems["b2"]
+
+
+def test_chain_survives_a_deleted_task(reg):
+    for name in ("a", "b2", "c"):
+        finish(reg, begin(reg, name), name.encode())
+    reg.delete_task("b2")
+    assert reg.chain_problems("b") == {}
+    assert finish(reg, begin(reg, "d"), b"D").chain_prev_sha256 == reg.get_task("c").chain_sha256
+    assert reg.chain_problems("b") == {}
 
 
 def test_begin_never_collides_on_positions(reg):
@@ -159,3 +186,33 @@ def test_begin_never_collides_on_positions(reg):
     assert all(t.position is None for t in runs_)
     for i, task in enumerate(reversed(runs_)):
         assert finish(reg, task, f"blob{i}".encode()).position == i + 1
+
+
+@pytest.mark.parametrize("intrusion", ["edit", "cell"])
+def test_finish_refuses_to_write_beyond_its_own_rows(reg, monkeypatch, intrusion):
+    """The finishing transaction checks that it changes only the new task's rows."""
+    from sqlalchemy import select
+
+    from registry import tasks as task_verbs
+    from registry.models import EvaluationRow, TaskRow
+
+    finish(reg, begin(reg, "a"), b"A")
+    run = begin(reg, "b2")
+    original = task_verbs._chain_head
+
+    def meddling(s, base_id):  # a bug that touches an earlier task inside the finish
+        earlier = s.scalar(select(TaskRow).where(TaskRow.name == "a"))
+        if intrusion == "edit":
+            earlier.class_names = ["z"]
+        else:
+            s.add(EvaluationRow(task_id=earlier.id, after_task_id=earlier.id, split="test",
+                                kind="measured", accuracy=0.1))
+        return original(s, base_id)
+
+    monkeypatch.setattr(task_verbs, "_chain_head", meddling)
+    with pytest.raises(RegistryError, match="beyond its own rows"):
+        finish(reg, run, b"B")
+    monkeypatch.undo()
+    assert reg.get_task("a").class_names == ("a", "b", "c")
+    assert reg.get_task("b2").status == "training"
+    assert len(reg.list_evaluations("b")) == 1
