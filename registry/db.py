@@ -17,15 +17,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, inspect
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, OperationalError
 
 from registry.errors import NoRegistry, RegistryError, SchemaOutOfDate
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# The newest migration's revision. Opening a registry compares the database with it by plain
+# SQL, so reads never import alembic (a fifth of a CLI call's start-up); tests/test_migrations.py
+# checks that it names alembic's head.
+SCHEMA_HEAD = "0004"
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +135,8 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 
 def alembic_config(engine: Engine) -> Config:
     """Alembic config bound to ``engine``, pointing at the migrations shipped in this package."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
@@ -138,7 +146,9 @@ def alembic_config(engine: Engine) -> Config:
 
 
 def head_revision() -> str:
-    """The newest migration revision."""
+    """The newest migration revision, as alembic reads it from the scripts."""
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory(str(MIGRATIONS_DIR))
     head = script.get_current_head()
     assert head is not None
@@ -249,9 +259,13 @@ def current_revision(engine: Engine) -> str | None:
         return None
     try:
         with engine.connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
+            versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
     except DatabaseError as exc:
         raise RegistryError(f"cannot read database {engine.url}: {_reason(exc)}") from exc
+    if len(versions) > 1:
+        raise RegistryError(f"database {location(engine)} has several schema revisions "
+                            f"({', '.join(versions)})")
+    return versions[0] if versions else None
 
 
 def ensure_schema(engine: Engine, *, create: bool = True) -> None:
@@ -272,22 +286,24 @@ def ensure_schema(engine: Engine, *, create: bool = True) -> None:
             if tables is not None and not tables:
                 tables = _tables_after_writer(path)  # maybe a registry in the making
             if tables is None:
-                log.info("creating a new registry at revision %s", head_revision())
-                _run_alembic(command.upgrade, engine, "head")
+                log.info("creating a new registry at revision %s", SCHEMA_HEAD)
+                _run_alembic("upgrade", engine, "head")
                 return
     if not tables:
         if not create:
             raise NoRegistry(f"no registry at {where} yet ({CREATE_HINT})")
         if tables is not None and path is not None:  # someone else's SQLite file, no tables
             raise RegistryError(f"database {where} is not a taps-cl registry (it has no tables)")
-        log.info("creating a new registry at revision %s", head_revision())
-        _run_alembic(command.upgrade, engine, "head")
+        log.info("creating a new registry at revision %s", SCHEMA_HEAD)
+        _run_alembic("upgrade", engine, "head")
         return
     if "alembic_version" not in tables:
         raise RegistryError(f"database {where} is not a taps-cl registry (no schema revision)")
     current = current_revision(engine)
-    head = head_revision()
+    head = SCHEMA_HEAD
     if current != head:
+        from alembic.script import ScriptDirectory
+
         known = {rev.revision for rev in ScriptDirectory(str(MIGRATIONS_DIR)).walk_revisions()}
         if current not in known:
             raise SchemaOutOfDate(
@@ -307,6 +323,8 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str, Pa
         raise RegistryError(f"database {where} is not a taps-cl registry (it has no tables)")
     if tables and "alembic_version" not in tables:
         raise RegistryError(f"database {where} is not a taps-cl registry (no schema revision)")
+    from alembic.script import ScriptDirectory
+
     before = current_revision(engine)
     head = head_revision()
     known = {rev.revision for rev in ScriptDirectory(str(MIGRATIONS_DIR)).walk_revisions()}
@@ -320,18 +338,21 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str, Pa
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
         backup = Path(f"{database}.{before or 'empty'}.{stamp}.bak")
         _backup_sqlite(engine, backup)
-    _run_alembic(command.upgrade, engine, revision)
+    _run_alembic("upgrade", engine, revision)
     return before, current_revision(engine) or "", backup
 
 
 def downgrade(engine: Engine, revision: str) -> None:
     """Downgrade to ``revision`` (``base`` removes every table)."""
-    _run_alembic(command.downgrade, engine, revision)
+    _run_alembic("downgrade", engine, revision)
 
 
-def _run_alembic(action, engine: Engine, revision: str) -> None:  # type: ignore[no-untyped-def]
+def _run_alembic(action: str, engine: Engine, revision: str) -> None:
+    """alembic's `command.upgrade` or `command.downgrade` to `revision` (imported only here)."""
+    from alembic import command
+
     try:
-        action(alembic_config(engine), revision)
+        getattr(command, action)(alembic_config(engine), revision)
     except (DatabaseError, OperationalError) as exc:
         raise RegistryError(f"cannot migrate database {location(engine)}: {_reason(exc)}") from exc
 

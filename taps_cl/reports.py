@@ -8,7 +8,7 @@ plots take the dataclasses.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -45,7 +45,9 @@ class BudgetRow:
     depends_on: tuple[str, ...] = ()  # earlier tasks it reads (fusion): counted in their own rows
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "depends_on": list(self.depends_on)}
+        # Field by field, not dataclasses.asdict (a deep copy): 10,000 rows in milliseconds.
+        row = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**row, "depends_on": list(self.depends_on)}
 
 
 @dataclass(frozen=True)

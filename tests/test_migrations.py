@@ -19,6 +19,11 @@ RUN_COLUMNS = ("run_token", "run_host", "run_pid", "heartbeat_at")
 CHAIN_COLUMNS = ("chain_prev_sha256", "chain_sha256")
 
 
+def test_schema_head_names_the_newest_migration():
+    # Opening a registry compares with SCHEMA_HEAD by plain SQL (no alembic import).
+    assert db.SCHEMA_HEAD == db.head_revision()
+
+
 def test_models_match_migrations(tmp_path):
     reg = Registry(tmp_path)
     with reg.engine.connect() as conn:
