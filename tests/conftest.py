@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,28 @@ from PIL import Image
 torch.set_num_threads(2)
 
 PATTERNS = ("hstripes", "vstripes", "checker", "blob")
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):  # type: ignore[no-untyped-def]
+    """examples/NAME.py as a module (scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"taps_cl_example_{name}",
+                                                  EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture()
+def one_thread():
+    # A second busy process on 2 cores makes 2 OpenMP threads spin-wait for seconds per step;
+    # one thread keeps the example smoke tests fast whatever else runs.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _pattern(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:

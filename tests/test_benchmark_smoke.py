@@ -2,35 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
-import torch
+
+from tests.conftest import load_example
 
 pytest.importorskip("peft")
-
-BENCHMARK = Path(__file__).resolve().parents[1] / "examples" / "benchmark.py"
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("taps_cl_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture()
-def one_thread():
-    # A second busy process on 2 cores makes 2 OpenMP threads spin-wait for seconds per step;
-    # one thread keeps this test fast whatever else runs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _table(report: str) -> tuple[list[str], dict[str, list[str]]]:
@@ -45,7 +23,7 @@ def _table(report: str) -> tuple[list[str], dict[str, list[str]]]:
 
 
 def test_quick_benchmark_prints_every_method(tmp_path, capsys, one_thread):
-    bench = _load_benchmark()
+    bench = load_example("benchmark")
     out = tmp_path / "bench.md"
     home = tmp_path / "home"
     assert bench.main(["--quick", "--home", str(home), "--out", str(out)]) == 0
@@ -136,7 +114,7 @@ def test_quick_benchmark_prints_every_method(tmp_path, capsys, one_thread):
 
 
 def test_plan_prints_runs_and_estimate_without_training(capsys):
-    bench = _load_benchmark()
+    bench = load_example("benchmark")
     assert bench.main(["--plan"]) == 0
     printed = capsys.readouterr().out
     assert ("12 rows × 3 rates × 4 tasks (the fusion row trains 3: its first task is the "
@@ -154,7 +132,7 @@ def test_plan_prints_runs_and_estimate_without_training(capsys):
 
 
 def test_methods_fusion_brings_the_adapter_row(capsys):
-    bench = _load_benchmark()
+    bench = load_example("benchmark")
     assert bench.main(["--plan", "--methods", "fusion"]) == 0
     printed = capsys.readouterr().out
     assert "plan: 2 rows (adapter, fusion)" in printed

@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-SCALE = Path(__file__).resolve().parents[1] / "examples" / "scale.py"
+from tests.conftest import load_example
+
 # The keys (a row per registry size); the script adds more.
 KEYS = {"n", "add_overhead_s", "list_s", "budget_s", "accuracy_s", "verify_tasks_per_s",
         "db_bytes"}
-
-
-def _load_scale():
-    spec = importlib.util.spec_from_file_location("taps_cl_scale", SCALE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture()
-def one_thread():
-    # Another busy process on 2 cores makes 2 OpenMP threads spin-wait: one keeps this fast.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _positive(value) -> bool:
@@ -40,7 +20,7 @@ def _positive(value) -> bool:
 
 
 def test_small_run_reports_every_figure(tmp_path, capsys, one_thread):
-    scale = _load_scale()
+    scale = load_example("scale")
     home = tmp_path / "home"
     assert scale.main(["--sizes", "5,12", "--json", "--repeat", "1", "--home", str(home)]) == 0
     out, err = capsys.readouterr()
@@ -77,7 +57,7 @@ def test_small_run_reports_every_figure(tmp_path, capsys, one_thread):
 
 
 def test_plan_runs_nothing(capsys):
-    scale = _load_scale()
+    scale = load_example("scale")
     assert scale.main(["--plan", "--quick"]) == 0
     out = capsys.readouterr().out
     assert "N=10: 6 synthetic tasks + 4 real adds" in out and "N=100: 87 synthetic" in out
