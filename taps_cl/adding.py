@@ -193,6 +193,8 @@ class TaskAdder:
                               "nothing was recorded") from exc
             self._discard(request.name, token)
             raise
+        except RunLost:  # its row is gone or taken over: nothing of this run to discard
+            raise
         except BaseException:
             self._discard(request.name, token)
             raise

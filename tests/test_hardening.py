@@ -92,8 +92,9 @@ def test_live_run_is_not_removable_and_cannot_write_into_a_new_task(tmp_path, im
     home = tmp_path / "home"
     assert cli(home, "base", "add", "b", "--model", "timm:test_resnet").returncode == 0
     spec = f"imagefolder:{image_data}"
+    # Epochs enough to outlast the test on any machine (5,000 finished in about a minute once).
     slow = popen(home, "task", "add", "x", "--base", "b", "--data", spec, "--method", "linear",
-                 "--epochs", "5000", "--img-size", "32")
+                 "--epochs", "1000000", "--img-size", "32")
     try:
         deadline = time.monotonic() + 120
         while True:  # wait until the run has recorded itself
@@ -269,3 +270,26 @@ def test_restore_out_does_not_follow_a_planted_symlink(capsys, two_tasks, tmp_pa
     assert code == 0, err
     assert victim.read_text() == "keep me"
     assert load(out.read_bytes())  # a real safetensors file landed at --out
+
+
+def test_run_whose_row_vanished_after_training_records_nothing_and_discards_nothing(
+        manager, image_data, monkeypatch, caplog):
+    """Training ended just as the row was force-removed: the finish is refused (RunLost) and the
+    run does not try to clean up a row that is no longer its own."""
+    from registry import RunLost
+    from taps_cl import adding
+
+    trained = adding.fit
+
+    def fit_then_removed(model, learner, *args, **kwargs):  # type: ignore[no-untyped-def]
+        result = trained(model, learner, *args, **kwargs)
+        manager.registry.discard_task("x", force=True)  # `task remove x --force` meanwhile
+        return result
+
+    monkeypatch.setattr(adding, "fit", fit_then_removed)
+    with pytest.raises(RunLost, match="removed while this run was training"):
+        manager.add_task("x", "b", f"imagefolder:{image_data}", method="linear", epochs=1,
+                         img_size=32)
+    assert "did not finish" not in caplog.text
+    assert manager.list_tasks() == []
+    assert len(manager.registry.list_artifacts()) == 1  # the base's weights only
