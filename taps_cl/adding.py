@@ -13,6 +13,7 @@ import _thread
 import logging
 import os
 import random
+import signal
 import socket
 import threading
 import time
@@ -111,12 +112,19 @@ class Heartbeat:
         self.lost = False
 
     def __enter__(self) -> Heartbeat:
+        self._sigint: Any = None
+        if self._interrupt and not callable(signal.getsignal(signal.SIGINT)):
+            # interrupt_main() raises KeyboardInterrupt only where SIGINT has a Python handler; a
+            # background job (`cmd &` in a script) starts with SIGINT ignored.
+            self._sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        if self._sigint is not None:
+            signal.signal(signal.SIGINT, self._sigint)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_INTERVAL_SECONDS):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -32,11 +33,17 @@ def cli(home: Path, *args: str, timeout: float = 300) -> subprocess.CompletedPro
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
-def popen(home: Path, *args: str) -> subprocess.Popen:
+def popen(home: Path, *args: str, sigint_ignored: bool = False) -> subprocess.Popen:
+    """`taps-cl` in a child process; `sigint_ignored` starts it as a background job of a script
+    does (`cmd &`: SIGINT ignored)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     return subprocess.Popen([sys.executable, "-m", "taps_cl", "--home", str(home), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=REPO)
+                            cwd=REPO, preexec_fn=ignore_sigint if sigint_ignored else None)
 
 
 @pytest.fixture
@@ -88,13 +95,15 @@ def test_four_concurrent_adds_land_in_order_three_times(tmp_path, image_data):
 
 
 # ------------------------------------------------------------------------- live runs
-def test_live_run_is_not_removable_and_cannot_write_into_a_new_task(tmp_path, image_data):
+@pytest.mark.parametrize("sigint_ignored", [False, True])
+def test_live_run_is_not_removable_and_cannot_write_into_a_new_task(tmp_path, image_data,
+                                                                    sigint_ignored):
     home = tmp_path / "home"
     assert cli(home, "base", "add", "b", "--model", "timm:test_resnet").returncode == 0
     spec = f"imagefolder:{image_data}"
     # Epochs enough to outlast the test on any machine (5,000 finished in about a minute once).
     slow = popen(home, "task", "add", "x", "--base", "b", "--data", spec, "--method", "linear",
-                 "--epochs", "1000000", "--img-size", "32")
+                 "--epochs", "1000000", "--img-size", "32", sigint_ignored=sigint_ignored)
     try:
         deadline = time.monotonic() + 120
         while True:  # wait until the run has recorded itself
