@@ -269,7 +269,6 @@ class TaskAdder:
         """
         name = started.name
         head = frozenset(base.head_keys)
-        seconds = train_seconds
         learner.finalize(model)
         # Every number the registry compares is computed on the CPU in float32.
         model = model.cpu().float()
@@ -316,7 +315,7 @@ class TaskAdder:
             started, base, recheck, seed, pins,
             task_blob=task_blob, task_num_params=state.num_params, probe_blob=probe_blob,
             probe_num_params=serialization.numel(probe_tensors), layers=layers,
-            head_params=head_params, train_seconds=seconds, test_accuracy=test.accuracy,
+            head_params=head_params, train_seconds=train_seconds, test_accuracy=test.accuracy,
             test_loss=test.loss, test_samples=test.num_samples,
             dependencies=[(name, sha, learner.name) for name, sha in pins],
         )
