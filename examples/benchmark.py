@@ -22,26 +22,47 @@ the training pool carved apart, the best validation epoch kept — the same for 
   A fusion task stores only its own tensors (fusion layers, own adapter, norms, head), so the
   row's task size is the mean over its fusion tasks, while its total counts the base, those
   tasks and every adapter artifact they read, each once.
+* progressive-group and progressive (issue 11, DESIGN §5b; run only when named in --methods, or
+  with --methods all): library method "progressive" — adapters on every block in three bands,
+  shared by all tasks early, by a similarity group in the middle, task-specific near the head.
+  progressive-group trains the tasks as ONE `Manager.group_train` run (groups by clustering the
+  tasks' gradient signatures, or --progressive-groups K); progressive adds them one at a time
+  (`Manager.add_task(..., method="progressive", group="auto")`: the first opens the shared band,
+  a later one joins the most similar group or opens one). Bands are per base, so each row
+  registers the base under a name of its own (`bench-progressive-s<seed>`,
+  `bench-progressive-group-s<seed>`) and the rows share nothing. Either row brings the adapter
+  row (the issue's comparison) and both train with --progressive-seeds (default 0,1,2), as the
+  adapter row then does too (fusion, if chosen, with the first --adapter-seeds of those). A row's
+  task size is each task's own artifact; its total = base + own artifacts + the shared artifacts
+  its tasks pin, each once (`Manager.budget` of the row's base). The issue's size target compares
+  task-specific totals WITHOUT the base: Σ own + shared vs the adapter row's Σ tasks. The
+  incremental row also re-reads every earlier task's artifact and pinned shared bands after each
+  add (sha256 of the bytes), and runs `Manager.verify` on its base at the end.
 
-Learning rates: ONE grid for every row (--lr-grid, default 1e-3,3e-3,1e-2). Stage 1 picks each
-row's rate by validation accuracy (mean over the tasks) on a cheaper proxy: each task's training
-set subsampled (class-stratified) to --select-train images (default 350), the full validation
-split, the same epochs, the first seed. The fusion row is scored on tasks 2 … N, fusing the
-adapters the adapter row trained in stage 1 at its chosen rate. For compact TAPS the factors train
-at --factor-lr-scale × the grid rate (default 1: factor_lr = lr; the library's own default is 5×);
-TAPS scores keep their own score_lr. Stage 2 trains every row at its chosen
-rate on the full data (--max-train per task, --max-test) with the first seed; the rows the targets
-depend on — fine-tune, the compact TAPS rows and the LoRA rows — are also trained with every other
-seed of --seeds (default 0,1,2) and reported as mean ± sample standard deviation (n − 1) over the
-seeds; the adapter and fusion rows with the first --adapter-seeds of them (default 1, see below). A seed re-draws the train/validation subsample, the head's initialisation and the data
-order; the letters are rendered once, with seed 0.
+Learning rates: ONE grid for every row (--lr-grid, default 1e-3,3e-3,1e-2). Stage 1 picks each row's
+rate by validation accuracy (mean over the tasks) on a cheaper proxy: each task's training set
+subsampled (class-stratified) to --select-train images (default 350), the full validation split, the
+same epochs, the first seed. The fusion row is scored on tasks 2 … N, fusing the adapters the
+adapter row trained in stage 1 at its chosen rate. A progressive row is scored by running the row
+itself through the Manager in a throw-away registry (one base per rate), each task cut to
+--select-train training images (and 64 test images: stage 1 reads no test accuracy), then evaluating
+each task's restored model on the same full validation split as every other row (disjoint from its
+training images: validation is carved before max_train subsamples). For compact TAPS the factors
+train at --factor-lr-scale × the grid rate (default 1: factor_lr = lr; the library's own default is
+5×); TAPS scores keep their own score_lr. Stage 2 trains every row at its chosen rate on the full
+data (--max-train per task, --max-test) with the first seed; the rows the targets depend on —
+fine-tune, the compact TAPS rows and the LoRA rows — are also trained with every other seed of
+--seeds (default 0,1,2) and reported as mean ± sample standard deviation (n − 1) over the seeds; the
+adapter and fusion rows with the first --adapter-seeds of them (default 1, see below). A seed
+re-draws the train/validation subsample, the head's initialisation and the data order; the letters
+are rendered once, with seed 0.
 
-In stage 2 linear, fine-tune, TAPS, adapter and fusion rows go through the product path — `taps_cl.manager.Manager`
-in a temporary home: registry, content-addressed artifacts, restore-then-evaluate, probe checks —
-and their sizes (parameters and artifact bytes) come from the registry's budget report. LoRA is not
-a library method: a small `Method` subclass below injects Hugging Face PEFT's LoRA into the same
-timm model and trains it with the same `fit`. Stage 1 calls `fit` directly for every row: it only
-needs validation accuracy.
+In stage 2 linear, fine-tune, TAPS, adapter, fusion and progressive rows go through the product path
+— `taps_cl.manager.Manager` in a temporary home: registry, content-addressed artifacts,
+restore-then-evaluate, probe checks — and their sizes (parameters and artifact bytes) come from the
+registry's budget report. LoRA is not a library method: a small `Method` subclass below injects
+Hugging Face PEFT's LoRA into the same timm model and trains it with the same `fit`. Stage 1 calls
+`fit` directly for every row but the progressive ones: it only needs validation accuracy.
 
 How long. `--plan` prints the training runs of each stage and an estimate at DESIGN §7's speeds
 (Lite0 on 2 cores at 64 px: 90 training images/s, 570 evaluated images/s), then exits. The defaults
@@ -53,13 +74,17 @@ alone ≈ 2.6 h (≈3 h in all). Adding the adapter and fusion rows with three s
 ≈98 min, with one seed each still ≈91 min at --select-train 400: so they train with one seed
 (--adapter-seeds 3 for more) and stage 1 uses 350 images per task instead of 400 (≈87 min). The
 estimate is conservative: by it the version before last would have taken 24.6 min, and it
-measured 17.8 min on 2 otherwise idle cores.
+measured 17.8 min on 2 otherwise idle cores. The progressive rows are not part of the default
+run (they would take it past 90 minutes); issue 11's run, `--methods
+taps,adapter,progressive,progressive-group`, is ≈36 min by the plan (TAPS one seed, the adapter
+and both progressive rows three, the same --select-train and grid as every row).
 
     python examples/benchmark.py --plan             # runs and time estimate; trains nothing
     python examples/benchmark.py --out bench.md     # the full run (run it alone on the machine)
     python examples/benchmark.py --quick            # a tiny smoke run on timm's test_efficientnet
     python examples/benchmark.py --methods finetune,compact --seeds 0 --lr-grid 3e-3
     python examples/benchmark.py --methods fusion --adapter-seeds 3   # adapter + fusion rows
+    python examples/benchmark.py --methods taps,adapter,progressive,progressive-group --out b11.md
 
 Prints a markdown table (accuracy per task and mean, seeds, chosen learning rate, stored
 parameters and bytes per task and for base + all tasks, train time as a ratio to fine-tuning),
@@ -69,6 +94,8 @@ the learning-rate selection, notes, and the issue's targets, each met or missed 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import logging
 import math
 import shlex
@@ -88,11 +115,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
+from registry import RegistryError
 from taps_cl import backbones, data, serialization
-from taps_cl.adding import configured_method
+from taps_cl.adding import TaskAddResult, configured_method
 from taps_cl.demo import FASHION_DIR, lite0_weights
 from taps_cl.errors import MethodError, TapsError
 from taps_cl.evaluate import evaluate
+from taps_cl.grouping import GroupResult
+from taps_cl.joining import JOIN_THRESHOLD
 from taps_cl.letters import render_letters
 from taps_cl.manager import Manager
 from taps_cl.methods.base import (
@@ -111,6 +141,7 @@ from taps_cl.methods.base import (
     norm_layers,
     trainable,
 )
+from taps_cl.methods.progressive import BANDS
 from taps_cl.restoring import example_input
 from taps_cl.train import TrainConfig, fit
 from taps_cl.weights import read_weights
@@ -125,18 +156,24 @@ DATA_SEED = 0  # the letters are rendered once with it: every training seed sees
 ADAPTER_SEEDS = 1  # seeds of the adapter and fusion rows by default (see the module docstring)
 DEFAULTS = dict(max_train=800, max_test=1000, epochs=3, batch_size=32, select_train=350,
                 lr_grid="1e-3,3e-3,1e-2", seeds="0,1,2", ranks="4,8", lora_ranks="4,8,16",
-                budget=0.1, factor_min_params=None, adapter_seeds=ADAPTER_SEEDS)
+                budget=0.1, factor_min_params=None, adapter_seeds=ADAPTER_SEEDS,
+                progressive_seeds="0,1,2")
 # Seconds on 2 cores: every row type, both stages, 2 seeds. test_efficientnet's layers are small,
 # so compact TAPS factorises layers over 2,000 weights here (the library default is 20,000).
 # LoRA ranks 8 and 16 leave the matched rank (4 here) to a row of its own, so it runs too.
 QUICK = dict(max_train=32, max_test=20, epochs=1, batch_size=16, select_train=16,
              lr_grid="1e-3,1e-2", seeds="0,1", ranks="2", lora_ranks="8,16", budget=0.1,
-             factor_min_params=2000, adapter_seeds=2)
+             factor_min_params=2000, adapter_seeds=2, progressive_seeds="0,1")
 # DESIGN §7: Lite0 on 2 CPU cores at 64 px trains ≈90 images/s and evaluates ≈570 images/s; a
 # linear probe (backward through the head only) trained 540–670 images/s in the previous runs.
 TRAIN_IMG_S, LINEAR_IMG_S, EVAL_IMG_S = 90.0, 540.0, 570.0
 FIT_OVERHEAD_S = 1.0  # per stage-1 fit, for --plan: build and prepare the model
 TASK_OVERHEAD_S = 3.0  # per stage-2 task, for --plan: load data, restore, probe checks, writes
+# Per progressive task, for --plan: its gradient signature (a head fitted on 256 images' features,
+# 4 gradient batches of 32) and, in stage 1, restoring it to score it on validation.
+SIGNATURE_S = 3.0
+BASE_ADD_S = 2.0  # per registered base, for --plan: build, hash and write the base weights once
+SELECT_TEST = 64  # stage-1 test images of a progressive row: the probe batch needs some; unread
 PLAN_LIMIT_MIN = 90  # the issue's limit for the whole run
 # Sizes --plan assumes where a task has fewer images than asked: scikit-learn's 1,797 digits are
 # split 1,347 / 450 (train pool / test), and 10 % of the pool is carved off as validation.
@@ -148,6 +185,8 @@ TARGET_TASK_SIZE, TARGET_ACC_GAP, TARGET_SEQUENCE = 0.15, -1.5, 1.6
 TARGET_OVER_LORA, TARGET_STEP = 1.0, 1.15
 # Issue 10's size targets: an adapter task (mean stored), a fusion task's own tensors.
 TARGET_ADAPTER, TARGET_FUSION = 0.06, 0.05
+# Issue 11: progressive task-specific total ≤ 0.7× the adapter row's, at ≥ its accuracy − 0.5 pt.
+TARGET_PROGRESSIVE_SIZE, TARGET_PROGRESSIVE_GAP = 0.7, -0.5
 
 
 # ------------------------------------------------------------------------------------ LoRA
@@ -353,15 +392,22 @@ class RowSpec:
 
     key: str  # name for --methods, e.g. "compact-r4"
     label: str  # the table's row name
-    kind: str  # "linear", "finetune", "taps", "compact", "budget", "lora", "adapter", "fusion"
+    # "linear", "finetune", "taps", "compact", "budget", "lora", "adapter", "fusion",
+    # "progressive-group", "progressive"
+    kind: str
     method: str  # library method name, or "lora" (the PeftLora class below)
     options: dict = field(default_factory=dict)  # method options, the learning rate aside
     seeded: bool = False  # trained with every seed of --seeds (a row the targets depend on)
     max_seeds: int | None = None  # a seeded row uses at most this many of --seeds (None: all)
     factor_scale: float = 1.0  # compact TAPS: factor_lr = factor_scale × the grid rate
+    # Stage-2 seeds given instead of --seeds (the progressive rows and, beside them, the adapter
+    # and fusion rows: --progressive-seeds); max_seeds still cuts them.
+    seed_list: tuple[int, ...] | None = None
 
     def seeds(self, seeds: list[int]) -> list[int]:
-        """The seeds of --seeds this row trains with in stage 2 (the first serves stage 1)."""
+        """The seeds this row trains with in stage 2 (stage 1 uses the first of --seeds)."""
+        if self.seed_list is not None:
+            return list(self.seed_list[:self.max_seeds])
         return seeds[:self.max_seeds] if self.seeded else seeds[:1]
 
     def method_options(self, lr: float) -> dict:
@@ -373,6 +419,10 @@ class RowSpec:
 
 MATCHED = "lora-matched"  # --methods name of the parameter-matched LoRA row
 ADAPTER, FUSION = "adapter", "fusion"  # --methods names; fusion reads the adapter row's tasks
+# --methods names (and kinds) of the progressive rows; they bring the adapter row to compare with.
+PROGRESSIVE, PROGRESSIVE_GROUP = "progressive", "progressive-group"
+PROGRESSIVE_KINDS = (PROGRESSIVE_GROUP, PROGRESSIVE)
+ALL = "all"  # --methods name of every row (by default the progressive rows are left out)
 GROUPS = {"compact": ("compact",), "lora": ("lora",)}  # --methods names of several rows
 
 
@@ -400,10 +450,22 @@ def row_specs(args: argparse.Namespace) -> list[RowSpec]:
                 max_seeds=args.adapter_seeds),
         RowSpec(FUSION, "fusion (own adapter)", "fusion", "fusion", seeded=True,
                 max_seeds=args.adapter_seeds),
+        *[RowSpec(key, label, key, "progressive", seeded=True,
+                  seed_list=tuple(args.progressive_seed_values))
+          for key, label in ((PROGRESSIVE_GROUP, progressive_label(True, args)),
+                             (PROGRESSIVE, progressive_label(False, args)))],
     ]
     if len(args.task_names) < 2:  # nothing earlier to fuse
         rows = [r for r in rows if r.kind != "fusion"]
     return rows
+
+
+def progressive_label(grouped: bool, args: argparse.Namespace) -> str:
+    """The table's name of a progressive row."""
+    if not grouped:
+        return "progressive (incremental, group auto)"
+    k = args.progressive_groups
+    return f"progressive (group train, {'auto groups' if k is None else _plural(k, 'group')})"
 
 
 def lora_spec(key: str, rank: int, alpha: float | None, matched: bool = False) -> RowSpec:
@@ -413,18 +475,28 @@ def lora_spec(key: str, rank: int, alpha: float | None, matched: bool = False) -
 
 def select_rows(specs: list[RowSpec], methods: str | None) -> tuple[list[RowSpec], bool]:
     """The rows --methods names (all by default), and whether the matched LoRA row is wanted."""
-    if methods is None:
-        return specs, True
+    if methods is None:  # every row of issues 9 and 10: what fits the 90 minutes
+        return [s for s in specs if s.kind not in PROGRESSIVE_KINDS], True
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    known = [s.key for s in specs] + [MATCHED, *GROUPS]
+    known = [s.key for s in specs] + [MATCHED, *GROUPS, ALL]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise SystemExit(f"--methods: unknown {', '.join(unknown) or '(empty)'}; choose from "
                          f"{', '.join(known)}")
+    if ALL in names:
+        names = [s.key for s in specs] + [MATCHED]
     kinds = {kind for n in names for kind in GROUPS.get(n, ())}
     if FUSION in names:  # the fusion row reads the adapter row's tasks: it needs that row
         names.append(ADAPTER)
+    progressive = [s for s in specs if s.key in names and s.kind in PROGRESSIVE_KINDS]
+    if progressive:  # compared with the adapter row, over the same seeds
+        names.append(ADAPTER)
     chosen = [s for s in specs if s.key in names or s.kind in kinds]
+    if progressive:
+        seeds = progressive[0].seed_list
+        chosen = [dataclasses.replace(s, seed_list=seeds, max_seeds=None) if s.kind == "adapter"
+                  else dataclasses.replace(s, seed_list=seeds) if s.kind == "fusion" else s
+                  for s in chosen]
     return chosen, MATCHED in names or "lora" in names
 
 
@@ -438,6 +510,8 @@ def make_method(row: RowSpec, lr: float, epochs: int, fuse: list[str] | None = N
     options = row.method_options(lr)
     if row.kind == "fusion":
         options["fuse"] = ",".join(fuse or [])
+    if row.method == "progressive":  # as a base's first progressive task: every band trains
+        options["train_bands"] = BANDS
     return configured_method(row.method, options, epochs)
 
 
@@ -469,6 +543,19 @@ class Run:
     # Tasks whose result is another row's task (fusion's first task is the adapter row's task):
     # in the accuracies and totals, not in the row's mean stored size per task.
     reused: set[str] = field(default_factory=set)
+    # Progressive rows: the shared artifacts (bands) the row's tasks pin, each counted once.
+    shared_params: int = 0
+    shared_bytes: int = 0
+    shared: list[str] = field(default_factory=list)  # one line per shared artifact
+    groups: dict[str, str] = field(default_factory=dict)  # task → the group it landed in
+    opened: dict[str, bool] = field(default_factory=dict)  # task → opened its group (incremental)
+    # Cosine similarity of the tasks' gradient signatures: (task names, matrix).
+    similarity: tuple[list[str], list[list[float]]] | None = None
+    # The incremental row's join checks: after each add, one (earlier task, unchanged?) per
+    # earlier task — its artifact and pinned shared bands re-read and hashed.
+    unchanged: list[tuple[str, bool]] = field(default_factory=list)
+    probe_drift: float = 0.0  # largest probe drift of an earlier task the adds re-checked
+    verified: list[tuple[str, bool, float | None]] = field(default_factory=list)  # Manager.verify
 
     @property
     def own_params(self) -> dict[str, int]:
@@ -580,14 +667,20 @@ class Bench:
         return method.prepare(model, self.head)
 
 
-def _record_task(bench, row, run, name: str, result, n_train: int) -> None:  # type: ignore[no-untyped-def]
-    """Note one added task's figures in its row's run and say them."""
+def _record_task(bench, row, run, name: str, result, n_train: int,  # type: ignore[no-untyped-def]
+                 timing: tuple[float, float] | None = None) -> None:
+    """Note one added task's figures in its row's run and say them.
+
+    `timing`: (seconds per epoch, images/s) when the history's own would mislead (a joint run).
+    """
     t = result.task
     run.task_params[name] = t.task_params
     run.active[name] = f"{t.active_layers}/{t.total_layers}"
     run.active_names[name] = [layer.name for layer in t.layers if layer.active]
-    run.epoch_seconds[name], run.images_per_s[name] = _timing(result.history, n_train)
+    run.epoch_seconds[name], run.images_per_s[name] = timing or _timing(result.history, n_train)
     run.probes += [c.ok for c in result.probe_checks]
+    drifts = [c.max_drift for c in result.probe_checks if c.max_drift is not None]
+    run.probe_drift = max([run.probe_drift, *drifts])
     run.config = dict(t.method_config)
     run.acc[name] = result.test_accuracy
     _say_task(bench, row, run, name)
@@ -613,6 +706,8 @@ def select_lr(bench: Bench, row: RowSpec) -> tuple[float, dict[float, float | No
     a = bench.args
     if len(a.lr_values) == 1:
         return a.lr_values[0], {}
+    if row.kind in PROGRESSIVE_KINDS:
+        return select_lr_progressive(bench, row)
     seed = a.seed_values[0]
     tasks = bench.data(seed)
     scored = fused_tasks(bench.tasks, row)
@@ -646,14 +741,56 @@ def select_lr(bench: Bench, row: RowSpec) -> tuple[float, dict[float, float | No
         if scores[lr] is not None:
             bench.say(f"  stage 1  {row.label:<30} lr {_lr(lr)}: val {100 * scores[lr]:5.1f}%  ("
                       + ", ".join(f"{t} {100 * v:.1f}" for t, v in accs.items()) + ")")
+    chosen = _best_rate(bench, row, scores)
+    if row.kind == "adapter":  # only the chosen rate's adapters are fused later
+        bench.stage1_adapters = {chosen: bench.stage1_adapters[chosen]}
+    return chosen, scores
+
+
+def _best_rate(bench: Bench, row: RowSpec, scores: dict[float, float | None]) -> float:
+    """The rate with the best score (ties to the smaller); refused when every rate diverged."""
     valid = {lr: s for lr, s in scores.items() if s is not None}
     if not valid:
         raise SystemExit(f"{row.label}: training diverged at every rate of the grid")
     chosen = max(valid, key=lambda lr: (valid[lr], -lr))
     bench.say(f"  stage 1  {row.label:<30} chosen lr {_lr(chosen)}")
-    if row.kind == "adapter":  # only the chosen rate's adapters are fused later
-        bench.stage1_adapters = {chosen: bench.stage1_adapters[chosen]}
-    return chosen, scores
+    return chosen
+
+
+def select_lr_progressive(bench: Bench, row: RowSpec) -> tuple[float, dict[float, float | None]]:
+    """Stage 1 of a progressive row: the row itself through the Manager, on cut training sets.
+
+    Sharing is the method, so no task can be trained alone: for each grid rate the whole row runs
+    (`train_progressive`) on a base of its own in a throw-away registry, every task cut to
+    --select-train training images by the Manager's max_train (validation is carved before that
+    cut, so it stays disjoint from them) and SELECT_TEST test images (not read). Each task's
+    restored model is then scored on the full validation split every other row is scored on.
+    """
+    a = bench.args
+    seed = a.seed_values[0]
+    full = bench.data(seed)
+    scores: dict[float, float | None] = {}
+    home = Path(tempfile.mkdtemp(prefix="taps-bench-select-"))
+    try:
+        with Manager(home) as manager:
+            for i, lr in enumerate(a.lr_values):
+                base = f"select-{row.key}-{i}"
+                try:
+                    train_progressive(bench, manager, row, base, lr, seed,
+                                      max_train=a.select_train, max_test=SELECT_TEST)
+                except MethodError as exc:  # a diverging rate: non-finite loss
+                    bench.say(f"  stage 1  {row.label:<30} lr {_lr(lr)}: failed ({exc})")
+                    scores[lr] = None
+                    continue
+                accs = {t.name: evaluate(manager.restore(f"{base}-{t.name}"),
+                                         full[t.name].val).accuracy for t in bench.tasks}
+                scores[lr] = statistics.fmean(accs.values())
+                bench.say(f"  stage 1  {row.label:<30} lr {_lr(lr)}: val "
+                          f"{100 * scores[lr]:5.1f}%  ("
+                          + ", ".join(f"{t} {100 * v:.1f}" for t, v in accs.items()) + ")")
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    return _best_rate(bench, row, scores), scores
 
 
 # ------------------------------------------------------------------------------- stage 2
@@ -729,6 +866,146 @@ def run_fusion(bench: Bench, manager: Manager, row: Row, seed: int, adapter: Row
     return run
 
 
+def train_progressive(
+    bench: Bench, manager: Manager, spec: RowSpec, base: str, lr: float, seed: int, *,
+    max_train: int, max_test: int,
+    after_add: Callable[[TaskDef, TaskAddResult], None] | None = None,
+) -> tuple[list[TaskAddResult], GroupResult | None]:
+    """Register `base` (bands are per base) and train a progressive row's tasks on it.
+
+    progressive-group: one `group_train` run of all tasks (its GroupResult is returned too);
+    progressive: one `add_task(..., method="progressive", group="auto")` per task, in order,
+    calling `after_add` after each. Tasks are named `<base>-<task>`.
+    """
+    a = bench.args
+    manager.add_base(base, bench.spec, weights=str(bench.weights))
+    common = dict(epochs=a.epochs, batch_size=a.batch_size, lr=lr, weight_decay=a.weight_decay,
+                  img_size=a.img_size, seed=seed, max_train=max_train, max_test=max_test,
+                  val_fraction=VAL_FRACTION, method_options=spec.method_options(lr))
+    if spec.kind == PROGRESSIVE_GROUP:
+        grouped = manager.group_train(
+            base, [(f"{base}-{t.name}", t.data_spec) for t in bench.tasks],
+            groups=a.progressive_groups, **common)
+        return list(grouped.results), grouped
+    results = []
+    for task in bench.tasks:
+        result = manager.add_task(f"{base}-{task.name}", base, task.data_spec,
+                                  method="progressive", group="auto", **common)
+        assert result is not None  # one process: this one records
+        results.append(result)
+        if after_add is not None:
+            after_add(task, result)
+    return results, None
+
+
+def _stored_hashes(manager: Manager, name: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """sha256 of the bytes of a task's artifact and of each shared artifact it pins, re-read
+    from the store now ("unreadable" where the store refuses them: a changed file)."""
+    reg = manager.registry
+    task = manager.get_task(name)
+
+    def digest(artifact) -> str:  # type: ignore[no-untyped-def]
+        try:
+            return hashlib.sha256(reg.read_artifact(artifact)).hexdigest()
+        except RegistryError:  # read_artifact checks the content hash: it changed
+            return "unreadable"
+
+    assert task.artifact is not None
+    pins = tuple(sorted((pin.kind, digest(reg.get_artifact(pin.sha256)))
+                        for pin in task.depends_on if pin.task is None))
+    return digest(task.artifact), pins
+
+
+def _short_name(name: str, base: str) -> str:
+    return name.removeprefix(f"{base}-")
+
+
+def _progressive_sizes(manager: Manager, run: Run, base: str) -> None:
+    """A progressive run's sizes from the budget of its own base: own artifacts, shared ones."""
+    budget = manager.budget(base)
+    for entry in budget.tasks:
+        run.task_bytes[_short_name(entry.name, base)] = entry.bytes
+    run.total_params, run.total_bytes = budget.total_params, budget.total_bytes
+    run.shared_params = sum(u.num_params for u in budget.shared)
+    run.shared_bytes = sum(u.bytes for u in budget.shared)
+    run.shared = [f"{'/'.join(k.removeprefix('progressive_') for k in u.kinds)} band "
+                  f"{_fmt_params(u.num_params)} read by "
+                  f"{', '.join(_short_name(t, base) for t in u.tasks)}" for u in budget.shared]
+
+
+def run_progressive_group(bench: Bench, manager: Manager, row: Row, seed: int) -> Run:
+    """One seed of the progressive-group row: every task in one `group train` run, own base.
+
+    A joint epoch trains one batch of every task per step, so each task is given an equal share
+    of it (joint epoch seconds ÷ tasks) in the time columns.
+    """
+    a = bench.args
+    base = f"bench-{row.spec.key}-s{seed}"
+    results, grouped = train_progressive(bench, manager, row.spec, base, row.lr, seed,
+                                         max_train=a.max_train, max_test=a.max_test)
+    assert grouped is not None
+    run = Run(seed)
+    sizes = bench.data(a.seed_values[0])
+    n = len(results)
+    epochs = [max(r.history[e]["seconds"] for r in results)
+              for e in range(len(results[0].history))]
+    share = statistics.fmean(epochs) / n
+    for task, result in zip(bench.tasks, results, strict=True):
+        n_train = len(sizes[task.name].train)
+        _record_task(bench, row, run, task.name, result, n_train, (share, n_train / share))
+    run.groups = {_short_name(m, base): _short_name(g, base)
+                  for g, members in grouped.groups.items() for m in members}
+    run.similarity = ([_short_name(t, base) for t in grouped.tasks],
+                      [list(map(float, r)) for r in grouped.matrix])
+    _progressive_sizes(manager, run, base)
+    bench.say(f"  stage 2  {row.label:<30} seed {seed} groups: {_groups_text(run)}")
+    return run
+
+
+def run_progressive(bench: Bench, manager: Manager, row: Row, seed: int) -> Run:
+    """One seed of the incremental progressive row, with the issue's join checks.
+
+    After each add, every earlier task's artifact and the shared bands it pins are re-read and
+    hashed and must equal what they were right after that task's own add; the adds' probe
+    re-checks are kept, and `Manager.verify` checks the whole base at the end.
+    """
+    a = bench.args
+    base = f"bench-{row.spec.key}-s{seed}"
+    run = Run(seed)
+    sizes = bench.data(a.seed_values[0])
+    seen: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {}
+
+    def after_add(task: TaskDef, result: TaskAddResult) -> None:
+        _record_task(bench, row, run, task.name, result, len(sizes[task.name].train))
+        for earlier, hashes in seen.items():
+            run.unchanged.append((earlier, _stored_hashes(manager, earlier) == hashes))
+        name = f"{base}-{task.name}"
+        seen[name] = _stored_hashes(manager, name)
+        group = result.task.method_config.get("group", "")
+        run.groups[task.name] = _short_name(group, base)
+        run.opened[task.name] = group == name  # a task that opens a group names it after itself
+
+    train_progressive(bench, manager, row.spec, base, row.lr, seed, max_train=a.max_train,
+                      max_test=a.max_test, after_add=after_add)
+    run.verified = [(c.task, c.ok, c.max_drift) for c in manager.verify(base, workers=1)]
+    report = manager.similarity(base)
+    run.similarity = ([_short_name(t, base) for t in report.tasks],
+                      [list(map(float, r)) for r in report.matrix])
+    _progressive_sizes(manager, run, base)
+    bench.say(f"  stage 2  {row.label:<30} seed {seed} groups: {_groups_text(run)}; "
+              f"{sum(ok for _, ok in run.unchanged)}/{len(run.unchanged)} earlier artifacts "
+              f"unchanged; verify {sum(ok for _, ok, _ in run.verified)}/{len(run.verified)} ok")
+    return run
+
+
+def _groups_text(run: Run) -> str:
+    """Which group each task landed in: "{fashion} {digits} {letters, lowercase}"."""
+    members: dict[str, list[str]] = {}
+    for task, group in run.groups.items():
+        members.setdefault(group, []).append(task)
+    return " ".join("{" + ", ".join(m) + "}" for m in members.values())
+
+
 def run_lora(bench: Bench, row: Row, seed: int) -> Run:
     """One seed of a LoRA row with the library's fit/evaluate (same data, seed and head init)."""
     run = Run(seed)
@@ -775,6 +1052,10 @@ def train_row(bench: Bench, manager: Manager, spec: RowSpec, done: list[Row]) ->
         elif spec.kind == "fusion":
             adapter = next(r for r in done if r.kind == "adapter")
             row.runs.append(run_fusion(bench, manager, row, seed, adapter))
+        elif spec.kind == PROGRESSIVE_GROUP:
+            row.runs.append(run_progressive_group(bench, manager, row, seed))
+        elif spec.kind == PROGRESSIVE:
+            row.runs.append(run_progressive(bench, manager, row, seed))
         else:
             row.runs.append(run_manager(bench, manager, row, seed))
     return row
@@ -1077,6 +1358,191 @@ def composed_targets(rows: list[Row], base_params: int) -> list[str]:
     return out
 
 
+def progressive_notes(rows: list[Row], bench: Bench) -> list[str]:
+    """Notes on the progressive rows (if chosen): bands, groups, sizes, the similarity matrix."""
+    prog = [r for r in rows if r.kind in PROGRESSIVE_KINDS]
+    if not prog:
+        return []
+    cfg = prog[0].runs[0].config
+    out = [f"- progressive (DESIGN §5b): a bottleneck adapter (reduction {cfg.get('reduction')}, "
+           f"{cfg.get('activation')}) on every block, the blocks in three bands — the first "
+           f"{cfg.get('shared_fraction'):g} of them shared by every task of the row's base, the "
+           f"last {cfg.get('task_fraction'):g} (at least one block) task-specific with their norm "
+           "layers and the head, the blocks between shared within a similarity group; shared and "
+           "group bands (adapters and the norm layers of their blocks) are stored once each as "
+           "shared artifacts that the members pin. Each progressive row registers the base "
+           "under a name of its own, so the rows share nothing. Task params/bytes (mean) = each "
+           "task's own artifact; total = base + own artifacts + the shared artifacts, each once "
+           "(`Manager.budget` of the row's base). Stage 1 ran each row whole through the "
+           "Manager in a throw-away registry per rate (training sets cut to --select-train), "
+           "scored on the full validation split. The interleaved step times a step of a base's "
+           "first progressive task (all three bands train); later incremental tasks train less."]
+    for r in prog:
+        if r.kind == PROGRESSIVE_GROUP:
+            k = bench.args.progressive_groups
+            out.append(f"- {r.label}: the {len(bench.tasks)} tasks trained as one `group train` "
+                       "run (each step one batch of every task, the mean of their losses; the "
+                       "epoch with the best mean validation accuracy kept), grouped by "
+                       + ("average-linkage clustering of their signatures' cosine matrix "
+                          "(automatic: merge while the average similarity ≥ 0.5)" if k is None
+                          else f"clustering into {_plural(k, 'group')} (--progressive-groups)")
+                       + ". Its time/epoch and img/s give each task an equal share of the joint "
+                       "epoch.")
+        else:
+            out.append(f"- {r.label}: tasks added one at a time with `--group auto`: the first "
+                       "trains all three bands (opening the shared band and its group); a later "
+                       "task reads the shared band frozen and joins the group whose members' "
+                       f"signatures it matches best when the mean cosine ≥ {JOIN_THRESHOLD:g} "
+                       "(training its task band only), else opens a group of its own (training "
+                       "its group and task bands). After every add it re-reads each earlier "
+                       "task's artifact and pinned shared bands; `Manager.verify` checks the "
+                       "base at the end.")
+        for run in r.runs:
+            opened = ""
+            if run.opened:
+                joined = [t for t, o in run.opened.items() if not o]
+                opened = (f"; joined an existing group: {', '.join(joined)}" if joined
+                          else "; every task opened a group of its own")
+            out.append(f"  - seed {run.seed}: groups {_groups_text(run)}{opened}; shared "
+                       f"artifacts {_fmt_params(run.shared_params)} "
+                       f"({run.shared_params / bench.base_params:.3f}× base): "
+                       + "; ".join(run.shared))
+    return out
+
+
+def _similarity_runs(rows: list[Row], every: bool = False) -> list[tuple[Row, Run]]:
+    """Runs that measured the tasks' similarity: one per seed, the group row's first (`every`:
+    all of them)."""
+    prog = sorted((r for r in rows if r.kind in PROGRESSIVE_KINDS),
+                  key=lambda r: r.kind != PROGRESSIVE_GROUP)
+    found = [(r, run) for r in prog for run in r.runs if run.similarity is not None]
+    if every:
+        return found
+    first: dict[int, tuple[Row, Run]] = {}
+    for r, run in found:
+        first.setdefault(run.seed, (r, run))
+    return [first[seed] for seed in sorted(first)]
+
+
+def similarity_table(rows: list[Row]) -> list[str]:
+    """The cosine-similarity matrix of the tasks' gradient signatures (first seed), markdown."""
+    runs = _similarity_runs(rows)
+    if not runs:
+        return []
+    row, run = runs[0]
+    assert run.similarity is not None
+    names, matrix = run.similarity
+    out = [f"Similarity of the benchmark tasks: cosine of their gradient signatures "
+           f"(DESIGN §5b; {row.label}, seed {run.seed}):", "",
+           "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    out += [f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |"
+            for name, values in zip(names, matrix, strict=True)]
+    for other, u in _similarity_runs(rows, every=True):
+        if u.seed == run.seed and u is not run:  # same seed, same data: same signatures
+            same = "the same matrix" if u.similarity == run.similarity else "a DIFFERENT matrix"
+            out += ["", f"{other.label}, seed {u.seed} (its stored signatures, "
+                        f"`Manager.similarity`): {same}."]
+    return out
+
+
+def progressive_targets(rows: list[Row], base_params: int) -> list[str]:
+    """Issue 11's targets, from this run, each met or MISSED with its numbers."""
+    out = ["Targets (issue 11), from this run; rows with several seeds enter with their means:"]
+
+    def specific(run: Run) -> int:  # what the tasks store beyond the base, shared ones once
+        return run.total_params - base_params
+
+    adapter = next((r for r in rows if r.kind == "adapter"), None)
+    prog = [r for r in rows if r.kind in PROGRESSIVE_KINDS]
+    if not prog:
+        return [*out, "- not measured (no progressive row chosen by --methods)"]
+    for r in prog:
+        mine = statistics.fmean(specific(run) for run in r.runs)
+        own = statistics.fmean(sum(run.task_params.values()) for run in r.runs)
+        shared = statistics.fmean(run.shared_params for run in r.runs)
+        text = (f"task-specific total {_fmt_params(mine)} (Σ own {_fmt_params(own)} + shared "
+                f"{_fmt_params(shared)}), accuracy {_row_acc(r)}")
+        if adapter is None:
+            out.append(f"- {r.label}: total ≤ {TARGET_PROGRESSIVE_SIZE:g}× independent adapters' "
+                       f"at ≥ their accuracy − {-TARGET_PROGRESSIVE_GAP:g} pt: not measured (no "
+                       f"adapter row) — {text}")
+            continue
+        theirs = statistics.fmean(specific(run) for run in adapter.runs)
+        ratio = mine / theirs
+        gap = 100 * (r.mean_acc - adapter.mean_acc)
+        ok = ratio <= TARGET_PROGRESSIVE_SIZE and gap >= TARGET_PROGRESSIVE_GAP
+        out.append(f"- {r.label}: task-specific stored parameters ≤ {TARGET_PROGRESSIVE_SIZE:g}× "
+                   f"independent adapters' at mean accuracy ≥ theirs − "
+                   f"{-TARGET_PROGRESSIVE_GAP:g} pt: {mark(ok)} — {text}; adapter row "
+                   f"{_fmt_params(theirs)} (Σ of its {len(adapter.runs[0].task_params)} task "
+                   f"artifacts), accuracy {_row_acc(adapter)}: size {ratio:.2f}× "
+                   f"({mark(ratio <= TARGET_PROGRESSIVE_SIZE)}), accuracy {gap:+.1f} pt "
+                   f"({mark(gap >= TARGET_PROGRESSIVE_GAP)}). Sizes exclude the base (both "
+                   f"store it once); with it: {r.total_params / base_params:.2f}× vs "
+                   f"{adapter.total_params / base_params:.2f}× base.")
+    out.append(_similarity_target(rows))
+    out += _join_targets(prog)
+    return out
+
+
+def _similarity_target(rows: list[Row]) -> str:
+    """Uppercase ↔ lowercase letters above letters ↔ Fashion-MNIST (both letter sets)."""
+    text = ("- similarity ranks related tasks first: cos(letters, lowercase) above cos(letters, "
+            "fashion) and cos(lowercase, fashion)")
+    runs = _similarity_runs(rows)
+    needed = {"letters", "lowercase", "fashion"}
+    if not runs or not needed <= set(runs[0][1].similarity[0]):  # type: ignore[index]
+        return f"{text}: not measured (needs a progressive row and the tasks letters, lowercase, "\
+               "fashion)"
+    held, details = 0, []
+    for _, run in runs:
+        assert run.similarity is not None
+        names, matrix = run.similarity
+        at = {n: i for i, n in enumerate(names)}
+
+        def cos(a: str, b: str) -> float:
+            return matrix[at[a]][at[b]]  # noqa: B023 — used at once, in this iteration
+
+        related = cos("letters", "lowercase")
+        far = max(cos("letters", "fashion"), cos("lowercase", "fashion"))
+        held += related > far
+        details.append(f"seed {run.seed}: {related:.2f} vs {cos('letters', 'fashion'):.2f} / "
+                       f"{cos('lowercase', 'fashion'):.2f}")
+    return f"{text}: {mark(held == len(runs))} — {held}/{len(runs)} seeds; " + "; ".join(details)
+
+
+def _join_targets(prog: list[Row]) -> list[str]:
+    """Joining leaves every earlier task's artifact byte-identical, its probe logits unchanged."""
+    text = ("- joining leaves every earlier task's artifact byte-identical and its probe logits "
+            "unchanged")
+    incremental = [r for r in prog if r.kind == PROGRESSIVE]
+    if not incremental:
+        return [f"{text}: not measured (needs the progressive row, the incremental one)"]
+    out = []
+    for r in incremental:
+        same = [ok for run in r.runs for _, ok in run.unchanged]
+        probes = [ok for run in r.runs for ok in run.probes]
+        checks = [(task, ok, drift) for run in r.runs for task, ok, drift in run.verified]
+        drifts = [d for _, _, d in checks if d is not None]
+        joins = sum(not opened for run in r.runs for t, opened in list(run.opened.items())[1:])
+        later = sum(len(run.opened) - 1 for run in r.runs)
+        ok = all(same) and all(probes) and all(ok for _, ok, _ in checks) and bool(same)
+        out.append(
+            f"{text}: {mark(ok)} — {r.label}, {_plural(len(r.runs), 'seed')}: after every add, "
+            f"{sum(same)}/{len(same)} earlier tasks' artifacts and pinned shared bands re-read "
+            f"byte-identical (sha256 of the bytes); {sum(probes)}/{len(probes)} probe re-checks "
+            f"of earlier tasks during the adds unchanged (max drift "
+            f"{max((run.probe_drift for run in r.runs), default=0):.3g}); `Manager.verify` at the "
+            f"end: {sum(ok for _, ok, _ in checks)}/{len(checks)} checks ok (max drift "
+            f"{max(drifts, default=0):.3g}); {joins} of {later} later adds joined an existing "
+            "group, the others opened one (every later add reads the shared band frozen)")
+    return out
+
+
+def mark(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
 # ------------------------------------------------------------------------------------- plan
 
 
@@ -1101,12 +1567,24 @@ def plan(args: argparse.Namespace, specs: list[RowSpec], matched: bool) -> tuple
         runs1 += rates * len(trained)
         runs2 += seeds
         fits2 += seeds * len(trained)
+        progressive = row.kind in PROGRESSIVE_KINDS
         for s in trained:
             chosen = min(args.select_train, s["train"])
-            stage1 += rates * (chosen * epochs / speed + s["val"] * (epochs + 1) / EVAL_IMG_S
-                               + FIT_OVERHEAD_S)
+            if progressive:  # through the Manager: its own cut validation, test, signature,
+                # then a restore scored on the full validation split
+                own_val = min(math.ceil(chosen * VAL_FRACTION), s["val"])
+                stage1 += rates * (chosen * epochs / speed + (own_val * epochs + s["val"]
+                                   + min(SELECT_TEST, s["test"])) / EVAL_IMG_S
+                                   + TASK_OVERHEAD_S + SIGNATURE_S)
+            else:
+                stage1 += rates * (chosen * epochs / speed + s["val"] * (epochs + 1) / EVAL_IMG_S
+                                   + FIT_OVERHEAD_S)
             stage2 += seeds * (s["train"] * epochs / speed
-                               + (s["val"] * epochs + s["test"]) / EVAL_IMG_S + TASK_OVERHEAD_S)
+                               + (s["val"] * epochs + s["test"]) / EVAL_IMG_S + TASK_OVERHEAD_S
+                               + (SIGNATURE_S if progressive else 0.0))
+        if progressive:  # a base of its own per rate and per seed
+            stage1 += rates * BASE_ADD_S
+            stage2 += seeds * BASE_ADD_S
     steps = QUICK_TIMED_STEPS if args.quick else TIMED_STEPS
     timing = (len(rows) * (args.step_rounds * steps + 1) * args.batch_size / TRAIN_IMG_S
               + len(rows) * FIT_OVERHEAD_S) if args.step_rounds else 0.0
@@ -1138,6 +1616,11 @@ def plan(args: argparse.Namespace, specs: list[RowSpec], matched: bool) -> tuple
     if matched:
         lines.append("- the parameter-matched LoRA row is counted; it is skipped when its rank is "
                      "one of --lora-ranks")
+    if any(r.kind in PROGRESSIVE_KINDS for r in rows):
+        lines.append(f"- progressive rows: stage 1 runs the row whole through the Manager per "
+                     f"rate (a base each, {BASE_ADD_S:g} s), each task with its gradient "
+                     f"signature ({SIGNATURE_S:g} s) and a restore scored on validation; stage 2 "
+                     "adds a signature per task and a base per seed")
     return lines, total
 
 
@@ -1153,6 +1636,17 @@ def _numbers(p: argparse.ArgumentParser, flag: str, text: str, kind: type) -> li
     if not values or any(not math.isfinite(v) or v <= 0 for v in values):
         p.error(f"{flag}: expected positive numbers, got {text!r}")
     return list(dict.fromkeys(values))
+
+
+def _seeds(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
+    """A comma-separated list of seeds ≥ 0, duplicates dropped, order kept."""
+    try:
+        values = list(dict.fromkeys(int(x) for x in text.split(",") if x.strip()))
+    except ValueError:
+        p.error(f"{flag}: expected comma-separated integers, got {text!r}")
+    if not values or min(values) < 0:
+        p.error(f"{flag} needs at least one seed ≥ 0")
+    return values
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1199,10 +1693,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "the first this many of --seeds (default "
                    f"{DEFAULTS['adapter_seeds']}, to fit 90 minutes; --quick: "
                    f"{QUICK['adapter_seeds']})")
+    p.add_argument("--progressive-seeds",
+                   help="seeds of the progressive rows and, beside them, of the adapter row "
+                   f"(fusion: the first --adapter-seeds of them) (default "
+                   f"{DEFAULTS['progressive_seeds']}; --quick: {QUICK['progressive_seeds']})")
+    p.add_argument("--progressive-groups", type=int, default=None,
+                   help="the progressive-group row clusters its tasks into this many groups "
+                   "(default: automatically)")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of rows: linear, finetune, taps, compact-rR, "
                    "budget, lora-rR, lora-matched, adapter, fusion (runs adapter too: it fuses "
-                   "that row's tasks), or the groups compact and lora (default all)")
+                   "that row's tasks), progressive-group and progressive (issue 11; run adapter "
+                   "too, to compare with), the groups compact and lora, or all (default: every "
+                   "row but the progressive ones, which fits 90 minutes)")
     p.add_argument("--tasks", default=None,
                    help=f"comma-separated subset in order (default {','.join(ALL_TASKS)}; "
                    f"--quick: {','.join(QUICK_TASKS)})")
@@ -1231,12 +1734,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.lr_values = _numbers(p, "--lr-grid", args.lr_grid, float)
     args.rank_values = _numbers(p, "--ranks", args.ranks, int)
     args.lora_rank_values = _numbers(p, "--lora-ranks", args.lora_ranks, int)
-    try:
-        args.seed_values = list(dict.fromkeys(int(x) for x in args.seeds.split(",") if x.strip()))
-    except ValueError:
-        p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
-    if not args.seed_values or min(args.seed_values) < 0:
-        p.error("--seeds needs at least one seed ≥ 0")
+    args.seed_values = _seeds(p, "--seeds", args.seeds)
+    args.progressive_seed_values = _seeds(p, "--progressive-seeds", args.progressive_seeds)
     args.task_names = (args.tasks.split(",") if args.tasks
                        else list(QUICK_TASKS if args.quick else ALL_TASKS))
     args.task_names = [t.strip() for t in args.task_names if t.strip()]
@@ -1247,6 +1746,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.step_rounds is None:
         args.step_rounds = 1 if args.quick else 3
     methods = {m.strip() for m in (args.methods or "").split(",")}
+    if args.progressive_groups is not None and not (
+            1 <= args.progressive_groups <= len(args.task_names)):
+        p.error(f"--progressive-groups must be between 1 and the number of tasks "
+                f"({len(args.task_names)})")
     if FUSION in methods and len(args.task_names) < 2:  # by default the row is left out then
         p.error("the fusion row needs at least 2 tasks (it fuses the adapters of earlier ones); "
                 "add tasks with --tasks or leave fusion out of --methods")
@@ -1383,8 +1886,7 @@ def _run(args: argparse.Namespace, specs: list[RowSpec], matched: bool, home: Pa
             f"{t}: {s['train']}/{s['val']}/{s['test']}" for t, s in sizes.items()),
         f"- seeds: a row with k in the seeds column ran with the first k of seeds {seeds} "
         "and, for k > 1, shows mean ± sample standard deviation (n − 1) over the seeds, per task "
-        f"and for the mean (adapter and fusion rows: the first {args.adapter_seeds}, "
-        "--adapter-seeds)",
+        "and for the mean " + seed_note(rows, args),
         f"- command: `{command}`",
         f"- wall time: {wall / 60:.1f} min (whole script, {torch.get_num_threads()} torch "
         f"threads); 1-min load average {load_start} at start, {_load()} at the end (this run "
@@ -1413,6 +1915,7 @@ def _run(args: argparse.Namespace, specs: list[RowSpec], matched: bool, home: Pa
         "`Manager.budget`; fine-tune: N whole models (N × base + heads, Σ task files), linear: "
         "base + heads.",
         *composed_notes(rows, bench),
+        *progressive_notes(rows, bench),
         f"- LoRA (peft.inject_adapter_in_model on the timm model) at ranks "
         f"{', '.join(map(str, args.lora_rank_values))}; {notes_matched}. Targets Linear and "
         f"groups=1 Conv2d layers ({lora_layers} adaptable layers): PEFT accepts a grouped conv "
@@ -1441,9 +1944,22 @@ def _run(args: argparse.Namespace, specs: list[RowSpec], matched: bool, home: Pa
             f"{t} {a} ({_fmt_params(run.task_params[t])})" for t, a in run.active.items()))
         for t, names in run.active_names.items():
             notes.append(f"  - {t}: {', '.join(names) if names else '(none)'}")
+    similar = similarity_table(rows)
+    notes += ["", *similar] if similar else []
     notes += ["", *targets(rows, bench.base_params, len(bench.tasks), args.budget),
-              "", *composed_targets(rows, bench.base_params)]
+              "", *composed_targets(rows, bench.base_params),
+              "", *progressive_targets(rows, bench.base_params)]
     return render(rows, bench.tasks, bench.base_params, header, notes)
+
+
+def seed_note(rows: list[Row], args: argparse.Namespace) -> str:
+    """Which seeds the adapter, fusion and progressive rows used, for the header."""
+    if any(r.kind in PROGRESSIVE_KINDS for r in rows):
+        seeds = ", ".join(map(str, args.progressive_seed_values))
+        return (f"(progressive rows and the adapter row beside them: seeds {seeds}, "
+                f"--progressive-seeds; fusion: the first {args.adapter_seeds} of them, "
+                "--adapter-seeds)")
+    return f"(adapter and fusion rows: the first {args.adapter_seeds}, --adapter-seeds)"
 
 
 def _load() -> str:

@@ -182,7 +182,8 @@ def cli_read(home: Path, args: Sequence[str], repeat: int, timeout: float,
     Stdout goes to a file (a JSON document of 10,000 rows is large); its size and, for a list,
     its length are returned for checking.
     """
-    env = {k: v for k, v in os.environ.items() if k not in ("TAPS_CL_DB", "TAPS_CL_HOME")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TAPS_CL_DB", "TAPS_CL_HOME", "TAPS_CL_ARTIFACTS")}
     out = workdir / "cli-out.json"
     times, info = [], {}
     for _ in range(repeat):

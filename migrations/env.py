@@ -1,11 +1,15 @@
 """Alembic environment: uses the engine handed over by registry.db, else the configured URL."""
 
 from alembic import context
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
 from registry.models import Base
 
 target_metadata = Base.metadata
+# PostgreSQL advisory lock held by a migration's transaction (the bytes of "taps-cl"): processes
+# creating or upgrading one database at once queue on it, and each reads the schema revision
+# only once the one before has committed, so a second creator finds the schema made.
+MIGRATION_LOCK = 0x746170732D636C
 
 
 def run_migrations_offline() -> None:
@@ -38,6 +42,9 @@ def run_migrations_online() -> None:
             connection=connection, target_metadata=target_metadata, render_as_batch=True
         )
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                   {"key": MIGRATION_LOCK})
             context.run_migrations()
         connection.commit()
         if raw is not None:

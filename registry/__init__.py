@@ -9,6 +9,7 @@ from registry.errors import (
     RunLost,
     SchemaOutOfDate,
     StoreError,
+    StoreMismatch,
 )
 from registry.repository import TEMP_GRACE_SECONDS, Registry
 from registry.runs import (
@@ -31,6 +32,7 @@ __all__ = [
     "RunLost",
     "SchemaOutOfDate",
     "StoreError",
+    "StoreMismatch",
     "run_is_alive",
     "this_host",
 ]

@@ -90,7 +90,7 @@ class ArtifactFiles(Transactions):
             raise RegistryError(f"unknown artifact kind {kind!r}")
         _lock_artifacts(s)
         sha, relative = staged
-        if not self.store.path_of(relative).exists():
+        if not self.store.exists(relative):
             self._stage(data, created)
         row = s.scalar(select(ArtifactRow).where(ArtifactRow.sha256 == sha))
         if row is None:
@@ -164,16 +164,11 @@ class ArtifactFiles(Transactions):
             _lock_artifacts(s)
             for garbage in files:
                 relative = garbage.path
-                path = self.store.path_of(relative)  # refuses paths outside the store
+                self.store.path_of(relative)  # refuses paths outside the store
                 if self.store.is_temp(relative):
-                    try:
-                        mtime = path.lstat().st_mtime
-                    except FileNotFoundError:
+                    mtime = self.store.modified(relative)
+                    if mtime is None:
                         continue
-                    except OSError as exc:
-                        raise RegistryError(
-                            f"cannot look at {path}: {exc.strerror or exc}"
-                        ) from exc
                     current = time.time() if now is None else now
                     if current - mtime >= TEMP_GRACE_SECONDS:
                         freed += self.store.remove(relative)

@@ -1,6 +1,7 @@
 """The hash chain of a base's task sequence: what proves an add left earlier tasks alone.
 
-Each ready task records ``chain = H(prev, position, name, task sha256, probe sha256)``, where
+Each ready task records ``chain = H(prev, position, name, task sha256, probe sha256[, signature
+sha256])`` (the signature term only for tasks that have one, so older links keep their value), where
 ``prev`` is the chain of the ready task it followed when it finished (the genesis value of the
 base for the first). An add writes only its own rows, and artifacts are content-addressed and
 never rewritten, so every earlier task's artifacts are pinned by every later chain: changing an
@@ -24,9 +25,12 @@ def genesis(base_sha256: str) -> str:
     return hashlib.sha256(f"taps-cl chain v1\nbase {base_sha256}".encode()).hexdigest()
 
 
-def link(prev: str, position: int, name: str, task_sha256: str, probe_sha256: str) -> str:
+def link(prev: str, position: int, name: str, task_sha256: str, probe_sha256: str,
+         signature_sha256: Optional[str] = None) -> str:
     """The chain value of a task that followed `prev`."""
     text = f"{prev}\n{position}\n{name}\n{task_sha256}\n{probe_sha256}"
+    if signature_sha256 is not None:
+        text += f"\nsignature {signature_sha256}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -40,6 +44,7 @@ class ChainEntry:
     probe_sha256: Optional[str]
     chain_prev: Optional[str]
     chain: Optional[str]
+    signature_sha256: Optional[str] = None
 
 
 def chain_problems(base_sha256: str, entries: Sequence[ChainEntry]) -> dict[str, str]:
@@ -59,7 +64,7 @@ def chain_problems(base_sha256: str, entries: Sequence[ChainEntry]) -> dict[str,
         elif entry.task_sha256 is None or entry.probe_sha256 is None:
             problems[entry.name] = "has no artifacts"
         elif link(entry.chain_prev, entry.position, entry.name, entry.task_sha256,
-                  entry.probe_sha256) != entry.chain:
+                  entry.probe_sha256, entry.signature_sha256) != entry.chain:
             problems[entry.name] = ("its chain value does not match its position, name or "
                                     "artifacts (its rows were altered after it was added)")
         elif entry.chain_prev != expected_prev and not gap:

@@ -4,6 +4,11 @@ SQLite transactions are begun by SQLAlchemy's "begin" event rather than by pysql
 only issues BEGIN before the first write): a writer asks for ``BEGIN IMMEDIATE`` through
 :func:`writer`, so read-then-write transactions are serialised and wait on the busy timeout
 instead of failing with "database is locked" when they upgrade their lock.
+
+PostgreSQL (``postgresql+psycopg://``) runs at READ COMMITTED: a write that reads before it
+writes locks what it depends on (``SELECT … FOR UPDATE`` of a row, or ``LOCK TABLE artifacts``)
+and waits for it; migrations queue on an advisory lock (migrations/env.py). ``db upgrade``
+copies only a SQLite file aside: a server's database is backed up by its own tools.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ if TYPE_CHECKING:
 # The newest migration's revision. Opening a registry compares the database with it by plain
 # SQL, so reads never import alembic (a fifth of a CLI call's start-up); tests/test_migrations.py
 # checks that it names alembic's head.
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0006"
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +102,17 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
                 f"cannot create the registry directory {path.parent}: {exc.strerror or exc}"
             ) from exc
     try:
-        engine = create_engine(url, connect_args={"timeout": 30} if is_sqlite else {})
-    except Exception as exc:  # missing driver, bad options
+        if is_sqlite:
+            engine = create_engine(url, connect_args={"timeout": 30})
+        else:  # a server may drop idle connections while a long `task add` trains
+            engine = create_engine(url, pool_pre_ping=True)
+    except ImportError as exc:  # the URL's driver is not installed
+        hint = ""
+        if parsed.get_backend_name() == "postgresql":
+            hint = " (PostgreSQL: pip install 'taps-cl[postgres]' and use postgresql+psycopg://)"
+        raise RegistryError(
+            f"cannot open database {parsed.render_as_string()}: {exc}{hint}") from exc
+    except Exception as exc:  # bad options
         raise RegistryError(f"cannot open database {parsed.render_as_string()}: {exc}") from exc
     if is_sqlite:
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -333,8 +347,8 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str, Pa
     if before == head and revision == "head":
         return before, head, None  # nothing to do: no backup, no writes
     backup = None
-    database = engine.url.database
-    if engine.url.get_backend_name() == "sqlite" and database and Path(database).exists():
+    database = sqlite_path(engine.url)  # a server's database (PostgreSQL) is not copied
+    if database is not None and database.exists():
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
         backup = Path(f"{database}.{before or 'empty'}.{stamp}.bak")
         _backup_sqlite(engine, backup)

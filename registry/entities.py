@@ -53,6 +53,21 @@ class TaskDependency:
 
 
 @dataclass(frozen=True)
+class SharedPin:
+    """A shared artifact a finishing task reads (progressive adapters shared by several tasks).
+
+    With `blob`, the finish stores it (content-addressed: a second member finishing with the
+    same bytes finds the row already there); without, an artifact with `sha256` must already be
+    recorded as kind ``shared``. Either way the task pins it (a `task_dependencies` row).
+    """
+
+    sha256: str  # the artifact's content hash
+    kind: str  # how the task reads it, e.g. "progressive_shared" or "progressive_group"
+    blob: Optional[bytes] = None  # the bytes, when this finish may be the first to store them
+    num_params: int = 0  # numbers in it (with `blob`)
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
     base: str
@@ -78,6 +93,8 @@ class Task:
     # Its link in the base's hash chain (registry.chain); None until it is ready.
     chain_prev_sha256: Optional[str] = None
     chain_sha256: Optional[str] = None
+    # Its gradient signature (taps_cl.similarity); None for tasks added before signatures.
+    signature: Optional[Artifact] = None
 
     @property
     def task_params(self) -> int:
@@ -134,6 +151,17 @@ class TaskSummary:
 
 
 @dataclass(frozen=True)
+class SharedUse:
+    """A shared artifact of a base (progressive bands) and the ready tasks that pin it."""
+
+    sha256: str
+    num_params: int
+    bytes: int
+    kinds: tuple[str, ...]  # how the tasks read it (pin kinds, e.g. "progressive_group")
+    tasks: tuple[str, ...]  # the ready tasks pinning it, in sequence order
+
+
+@dataclass(frozen=True)
 class Evaluation:
     task: str
     after_task: str
@@ -165,3 +193,12 @@ class GarbageFile:
     path: str  # relative to the artifact root
     bytes: int
     reason: str  # "unreferenced" (an artifact file no row names) or "temp" (an abandoned write)
+
+
+@dataclass(frozen=True)
+class StoreRecord:
+    """The artifact store a registry recorded (registry.binding)."""
+
+    url: str  # as recorded: a URL, an absolute path, or a path relative to the SQLite file's dir
+    store_id: Optional[str]  # the id in the store's marker; None: a default store, no marker
+    location: str  # where this client reads and writes artifacts (the store it opened)

@@ -29,5 +29,9 @@ class StoreError(RegistryError):
     """An artifact file could not be written, read or removed: an OS error on the store's path."""
 
 
+class StoreMismatch(RegistryError):
+    """The artifact store named is not the one the registry recorded (or belongs to another)."""
+
+
 class RunLost(RegistryError):
     """The row a ``task add`` run began is gone or was altered; the run records nothing."""

@@ -31,7 +31,7 @@ NAMING_CONVENTION = {
 }
 
 TASK_STATUSES = ("training", "ready")
-ARTIFACT_KINDS = ("base", "task", "probe", "shared")
+ARTIFACT_KINDS = ("base", "task", "probe", "shared", "signature")
 
 
 def utcnow() -> datetime:
@@ -117,6 +117,9 @@ class TaskRow(Base):
     # any later rewrite of an earlier task's rows shows without re-running a model.
     chain_prev_sha256: Mapped[Optional[str]] = mapped_column(String(64))
     chain_sha256: Mapped[Optional[str]] = mapped_column(String(64))
+    # The task's gradient signature (taps_cl.similarity), recorded when it is added; NULL for
+    # tasks added before signatures existed.
+    signature_artifact_id: Mapped[Optional[int]] = mapped_column(ForeignKey("artifacts.id"))
 
     base: Mapped[BaseModelRow] = relationship(back_populates="tasks", lazy="joined")
     artifact: Mapped[Optional[ArtifactRow]] = relationship(
@@ -124,6 +127,9 @@ class TaskRow(Base):
     )
     probe: Mapped[Optional[ArtifactRow]] = relationship(
         foreign_keys=[probe_artifact_id], lazy="joined"
+    )
+    signature: Mapped[Optional[ArtifactRow]] = relationship(
+        foreign_keys=[signature_artifact_id], lazy="joined"
     )
     layers: Mapped[list[TaskLayerRow]] = relationship(
         back_populates="task", cascade="all, delete-orphan", order_by="TaskLayerRow.id"
@@ -194,3 +200,21 @@ class TaskDependencyRow(Base):
     artifact: Mapped[Optional[ArtifactRow]] = relationship(
         foreign_keys=[artifact_id], lazy="joined"
     )
+
+
+class ArtifactStoreRow(Base):
+    """The artifact store this registry belongs to (registry.binding): one row, id 1."""
+
+    __tablename__ = "artifact_store"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    # uuid4 hex, also written in the store's marker object: the same store seen through another
+    # mount path or URL carries the same id, any other store does not. NULL for a default
+    # <home>/artifacts store, which holds no marker and is known by its directory.
+    store_id: Mapped[Optional[str]] = mapped_column(String(32))
+    # Where clients find the store when they name none: a URL or absolute path, or a path
+    # relative to the SQLite database file's directory (the default <home>/artifacts is
+    # recorded as "artifacts", so a moved or copied home keeps working).
+    url: Mapped[str] = mapped_column(String(2048))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -18,10 +18,10 @@ from sqlalchemy.orm import Session, aliased
 
 from registry import chain
 from registry.artifacts import TEMP_GRACE_SECONDS
-from registry.entities import BaseModel, Evaluation
-from registry.errors import AlreadyExists, RegistryError
+from registry.entities import Artifact, BaseModel, Evaluation
+from registry.errors import AlreadyExists, NotFound, RegistryError
 from registry.models import ArtifactRow, BaseModelRow, EvaluationRow, TaskRow
-from registry.rows import base_row, check_name, task_row, to_base, to_evaluation
+from registry.rows import base_row, check_name, task_row, to_artifact, to_base, to_evaluation
 from registry.summaries import TaskSummaries
 from registry.tasks import TaskVerbs
 from registry.transactions import DB_FILENAME, error_reason
@@ -175,19 +175,29 @@ class Registry(TaskVerbs, TaskSummaries):
                 query = query.where(TaskRow.status == "ready")
             return list(s.scalars(query))
 
+    def get_artifact(self, sha256: str) -> Artifact:
+        """The recorded artifact with this content hash (NotFound if none)."""
+        with self._session() as s:
+            row = s.scalar(select(ArtifactRow).where(ArtifactRow.sha256 == sha256))
+            if row is None:
+                raise NotFound(f"no artifact {sha256[:12]}… is recorded")
+            return to_artifact(row)
+
     def chain_problems(self, base: str) -> dict[str, str]:
         """Task name → why its link in the base's hash chain fails (registry.chain); {} if none.
 
         Reads rows only: no artifact file is opened.
         """
         task_art, probe_art = aliased(ArtifactRow), aliased(ArtifactRow)
+        signature_art = aliased(ArtifactRow)
         with self._session() as s:
             b = base_row(s, base)
             rows = s.execute(
                 select(TaskRow.name, TaskRow.position, task_art.sha256, probe_art.sha256,
-                       TaskRow.chain_prev_sha256, TaskRow.chain_sha256)
+                       TaskRow.chain_prev_sha256, TaskRow.chain_sha256, signature_art.sha256)
                 .outerjoin(task_art, TaskRow.artifact_id == task_art.id)
                 .outerjoin(probe_art, TaskRow.probe_artifact_id == probe_art.id)
+                .outerjoin(signature_art, TaskRow.signature_artifact_id == signature_art.id)
                 .where(TaskRow.base_id == b.id, TaskRow.status == "ready")
                 .order_by(TaskRow.position)
             ).tuples().all()

@@ -76,6 +76,7 @@ def to_task(row: TaskRow, layers: bool = True) -> Task:
         status=row.status,
         artifact=to_artifact(row.artifact) if row.artifact else None,
         probe=to_artifact(row.probe) if row.probe else None,
+        signature=to_artifact(row.signature) if row.signature else None,
         head_params=row.head_params,
         train_seconds=row.train_seconds,
         created_at=row.created_at,

@@ -1,7 +1,15 @@
 """Content-addressed artifact store: files named by sha256, written atomically, verified on read.
 
+The store is a local directory or any fsspec URL (``file://…`` on a shared mount, ``s3://bucket/
+prefix`` through s3fs, ``memory://…``). Local directories keep the POSIX path here: temp file →
+fsync → rename, symlink escapes refused. Other filesystems go through ``registry.objects``
+(a temp object moved to its final name); a final name that exists is never written again, and
+as names are content hashes it can only hold that content. Every read, on every backend, is
+checked against its sha256 here.
+
 Paths come from the database, so they are checked before use: a path must be the layout of its
-sha256 and stay inside the store. OS errors surface as StoreError naming the user's path.
+sha256 and stay inside the store. OS and backend errors surface as StoreError naming the user's
+path or URL.
 """
 
 from __future__ import annotations
@@ -11,12 +19,23 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath, PurePosixPath
+from typing import Optional
 
 from registry.errors import IntegrityFailure, StoreError
+from registry.objects import (
+    TEMP_PREFIX,
+    ObjectFiles,
+    is_local_filesystem,
+    is_url,
+    open_filesystem,
+)
+
+__all__ = ["MARKER", "SUFFIX", "TEMP_PREFIX", "ArtifactStore", "sha256_bytes"]
 
 SUFFIX = ".safetensors"
-TEMP_PREFIX = ".tmp-"  # an in-progress (or abandoned) write, renamed to its final name when done
+# The object at the store's root that names the registry it belongs to (registry.binding).
+MARKER = ".taps-cl-store.json"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _LAYOUT = re.compile(r"([0-9a-f]{2})/([0-9a-f]{64})" + re.escape(SUFFIX))
 
@@ -27,20 +46,54 @@ def sha256_bytes(data: bytes) -> str:
 
 
 class ArtifactStore:
-    """Files under ``root/ab/abcdef….safetensors``; identical content is stored once, never rewritten."""
+    """Files under ``root/ab/abcdef….safetensors``; identical content is stored once, never rewritten.
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
+    ``location`` is a local path or an fsspec URL. ``url`` is what the store was opened with
+    (a local path as given); ``root`` is a ``Path`` for local stores and the filesystem's
+    ``PurePosixPath`` (``bucket/prefix``) for others; ``is_local`` tells them apart. Opening
+    contacts nothing: an unreachable store fails at its first operation, as a StoreError.
+    """
+
+    def __init__(self, location: str | os.PathLike[str]) -> None:
+        self._objects: ObjectFiles | None = None  # the files of a non-local store
+        text = os.fspath(location)
+        if isinstance(location, os.PathLike) or not is_url(text):
+            self.root: PurePath = Path(text)
+            self.url = text
+            return
+        fs, path = open_filesystem(text)
+        self.url = text
+        if is_local_filesystem(fs):  # file://, local:// — the local code path, with fsync
+            self.root = Path(path)
+            return
+        self._objects = ObjectFiles(fs, path.rstrip("/"), text)
+        self.root = PurePosixPath(self._objects.base or "/")
+
+    @property
+    def is_local(self) -> bool:
+        """Whether the store is a directory of this machine (POSIX writes, symlink checks)."""
+        return self._objects is None
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.url!r})"
 
     def relative_path(self, sha256: str) -> str:
         """Where content with this sha256 lives, (``ab/abcdef….safetensors``)."""
         return f"{sha256[:2]}/{sha256}{SUFFIX}"
 
-    def path_of(self, relative: str) -> Path:
+    def where(self, relative: str) -> str:
+        """A stored file's location for messages: a local path, or a URL with its protocol."""
+        if self._objects is None:
+            return str(self.root / relative)
+        return self._objects.where(relative)
+
+    def path_of(self, relative: str) -> PurePath:
         """The absolute path of a stored file; a path that would leave the store is refused.
 
         Raises IntegrityFailure for an absolute path, one with ``..`` or one that resolves
         (through a symlink) outside the root: such a path can only come from an edited row.
+        Local stores give a ``Path``; others the object's ``PurePosixPath`` in their filesystem
+        (object stores have no symlinks: the check is the lexical one).
         """
         pure = PurePosixPath(relative)
         if (
@@ -51,6 +104,9 @@ class ArtifactStore:
             or ".." in pure.parts
         ):
             raise IntegrityFailure(f"artifact path {relative!r} escapes the store {self.root}")
+        if self._objects is not None:
+            return PurePosixPath(self._objects.path(relative))
+        assert isinstance(self.root, Path)
         path = self.root / pure
         try:
             inside = path.resolve().is_relative_to(self.root.resolve())
@@ -87,6 +143,9 @@ class ArtifactStore:
         digest = sha256_bytes(data)
         relative = self.relative_path(digest)
         final = self.path_of(relative)
+        if self._objects is not None:
+            return digest, relative, self._put_object(self._objects, relative, data, digest)
+        assert isinstance(final, Path)
         try:
             exists = final.exists()
         except OSError as exc:
@@ -119,6 +178,16 @@ class ArtifactStore:
     def read(self, relative: str, sha256: str) -> bytes:
         """Return the file's bytes after checking its path and content against ``sha256``."""
         path = self.check_layout(relative, sha256)
+        if self._objects is not None:
+            data = self._objects.read(relative)
+            actual = sha256_bytes(data)
+            if actual != sha256:
+                raise IntegrityFailure(
+                    f"artifact file {self.where(relative)} is corrupt: sha256 {actual[:12]}… "
+                    f"!= recorded {sha256[:12]}…"
+                )
+            return data
+        assert isinstance(path, Path)
         try:
             data = path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
@@ -134,6 +203,10 @@ class ArtifactStore:
 
     def files(self) -> Iterator[tuple[str, int, float]]:
         """Every regular file under the root as ``(relative path, bytes, mtime)``; no symlinks."""
+        if self._objects is not None:
+            yield from self._objects.files()
+            return
+        assert isinstance(self.root, Path)
         if not self.root.is_dir():
             return
         for directory, dirnames, filenames in os.walk(self.root, followlinks=False):
@@ -163,6 +236,9 @@ class ArtifactStore:
     def remove(self, relative: str) -> int:
         """Delete one file; returns the bytes freed (0 if it was already gone)."""
         path = self.path_of(relative)
+        if self._objects is not None:
+            return self._objects.remove(relative)
+        assert isinstance(path, Path)
         try:
             size = path.lstat().st_size
             path.unlink()
@@ -171,6 +247,88 @@ class ArtifactStore:
         except OSError as exc:
             raise StoreError(f"cannot remove {path}: {exc.strerror or exc}") from exc
         return size
+
+    def exists(self, relative: str) -> bool:
+        """Whether a stored file is there (asked of the store itself, not of a cached listing)."""
+        path = self.path_of(relative)
+        if self._objects is not None:
+            return self._objects.exists(relative)
+        try:
+            return Path(path).exists()
+        except OSError as exc:
+            raise StoreError(f"cannot look up artifact {path}: {exc.strerror or exc}") from exc
+
+    def modified(self, relative: str) -> Optional[float]:
+        """A stored file's modification time (POSIX seconds); None when it is gone."""
+        path = self.path_of(relative)
+        if self._objects is not None:
+            return self._objects.modified(relative)
+        try:
+            return Path(path).lstat().st_mtime
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot look at {path}: {exc.strerror or exc}") from exc
+
+    # ------------------------------------------------------------------ the marker
+    def read_marker(self) -> Optional[bytes]:
+        """The content of the store's MARKER object; None when the store has none (yet).
+
+        Raises StoreError when the store cannot be asked (unreachable, no credentials).
+        """
+        if self._objects is not None:
+            return self._objects.read_if_any(MARKER)
+        assert isinstance(self.root, Path)
+        try:
+            return (self.root / MARKER).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(
+                f"cannot read {self.root / MARKER}: {exc.strerror or exc}") from exc
+
+    def write_marker(self, data: bytes) -> bool:
+        """Create the MARKER object (atomically, never over an existing one); False if there is one.
+
+        A local store's directory is created when missing.
+        """
+        if self._objects is not None:
+            if self.exists(MARKER):
+                return False
+            self._objects.create(MARKER, data)
+            return True
+        assert isinstance(self.root, Path)
+        final = self.root / MARKER
+        tmp = None
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=TEMP_PREFIX, suffix=".json")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(tmp, final)  # unlike rename, a link never replaces an existing name
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise StoreError(f"cannot write {final}: {exc.strerror or exc}") from exc
+        finally:
+            _unlink_quietly(tmp)
+        self._fsync_dir(self.root)
+        return True
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _put_object(objects: ObjectFiles, relative: str, data: bytes, digest: str) -> bool:
+        """:meth:`put` on a non-local store; returns whether this call created the object."""
+        if objects.exists(relative):
+            if sha256_bytes(objects.read(relative)) != digest:
+                # Never rewrite an artifact: a damaged one is evidence for `--verify`.
+                raise IntegrityFailure(
+                    f"artifact file {objects.where(relative)} exists but is corrupt")
+            return False
+        objects.create(relative, data)
+        return True
 
     @staticmethod
     def _file_digest(path: Path) -> str:

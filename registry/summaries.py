@@ -15,7 +15,7 @@ from typing import Optional
 from sqlalchemy import Select, case, func, select
 from sqlalchemy.orm import Session, aliased
 
-from registry.entities import TaskSummary
+from registry.entities import SharedUse, TaskSummary
 from registry.models import (
     ArtifactRow,
     BaseModelRow,
@@ -33,6 +33,27 @@ _SEQUENCE_ORDER = (TaskRow.base_id, TaskRow.position.is_(None), TaskRow.position
 
 class TaskSummaries(Transactions):
     """Registry verbs that list tasks without loading their layer rows."""
+
+    def list_shared(self, base: str) -> list[SharedUse]:
+        """The shared artifacts the base's ready tasks pin, each once, with who pins them."""
+        with self._session() as s:
+            b = base_row(s, base)
+            rows = s.execute(
+                select(ArtifactRow.sha256, ArtifactRow.num_params, ArtifactRow.bytes,
+                       TaskDependencyRow.kind, TaskRow.name)
+                .join(TaskDependencyRow, TaskDependencyRow.artifact_id == ArtifactRow.id)
+                .join(TaskRow, TaskRow.id == TaskDependencyRow.task_id)
+                .where(TaskDependencyRow.depends_on_task_id.is_(None),
+                       TaskRow.base_id == b.id, TaskRow.status == "ready")
+                .order_by(ArtifactRow.id, TaskRow.position)
+            ).tuples().all()
+        uses: dict[str, SharedUse] = {}
+        for sha, params, nbytes, kind, task in rows:
+            use = uses.get(sha) or SharedUse(sha, params, nbytes, (), ())
+            uses[sha] = SharedUse(sha, params, nbytes,
+                                  use.kinds if kind in use.kinds else (*use.kinds, kind),
+                                  (*use.tasks, task))
+        return list(uses.values())
 
     def task_summaries(
         self,

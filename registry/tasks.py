@@ -12,8 +12,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from registry import chain, runs
-from registry.artifacts import ArtifactFiles
-from registry.entities import EarlierCell, LayerEntry, Task
+from registry.artifacts import ArtifactFiles, _lock_artifacts
+from registry.entities import EarlierCell, LayerEntry, SharedPin, Task
 from registry.errors import AlreadyExists, NotFound, RegistryError, RunLost
 from registry.models import (
     ArtifactRow,
@@ -111,12 +111,17 @@ class TaskVerbs(ArtifactFiles):
         test_samples: int,
         earlier: Sequence[EarlierCell] = (),
         dependencies: Sequence[tuple[str, str, str]] = (),
+        shared: Sequence[SharedPin] = (),
+        signature_blob: Optional[bytes] = None,
+        signature_num_params: int = 0,
     ) -> Task:
         """Record the run's task as ``ready`` at the next position of its base.
 
         ``dependencies`` are (task name, pinned artifact sha256, kind) of the earlier tasks it
         read: each must still be ready on the same base with exactly that artifact, else
-        RegistryError (it changed or was deleted while this run trained).
+        RegistryError (it changed or was deleted while this run trained). ``shared`` are the
+        shared artifacts it reads (entities.SharedPin: stored here when given with their bytes,
+        else they must be recorded already); ``signature_blob`` is its gradient signature.
 
         One write transaction, serialised per base against other writers, stores the artifacts'
         rows, the layers, the diagonal evaluation, the ``earlier`` cells (the earlier tasks the
@@ -133,11 +138,17 @@ class TaskVerbs(ArtifactFiles):
         try:
             task_file = self._stage(task_blob, created)
             probe_file = self._stage(probe_blob, created)
+            signature_file = (self._stage(signature_blob, created)
+                              if signature_blob is not None else None)
+            shared_files = [self._stage(pin.blob, created) if pin.blob is not None else None
+                            for pin in shared]
             with self._session(write=True) as s, _Writes(s) as writes:
                 row = _run_row(s, run_token)
-                # SQLite holds the database's write lock already; other databases lock the base.
+                # SQLite holds the database's write lock already; other databases lock the base
+                # (FOR NO KEY UPDATE: finishers queue, a begin_task's foreign-key check does not).
                 s.execute(
-                    select(BaseModelRow.id).where(BaseModelRow.id == row.base_id).with_for_update()
+                    select(BaseModelRow.id).where(BaseModelRow.id == row.base_id)
+                    .with_for_update(key_share=True)
                 )
                 wanted = {cell.task for cell in earlier}
                 ready_ids = dict(s.execute(
@@ -146,21 +157,32 @@ class TaskVerbs(ArtifactFiles):
                         TaskRow.name.in_(wanted))
                 ).tuples().all()) if wanted else {}
                 pins = [_pin(s, row, *dependency) for dependency in dependencies]
+                pins += [self._shared_pin(s, pin, staged, created)
+                         for pin, staged in zip(shared, shared_files)]
                 artifact = self._record_artifact(
                     s, task_blob, task_file, "task", task_num_params, created
                 )
                 probe = self._record_artifact(
                     s, probe_blob, probe_file, "probe", probe_num_params, created
                 )
+                signature = None
+                if signature_blob is not None and signature_file is not None:
+                    signature = self._record_artifact(
+                        s, signature_blob, signature_file, "signature", signature_num_params,
+                        created,
+                    )
                 top = s.scalar(
                     select(func.max(TaskRow.position)).where(TaskRow.base_id == row.base_id)
                 )
                 row.position = (top or 0) + 1
                 row.chain_prev_sha256 = _chain_head(s, row.base_id)
-                row.chain_sha256 = chain.link(row.chain_prev_sha256, row.position, row.name,
-                                              artifact.sha256, probe.sha256)
+                row.chain_sha256 = chain.link(
+                    row.chain_prev_sha256, row.position, row.name, artifact.sha256, probe.sha256,
+                    signature.sha256 if signature is not None else None,
+                )
                 row.artifact_id = artifact.id
                 row.probe_artifact_id = probe.id
+                row.signature_artifact_id = signature.id if signature is not None else None
                 row.train_seconds = train_seconds
                 row.head_params = head_params
                 row.status = "ready"
@@ -210,6 +232,22 @@ class TaskVerbs(ArtifactFiles):
         except BaseException:
             self._remove_created(created)
             raise
+
+    def _shared_pin(self, s: Session, pin: SharedPin, staged: Optional[tuple[str, str]],
+                    created: list[str]) -> TaskDependencyRow:
+        """The dependency row of a shared artifact; stored first when the pin carries its bytes."""
+        if pin.blob is not None and staged is not None:
+            if staged[0] != pin.sha256:
+                raise RegistryError(f"shared artifact {pin.sha256[:12]}…: its bytes hash to "
+                                    f"{staged[0][:12]}…; nothing was recorded")
+            artifact = self._record_artifact(s, pin.blob, staged, "shared", pin.num_params,
+                                             created)
+        else:
+            artifact = s.scalar(select(ArtifactRow).where(ArtifactRow.sha256 == pin.sha256))
+        if artifact is None or artifact.kind != "shared":
+            raise RegistryError(f"shared artifact {pin.sha256[:12]}… that this task reads is not "
+                                "recorded (deleted while it trained?); nothing was recorded")
+        return TaskDependencyRow(depends_on_task_id=None, artifact_id=artifact.id, kind=pin.kind)
 
     def discard_task(
         self, name: str, *, run_token: Optional[str] = None, force: bool = False
@@ -266,6 +304,9 @@ class TaskVerbs(ArtifactFiles):
         artifact paths.
         """
         with self._session(write=True) as s:
+            # Artifacts first, as gc does: a finish that holds the artifacts lock and records a
+            # cell of this task is waited for, never deadlocked with (PostgreSQL).
+            _lock_artifacts(s)
             row = task_row(s, name)
             if row.status != "ready":
                 raise RegistryError(f"task {name!r} is {row.status}; `taps-cl task remove {name}` "
@@ -279,7 +320,11 @@ class TaskVerbs(ArtifactFiles):
             if dependents:
                 raise RegistryError(f"task {name!r} cannot be deleted: {', '.join(dependents)} "
                                     "depend(s) on it (delete those first)")
-            artifact_ids = [i for i in (row.artifact_id, row.probe_artifact_id) if i is not None]
+            artifact_ids = [i for i in (row.artifact_id, row.probe_artifact_id,
+                                        row.signature_artifact_id) if i is not None]
+            # Shared artifacts it read go too, once no other task pins them.
+            artifact_ids += [dep.artifact_id for dep in row.dependencies
+                             if dep.depends_on_task_id is None and dep.artifact_id is not None]
             s.execute(delete(EvaluationRow).where(
                 or_(EvaluationRow.task_id == row.id, EvaluationRow.after_task_id == row.id)))
             s.delete(row)
@@ -322,20 +367,30 @@ class TaskVerbs(ArtifactFiles):
                 raise NotFound(f"no task of run {run_token[:8]}… (it was removed)")
             return to_task(row)
 
-    def list_tasks(self, base: Optional[str] = None, *, ready_only: bool = False) -> list[Task]:
-        """Tasks in sequence order: by base, then position (tasks without one last), then id."""
+    def list_tasks(self, base: Optional[str] = None, *, ready_only: bool = False,
+                   method: Optional[str] = None, layers: bool = True) -> list[Task]:
+        """Tasks in sequence order: by base, then position (tasks without one last), then id.
+
+        `method` keeps only that method's tasks; `layers=False` leaves their layer rows unread
+        (`Task.layers` empty), for callers that need pins and options only.
+        """
         with self._session() as s:
+            loads = [selectinload(TaskRow.dependencies)]
+            if layers:
+                loads.append(selectinload(TaskRow.layers))
             query = (
                 select(TaskRow)
                 .join(BaseModelRow, TaskRow.base_id == BaseModelRow.id)
-                .options(selectinload(TaskRow.layers), selectinload(TaskRow.dependencies))
+                .options(*loads)
                 .order_by(BaseModelRow.id, TaskRow.position.is_(None), TaskRow.position, TaskRow.id)
             )
             if base is not None:
                 query = query.where(BaseModelRow.id == base_row(s, base).id)
             if ready_only:
                 query = query.where(TaskRow.status == "ready")
-            return [to_task(row) for row in s.scalars(query).unique()]
+            if method is not None:
+                query = query.where(TaskRow.method == method)
+            return [to_task(row, layers=layers) for row in s.scalars(query).unique()]
 
 
 def _chain_head(s: Session, base_id: int) -> str:
@@ -414,7 +469,8 @@ def _artifact_in_use(s: Session, artifact_id: int) -> bool:
     """Whether any task, base or dependency row still references the artifact."""
     uses = [
         select(func.count()).select_from(TaskRow).where(
-            or_(TaskRow.artifact_id == artifact_id, TaskRow.probe_artifact_id == artifact_id)),
+            or_(TaskRow.artifact_id == artifact_id, TaskRow.probe_artifact_id == artifact_id,
+                TaskRow.signature_artifact_id == artifact_id)),
         select(func.count()).select_from(BaseModelRow).where(
             BaseModelRow.weights_artifact_id == artifact_id),
         select(func.count()).select_from(TaskDependencyRow).where(

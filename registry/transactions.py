@@ -16,7 +16,8 @@ from typing import Optional
 from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from registry import db
+from registry import binding, db
+from registry.entities import StoreRecord
 from registry.errors import RegistryError
 from registry.store import ArtifactStore
 
@@ -28,6 +29,10 @@ class Transactions:
 
     With ``create=False`` (read commands) a missing or empty database raises NoRegistry and
     nothing is created, neither the file nor the home directory.
+
+    ``artifacts`` names the artifact store (a local path or an fsspec URL); by default the
+    store the registry recorded, else ``<home>/artifacts``. A store that is not the recorded
+    one, or cannot be reached, is refused here (registry.binding).
     """
 
     def __init__(
@@ -36,18 +41,36 @@ class Transactions:
         db_url: Optional[str] = None,
         *,
         create: bool = True,
+        artifacts: Optional[str | os.PathLike[str]] = None,
     ) -> None:
         self.home = Path(home)
         self.url = db_url or db.sqlite_url(self.home / DB_FILENAME)
+        new_file = db.sqlite_path(self.url)
+        if new_file is not None and new_file.exists():
+            new_file = None  # not this call's to remove on failure
         self.engine = db.make_engine(self.url, create=create)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_sessions = sessionmaker(db.writer(self.engine), expire_on_commit=False)
+        self.store: ArtifactStore
+        self.store_record: Optional[StoreRecord]  # None: a reader of a registry not bound yet
         try:
             db.ensure_schema(self.engine, create=create)
+            sqlite_file = db.sqlite_path(self.engine.url)
+            try:
+                self.store, self.store_record = binding.open_store(
+                    self._session, home=self.home, artifacts=artifacts, create=create,
+                    db_dir=sqlite_file.parent if sqlite_file is not None else None,
+                )
+            except RegistryError:
+                if new_file is not None:  # the store was refused: leave no empty registry
+                    self.engine.dispose()
+                    for path in (new_file, *(new_file.with_name(new_file.name + suffix)
+                                             for suffix in ("-wal", "-shm"))):
+                        path.unlink(missing_ok=True)
+                raise
         except BaseException:
             self.engine.dispose()
             raise
-        self.store = ArtifactStore(self.home / "artifacts")
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._write_sessions = sessionmaker(db.writer(self.engine), expire_on_commit=False)
 
     def close(self) -> None:
         """Release the engine's connections."""

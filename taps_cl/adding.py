@@ -19,16 +19,18 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 from torch import nn
 
 from registry import AlreadyExists, NotFound, Registry, RunLost
-from registry.entities import BaseModel, EarlierCell, LayerEntry, Task
+from registry.entities import BaseModel, EarlierCell, LayerEntry, SharedPin, Task
 from registry.runs import HEARTBEAT_INTERVAL_SECONDS
 from taps_cl import backbones, data, evaluate, serialization
+from taps_cl.distributed import active_group
 from taps_cl.errors import MethodError, TapsError
+from taps_cl.joining import JOIN_THRESHOLD, Joining, SharedBands, trained_band
 from taps_cl.methods import Dependency, Method, get_method
 from taps_cl.restoring import ModelStore, example_input, task_model
 from taps_cl.train import TrainConfig, fit, resolve_device
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 PROBE_SIZE = 32  # test inputs kept per task to prove later additions did not change it
 MERGE_ATOL = 1e-5  # restored vs trained model on the probe batch, when stored tensors are exact
 RECHECK_SAMPLE = 8  # earlier tasks whose probes an add re-checks (a bounded, seeded sample)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,10 @@ class TaskRequest:
     # Earlier tasks whose probes the add re-checks (a seeded sample; 0: none). Whatever the
     # number, the add cannot change them; `report accuracy --verify` checks them all.
     recheck: int = RECHECK_SAMPLE
+    # Progressive tasks: "auto" (join the most similar group, or open one), "new", or a group.
+    group: Optional[str] = None
+    # Mean signature similarity needed to join a group with --group auto.
+    join_threshold: float = JOIN_THRESHOLD
 
 
 def configured_method(method: str, options: dict[str, Any], epochs: int) -> Method:
@@ -140,21 +147,49 @@ class Heartbeat:
                 log.warning("heartbeat failed: %s", exc)
 
 
+def signals_deferred(call: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, int]:
+    """`call(*args, **kwargs)` with SIGINT and SIGTERM held back until it returns.
+
+    Returns its result and the signal that arrived meanwhile (0: none), for the caller to act on
+    where it can clean up. Outside the main thread (no signal handlers there) it just calls.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return call(*args, **kwargs), 0
+    arrived: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, _frame: arrived.append(signum))
+                for sig in held}
+    try:
+        return call(*args, **kwargs), (arrived[0] if arrived else 0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class TaskAdder:
     """Runs `task add` against one registry."""
 
     def __init__(self, registry: Registry, models: ModelStore) -> None:
         self.registry = registry
         self.models = models
+        self.joining = Joining(registry, models)
 
     def add(self, request: TaskRequest, train_cfg: TrainConfig,
-            progress: bool = False) -> TaskAddResult:
-        """Train and record the task; a failure or interrupt leaves the registry as it was."""
+            progress: bool = False) -> Optional[TaskAddResult]:
+        """Train and record the task; a failure or interrupt leaves the registry as it was.
+
+        In a torchrun group (taps_cl.distributed.joined) every rank trains; the others return
+        None and only rank 0 writes and returns the result.
+        """
         reg = self.registry
+        group = active_group()  # several processes under torchrun: only rank 0 writes
         base = reg.get_base(request.base)
-        self._check_name_free(request.name)
+        if group.is_main:  # the other ranks would find rank 0's own new row
+            self.check_name_free(request.name)
         learner = configured_method(request.method, request.method_options or {},
                                     train_cfg.epochs)
+        if request.group is not None and learner.name != "progressive":
+            raise MethodError(f"--group applies to --method progressive, not {learner.name}")
         resolve_device(train_cfg.device)  # an unavailable device fails before any work
         spec = data.DataSpec.parse(request.data_spec, classes=request.classes)
         task_data = data.load_task_data(
@@ -166,6 +201,15 @@ class TaskAdder:
         resolved = [self._dependency(name, base, learner) for name in learner.dependencies()]
         dependencies = [dep for dep, _ in resolved]
         pins = [(dep.name, sha) for dep, sha in resolved]  # the artifacts it is trained against
+        # Worker ranks need the signature only where it chooses the model (a progressive group).
+        signature = (self.joining.signature(base, task_data, request.img_size, request.name)
+                     if group.is_main or learner.name == "progressive" else None)
+        bands = None
+        if learner.name == "progressive":
+            learner, bands = self.joining.plan(
+                base, learner, signature, name=request.name, group=request.group,
+                options=request.method_options or {}, join_threshold=request.join_threshold)
+            dependencies += bands.dependencies
         torch.manual_seed(train_cfg.seed)  # the new head's and any factor's initialisation
         model = backbones.build_task_model(
             backbones.ModelSpec.parse(base.model_spec), self.models.base_state(base),
@@ -181,7 +225,12 @@ class TaskAdder:
             spec.to_json(), img_size=request.img_size, max_train=request.max_train,
             max_test=request.max_test, val_fraction=request.val_fraction,
         )
-        started = reg.begin_task(
+        if not group.is_main:  # a worker rank trains its shard; rank 0 records and stores
+            return self._train_and_store(None, base, learner, model, train_cfg, task_data,
+                                         dependencies, pins, progress, request.recheck, bands,
+                                         signature)
+        started, signalled = signals_deferred(  # a signal inside would leave the row behind
+            reg.begin_task,
             request.name, base=base.name, method=learner.name,
             method_config=learner.config_dict(), train_config=dict(vars(train_cfg)),
             dataset_spec=dataset_json, class_names=task_data.class_names,
@@ -191,10 +240,12 @@ class TaskAdder:
         assert token is not None
         heartbeat = Heartbeat(reg, token)
         try:
+            if signalled:  # Ctrl-C or torchrun's SIGTERM came while the row was being written
+                raise KeyboardInterrupt(f"signal {signalled}")
             with heartbeat:
                 return self._train_and_store(started, base, learner, model, train_cfg,
                                              task_data, dependencies, pins, progress,
-                                             request.recheck)
+                                             request.recheck, bands, signature)
         except KeyboardInterrupt as exc:
             if heartbeat.lost:
                 raise RunLost(f"task {request.name!r} was removed while this run was training; "
@@ -209,7 +260,8 @@ class TaskAdder:
 
     def _discard(self, name: str, token: str) -> None:
         log.warning("task %s did not finish; removing its row", name)
-        self.registry.discard_task(name, run_token=token)
+        # A second Ctrl-C, or torchrun's SIGTERM after a peer failed, must not stop the removal.
+        signals_deferred(self.registry.discard_task, name, run_token=token)
 
     def _dependency(
         self, name: str, base: BaseModel, learner: Method
@@ -230,7 +282,7 @@ class TaskAdder:
         return (Dependency(task.name, task.method, task.method_config,
                            self.models.task_tensors(task)), task.artifact.sha256)
 
-    def _check_name_free(self, name: str) -> None:
+    def check_name_free(self, name: str) -> None:
         try:
             existing = self.registry.get_task(name)
         except NotFound:
@@ -242,30 +294,49 @@ class TaskAdder:
         raise AlreadyExists(f"task {name!r} already exists{hint}")
 
     def _train_and_store(
-        self, started: Task, base: BaseModel, learner: Method, model: nn.Module,
+        self, started: Optional[Task], base: BaseModel, learner: Method, model: nn.Module,
         train_cfg: TrainConfig, task_data: data.TaskData, dependencies: list[Dependency],
         pins: list[tuple[str, str]], progress: bool, recheck: int,
-    ) -> TaskAddResult:
+        bands: Optional[SharedBands] = None,
+        signature: Optional[tuple[torch.Tensor, bytes]] = None,
+    ) -> Optional[TaskAddResult]:
         t0 = time.perf_counter()
-        fitted = fit(model, learner, task_data.train, task_data.val, train_cfg, progress=progress)
+        group = active_group()
+        fitted = fit(model, learner, task_data.train, task_data.val, train_cfg, progress=progress,
+                     group=group)
+        group.agree()  # every rank finished training: only then does rank 0 store the task
+        if started is None:  # a worker rank: rank 0 stores the weights all ranks share
+            return None
         seconds = time.perf_counter() - t0
+        shared: list[SharedPin] = []
+        if bands is not None:
+            shared = bands.pins()
+            for band in bands.trained:
+                pin, dep = trained_band(learner, model, band, base)
+                shared.append(pin)
+                dependencies = [*dependencies, dep]
         return self.store_trained(started, base, learner, model, task_data, dependencies, pins,
                                   train_seconds=seconds, device=train_cfg.device,
                                   seed=train_cfg.seed, history=fitted.history,
-                                  best_val_accuracy=fitted.best_val_accuracy, recheck=recheck)
+                                  best_val_accuracy=fitted.best_val_accuracy, recheck=recheck,
+                                  shared=shared,
+                                  signature_blob=signature[1] if signature else None)
 
     def store_trained(
         self, started: Task, base: BaseModel, learner: Method, model: nn.Module,
         task_data: data.TaskData, dependencies: list[Dependency], pins: list[tuple[str, str]],
         *, train_seconds: float, device: str = "cpu", seed: int = 0,
         history: Optional[list[dict[str, Any]]] = None, best_val_accuracy: Optional[float] = None,
-        recheck: int = RECHECK_SAMPLE,
+        recheck: int = RECHECK_SAMPLE, shared: Sequence[SharedPin] = (),
+        signature_blob: Optional[bytes] = None,
     ) -> TaskAddResult:
         """Store a trained model as the run `started`'s task: the second half of `add`.
 
         Evaluates it on the test split, records the probe batch, writes the artifacts and
-        finishes the task (re-checking a bounded sample of earlier tasks). `examples/scale.py`
-        uses it to record synthetic tasks through exactly the path a real add takes.
+        finishes the task (re-checking a bounded sample of earlier tasks). `dependencies` are
+        what the model reads (earlier tasks pinned by `pins`, then the shared artifacts of
+        `shared`, in that order). `examples/scale.py` uses it to record synthetic tasks through
+        exactly the path a real add takes; `group train` to record each member.
         """
         name = started.name
         head = frozenset(base.head_keys)
@@ -297,7 +368,8 @@ class TaskAdder:
             method_config=started.method_config, train_config=started.train_config,
             dataset_spec=started.dataset_spec, class_names=started.class_names, layers=layers,
             head_params=head_params, num_params=state.num_params, test_accuracy=test.accuracy,
-            test_loss=test.loss, test_samples=test.num_samples, depends_on=pins,
+            test_loss=test.loss, test_samples=test.num_samples,
+            depends_on=[*pins, *((None, pin.sha256) for pin in shared)],
         )
         task_blob = serialization.to_bytes(
             state.tensors,
@@ -317,7 +389,10 @@ class TaskAdder:
             probe_num_params=serialization.numel(probe_tensors), layers=layers,
             head_params=head_params, train_seconds=train_seconds, test_accuracy=test.accuracy,
             test_loss=test.loss, test_samples=test.num_samples,
-            dependencies=[(name, sha, learner.name) for name, sha in pins],
+            dependencies=[(name, sha, learner.name) for name, sha in pins], shared=shared,
+            signature_blob=signature_blob,
+            signature_num_params=(serialization.numel(serialization.from_bytes(signature_blob))
+                                  if signature_blob is not None else 0),
         )
         log.info("task %s: test accuracy %.4f, %d/%d layers active", name, test.accuracy,
                  task.active_layers, task.total_layers)

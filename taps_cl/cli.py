@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 import click
 
 from registry import RegistryError, db
+from registry.binding import recorded_url
 from registry.entities import BaseModel, Task, TaskSummary
 from taps_cl import reports
 from taps_cl.errors import TapsError, first_line
@@ -22,6 +23,8 @@ log = logging.getLogger("taps_cl")
 
 # Set by the group callback so that main() knows whether to show tracebacks.
 _STATE = {"debug": False}
+# The arguments main() runs, which `task add --nproc N` hands on to the processes it starts.
+_ARGS: list[str] = []
 
 # Rows a human table shows when no --limit is given (--json always lists every row).
 TABLE_ROWS = 50
@@ -32,8 +35,9 @@ SUMMARY_ABOVE = 20
 class Context:
     """What every command gets: the manager and the output mode."""
 
-    def __init__(self, home: Optional[str], db_url: Optional[str], as_json: bool) -> None:
-        self.manager = Manager(home, db_url)
+    def __init__(self, home: Optional[str], db_url: Optional[str], as_json: bool,
+                 artifacts_url: Optional[str] = None) -> None:
+        self.manager = Manager(home, db_url, artifacts_url)
         self.json = as_json
 
     def emit(self, data: Any, text: Callable[[], None]) -> None:
@@ -55,18 +59,21 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.option("--home", envvar="TAPS_CL_HOME", type=click.Path(file_okay=False),
               help="Directory with registry.db and artifacts/ (default ./.taps-cl).")
 @click.option("--db", "db_url", envvar="TAPS_CL_DB", help="SQLAlchemy database URL.")
+@click.option("--artifacts", "artifacts_url", envvar="TAPS_CL_ARTIFACTS",
+              help="Artifact store: a path or fsspec URL (file://, s3://…); "
+                   "default: the store the registry recorded, else HOME/artifacts.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.option("-v", "--verbose", is_flag=True, help="Show progress logs.")
 @click.version_option(package_name="taps-cl")
 @click.pass_context
-def cli(ctx: click.Context, home: Optional[str], db_url: Optional[str], as_json: bool,
-        debug: bool, verbose: bool) -> None:
+def cli(ctx: click.Context, home: Optional[str], db_url: Optional[str],
+        artifacts_url: Optional[str], as_json: bool, debug: bool, verbose: bool) -> None:
     """taps-cl: add tasks to one frozen backbone, query budgets and accuracy, restore models."""
     _STATE["debug"] = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    ctx.obj = Context(home, db_url, as_json)
+    ctx.obj = Context(home, db_url, as_json, artifacts_url)
     ctx.call_on_close(ctx.obj.manager.close)
 
 
@@ -123,11 +130,13 @@ def db_current(c: Context) -> None:
     engine = _engine(c, create=False)
     try:
         current, head = db.current_revision(engine), db.head_revision()
+        store = recorded_url(engine)
     finally:
         engine.dispose()
-    c.emit({"current": current, "head": head, "up_to_date": current == head},
+    c.emit({"current": current, "head": head, "up_to_date": current == head, "artifacts": store},
            lambda: click.echo(f"current: {current or '(none)'}  head: {head}"
-                              + ("" if current == head else "  → run `taps-cl db upgrade`")))
+                              + ("" if current == head else "  → run `taps-cl db upgrade`")
+                              + (f"\nartifacts: {store}" if store else "")))
 
 
 @db_group.command("upgrade")
@@ -207,6 +216,38 @@ def _task_json(t: Task, accuracy: Optional[float]) -> dict[str, Any]:
             "test_accuracy": accuracy}
 
 
+def _options(*options: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """One decorator applying several click options (in the order given, for --help)."""
+    def apply(f: Any) -> Any:
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
+
+
+# Training options shared by `task add` and `group train`.
+_fit_options = _options(
+    click.option("--epochs", type=click.IntRange(1), default=3, show_default=True),
+    click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True),
+    click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3,
+                 show_default=True),
+    click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw",
+                 show_default=True),
+    click.option("--weight-decay", type=click.FloatRange(0), default=0.0, show_default=True),
+)
+_data_options = _options(
+    click.option("--img-size", type=click.IntRange(8), help="Input size (default: the base's)."),
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--max-train", type=click.IntRange(1), help="Subsample each training set."),
+    click.option("--max-test", type=click.IntRange(1), help="Subsample each test set."),
+    click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                 default=0.1, show_default=True),
+    click.option("--device", default="auto", show_default=True,
+                 help="Where training runs: auto, cpu, cuda, cuda:N or mps (checks run on the "
+                      "CPU)."),
+)
+
+
 @task_group.command("add")
 @click.argument("name")
 @click.option("--base", required=True, help="Name of a registered base model.")
@@ -214,13 +255,8 @@ def _task_json(t: Task, accuracy: Optional[float]) -> dict[str, Any]:
               help="imagefolder:PATH | idx:DIR | digits | torchvision:NAME[:ROOT].")
 @click.option("--classes", help="Class subset, e.g. 0,1,2 or names.")
 @click.option("--method", default="taps", show_default=True,
-              help="taps | finetune | linear | adapter | fusion.")
-@click.option("--epochs", type=click.IntRange(1), default=3, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw",
-              show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(0), default=0.0, show_default=True)
+              help="taps | finetune | linear | adapter | fusion | progressive.")
+@_fit_options
 @click.option("--lam", type=click.FloatRange(0), help="TAPS sparsity weight λ.")
 @click.option("--tau", type=float, help="TAPS gate threshold τ.")
 @click.option("--score-lr", type=click.FloatRange(0, min_open=True),
@@ -246,24 +282,36 @@ def _task_json(t: Task, accuracy: Optional[float]) -> dict[str, Any]:
 @click.option("--fuse", help="fusion: the earlier adapter tasks to fuse, e.g. A,B.")
 @click.option("--no-own-adapter", "own_adapter", flag_value=False, default=None,
               help="fusion: fuse only the earlier adapters, train no adapter of its own.")
-@click.option("--img-size", type=click.IntRange(8), help="Input size (default: the base's).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--max-train", type=click.IntRange(1), help="Subsample the training set.")
-@click.option("--max-test", type=click.IntRange(1), help="Subsample the test set.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              default=0.1, show_default=True)
-@click.option("--device", default="auto", show_default=True,
-              help="Where training runs: auto, cpu, cuda, cuda:N or mps (checks run on the CPU).")
+@click.option("--group",
+              help="progressive: auto (join the most similar group or open one; default), new, "
+                   "or the name of a group to join.")
+@click.option("--join-threshold", type=click.FloatRange(-1, 1),
+              help="progressive: mean signature similarity needed to join a group with "
+                   "--group auto (default 0.5).")
+@click.option("--shared-fraction", type=click.FloatRange(0, 1),
+              help="progressive: fraction of the blocks (from the input) shared by all tasks "
+                   "(default 0.75; fixed by the base's first progressive task).")
+@click.option("--task-fraction", type=click.FloatRange(0, 1),
+              help="progressive: fraction of the blocks (from the output) that are "
+                   "task-specific (default 0.125).")
+@_data_options
 @click.option("--recheck", type=click.IntRange(0),
               help="Earlier tasks whose probes are re-checked (default 8: the latest, any it "
                    "reads, a seeded sample of the rest; `report accuracy --verify` checks all).")
+@click.option("--nproc", type=click.IntRange(1),
+              help="Train with N processes (default 1): starts torchrun, DistributedDataParallel "
+                   "with gloo on the CPU or one GPU per process with --device cuda.")
 @pass_ctx
 def task_add(c: Context, name: str, base: str, data_spec: str, classes: Optional[str],
              method: str, **given: Any) -> None:
     """Train task NAME on the frozen base and record only what it needs."""
+    nproc = given.pop("nproc")
+    if nproc is not None and _launched(nproc, given["device"], given["batch_size"]):
+        return
     method_keys = ("lam", "tau", "score_lr", "warmup_epochs", "penalty", "rank",
                    "factor_min_params", "factor_lr", "budget", "store_dtype",
-                   "store_norms_head_dtype", "reduction", "fuse", "own_adapter")
+                   "store_norms_head_dtype", "reduction", "fuse", "own_adapter",
+                   "shared_fraction", "task_fraction")
     options = {k: given.pop(k) for k in method_keys}
     train = given
     result = c.manager.add_task(
@@ -271,13 +319,19 @@ def task_add(c: Context, name: str, base: str, data_spec: str, classes: Optional
         method_options={k: v for k, v in options.items() if v is not None},
         progress=_progress() and not c.json, **train,
     )
+    if result is None:  # a worker rank under torchrun: rank 0 reports
+        return
     t = result.task
     data = _task_json(t, result.test_accuracy)
     data["best_val_accuracy"] = result.best_val_accuracy
     data["probe_checks"] = [asdict(p) for p in result.probe_checks]
+    group = t.method_config.get("group") if t.method == "progressive" else None
+    if group is not None:
+        data["group"] = group
 
     def text() -> None:
-        click.echo(f"task {t.name} ({t.method}) on {t.base}, position {t.position}: "
+        kind = t.method if group is None else f"{t.method}, group {group}"
+        click.echo(f"task {t.name} ({kind}) on {t.base}, position {t.position}: "
                    f"test accuracy {_pct(result.test_accuracy)}%, "
                    f"{t.active_layers}/{t.total_layers} layers active, "
                    f"{t.task_params:,} task-specific parameters")
@@ -290,6 +344,30 @@ def task_add(c: Context, name: str, base: str, data_spec: str, classes: Optional
                        f"(max drift {_fmt(p.max_drift)})")
 
     c.emit(data, text)
+
+
+def _launched(nproc: int, device: str, batch_size: int) -> bool:
+    """Run this very `task add` as `nproc` processes under torchrun and pass on what rank 0
+    printed; False for --nproc 1, which trains in this process."""
+    from taps_cl import distributed
+
+    distributed.check_launch(nproc, device, batch_size)
+    if nproc == 1:
+        return False
+    if not any(arg == "--nproc" or arg.startswith("--nproc=") for arg in _ARGS):
+        raise TapsError("--nproc needs the command line it came on: run it through `taps-cl`, "
+                        "`python -m taps_cl` or taps_cl.cli.main")
+    run = distributed.launch(nproc, ["-m", "taps_cl",
+                                     *distributed.without_option(_ARGS, "--nproc")])
+    click.echo(run.stdout, nl=False)
+    if run.returncode == 0 or _STATE["debug"]:
+        for text in run.rank_stderr.values():
+            click.echo(text, err=True, nl=False)
+    if _STATE["debug"]:
+        click.echo(run.torchrun_stderr, err=True, nl=False)
+    if run.error is not None:
+        raise TapsError(run.error)
+    return True
 
 
 @task_group.command("remove")
@@ -404,9 +482,70 @@ def task_eval(c: Context, name: str, data_spec: Optional[str], max_test: Optiona
 
 
 # -------------------------------------------------------------------- report
+@cli.group("group")
+def group_group() -> None:
+    """Train several progressive tasks together, grouped by gradient similarity."""
+
+
+def _task_spec(_ctx: click.Context, _param: click.Parameter,
+               values: tuple[str, ...]) -> list[tuple[str, str]]:
+    pairs = []
+    for value in values:
+        name, sep, spec = value.partition("=")
+        if not sep or not name or not spec:
+            raise click.BadParameter(f"{value!r} is not NAME=SPEC")
+        pairs.append((name, spec))
+    return pairs
+
+
+@group_group.command("train")
+@click.option("--base", required=True, help="Name of a registered base model.")
+@click.option("--task", "tasks", multiple=True, required=True, callback=_task_spec,
+              help="A new task as NAME=SPEC (data spec as in `task add --data`); repeat.")
+@click.option("--groups", type=click.IntRange(1),
+              help="Number of similarity groups (default: chosen by a similarity threshold).")
+@_fit_options
+@click.option("--reduction", type=click.IntRange(1),
+              help="Bottleneck width = channels / reduction (default 16).")
+@click.option("--shared-fraction", type=click.FloatRange(0, 1),
+              help="Fraction of the blocks (from the input) shared by all tasks (default 0.75).")
+@click.option("--task-fraction", type=click.FloatRange(0, 1),
+              help="Fraction of the blocks (from the output) that are task-specific "
+                   "(default 0.125).")
+@_data_options
+@click.option("--recheck", type=click.IntRange(0),
+              help="Earlier tasks whose probes each member's add re-checks (default 8).")
+@pass_ctx
+def group_train(c: Context, base: str, tasks: list[tuple[str, str]], groups: Optional[int],
+                **given: Any) -> None:
+    """Train new progressive tasks jointly: shared, group and task-specific adapters."""
+    options = {k: given.pop(k) for k in ("reduction", "shared_fraction", "task_fraction")}
+    result = c.manager.group_train(
+        base, tasks, groups=groups,
+        method_options={k: v for k, v in options.items() if v is not None},
+        progress=_progress() and not c.json, **given,
+    )
+    data = {"tasks": [dict(_task_json(r.task, r.test_accuracy),
+                           group=r.task.method_config.get("group"),
+                           best_val_accuracy=r.best_val_accuracy) for r in result.results],
+            "groups": result.groups,
+            "similarity": {"tasks": result.tasks, "matrix": result.matrix}}
+
+    def text() -> None:
+        for r in result.results:
+            t = r.task
+            click.echo(f"task {t.name} (progressive, group {t.method_config.get('group')}) on "
+                       f"{t.base}, position {t.position}: test accuracy "
+                       f"{_pct(r.test_accuracy)}%, {t.task_params:,} task-specific parameters")
+        for name, members in result.groups.items():
+            click.echo(f"group {name}: {', '.join(members)}")
+
+    c.emit(data, text)
+
+
 @cli.group("report")
 def report_group() -> None:
-    """Parameter budget, accuracy matrix and layer map."""
+    """Parameter budget, accuracy matrix, layer map and task similarity."""
 
 
 @report_group.command("budget")
@@ -437,6 +576,10 @@ def _budget_text(rep: reports.BudgetReport, limit: Optional[int] = None) -> None
              ",".join(t.depends_on) or "-"]
             for t in rep.tasks[:limit]])
     _more(len(rep.tasks) - limit, "use --limit/--json")
+    for use in rep.shared:
+        click.echo(f"shared {use.sha256[:12]}… ({', '.join(use.kinds)}): {use.num_params:,} "
+                   f"parameters, {use.bytes:,} bytes, counted once; read by "
+                   f"{', '.join(use.tasks)}")
     click.echo(f"total: {rep.total_params:,} parameters ({rep.total_bytes:,} bytes) = "
                f"{_ratio(rep.ratio_to_base)}× base; {len(rep.tasks)} fine-tuned models: "
                f"{rep.finetune_total_params:,}; linear probes: {rep.linear_total_params:,}")
@@ -563,6 +706,47 @@ def report_layers(c: Context, base: Optional[str], plot: Optional[str]) -> None:
          for i, layer in enumerate(rep.layers)]))
 
 
+@report_group.command("similarity")
+@click.option("--base", help="Base model (needed when there are several).")
+@click.option("--data", "data_spec",
+              help="A candidate data set (imagefolder:PATH | idx:DIR | digits | …) to compare "
+                   "with the tasks before adding it; nothing is recorded.")
+@click.option("--classes", help="Class subset of --data, e.g. 0,1,2 or names.")
+@click.option("--img-size", type=click.IntRange(8), help="Input size of --data (default: the base's).")
+@click.option("--max-train", type=click.IntRange(1), help="Subsample the training set of --data.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a heatmap PNG.")
+@pass_ctx
+def report_similarity(c: Context, base: Optional[str], data_spec: Optional[str],
+                      classes: Optional[str], img_size: Optional[int], max_train: Optional[int],
+                      plot: Optional[str]) -> None:
+    """Cosine similarity of the tasks' gradient signatures, and their groups."""
+    if data_spec is None and (classes or img_size or max_train):
+        raise click.UsageError("--classes, --img-size and --max-train describe --data: give it")
+    rep = c.manager.similarity(base, data_spec, classes=classes, img_size=img_size,
+                               max_train=max_train)
+    if plot:
+        reports.plot_similarity(rep, plot)
+    c.emit(rep.to_json(), lambda: _similarity_text(rep))
+
+
+def _similarity_text(rep: reports.SimilarityReport) -> None:
+    if rep.tasks:
+        _table(["task \\ task", "group"] + list(rep.tasks),
+               [[name, group] + [f"{v:.2f}" for v in row]
+                for name, group, row in zip(rep.tasks, rep.groups, rep.matrix)])
+        click.echo(f"groups: average linkage on 1 − cosine, merged below distance "
+                   f"{rep.threshold:g}")
+    else:
+        click.echo(f"base {rep.base_name}: no task has a signature")
+    if rep.candidate is not None:
+        click.echo(f"candidate {rep.candidate}: "
+                   + (", ".join(f"{name} {v:.2f}" for name, v in
+                                zip(rep.tasks, rep.candidate_row or ())) or "no task to compare")
+                   + (f"; most similar: {rep.closest}" if rep.closest else ""))
+    for name, reason in rep.without_signature:
+        click.echo(f"left out: {name}: {reason}")
+
+
 # --------------------------------------------------------- restore / predict
 @cli.command("restore")
 @click.argument("name")
@@ -676,6 +860,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 def _run(argv: Optional[list[str]]) -> None:
+    _ARGS[:] = sys.argv[1:] if argv is None else argv
     try:
         cli.main(args=argv, prog_name="taps-cl", standalone_mode=False)
     except click.ClickException as exc:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # these import torch: loaded where first used (see the module
 
     from taps_cl import evaluate
     from taps_cl.adding import TaskAddResult
+    from taps_cl.grouping import GroupResult
     from taps_cl.restoring import ModelStore
     from taps_cl.verification import ProbeCheck
 
@@ -41,13 +42,20 @@ class Manager:
 
     Reading never creates a registry: a command that only reads an empty home fails with
     "no registry" instead of leaving a new database behind.
+
+    ``artifacts_url`` (default ``$TAPS_CL_ARTIFACTS``) names the artifact store, a local path
+    or an fsspec URL; without it the registry uses the store it recorded (registry.binding).
     """
 
     def __init__(
-        self, home: str | os.PathLike[str] | None = None, db_url: Optional[str] = None
+        self,
+        home: str | os.PathLike[str] | None = None,
+        db_url: Optional[str] = None,
+        artifacts_url: Optional[str] = None,
     ) -> None:
         self.home = Path(home) if home is not None else default_home()
         self.db_url = db_url or os.environ.get("TAPS_CL_DB") or None
+        self.artifacts_url = artifacts_url or os.environ.get("TAPS_CL_ARTIFACTS") or None
         self._registry: Optional[Registry] = None
         self._models: Optional[ModelStore] = None
 
@@ -55,13 +63,15 @@ class Manager:
     def registry(self) -> Registry:
         """The registry, opened for reading (NoRegistry where none exists yet)."""
         if self._registry is None:
-            self._registry = Registry(self.home, self.db_url, create=False)
+            self._registry = Registry(
+                self.home, self.db_url, create=False, artifacts=self.artifacts_url)
         return self._registry
 
     def _writable(self) -> Registry:
         """The registry, created at the newest schema revision where none exists yet."""
         if self._registry is None:
-            self._registry = Registry(self.home, self.db_url, create=True)
+            self._registry = Registry(
+                self.home, self.db_url, create=True, artifacts=self.artifacts_url)
         return self._registry
 
     @property
@@ -143,8 +153,13 @@ class Manager:
         method_options: Optional[dict[str, Any]] = None,
         progress: bool = False,
         recheck: Optional[int] = None,
-    ) -> TaskAddResult:
+        group: Optional[str] = None,
+        join_threshold: Optional[float] = None,
+    ) -> Optional[TaskAddResult]:
         """Train a task on the frozen base, store only what it needs, and spot-check earlier tasks.
+
+        Progressive tasks choose a similarity group with `group` ("auto" — the default —, "new"
+        or a group's name; `join_threshold` is the similarity "auto" needs to join).
 
         `recheck` earlier tasks (default RECHECK_SAMPLE: a seeded sample with the latest task and
         any it reads) get their probe logits re-checked; the add cost does not grow with the
@@ -154,8 +169,13 @@ class Manager:
         the task is recorded; a failure or Ctrl-C afterwards removes the task again. `device`
         ("auto", "cpu", "cuda[:N]", "mps") is where training runs; the registry's checks run on
         the CPU in float32 whatever it is.
+
+        Under torchrun (`torchrun --nproc-per-node N -m taps_cl task add …`) the N processes
+        train together (taps_cl.distributed); rank 0 records and returns the result, the others
+        return None.
         """
         from taps_cl.adding import TaskAdder, TaskRequest
+        from taps_cl.distributed import joined
         from taps_cl.train import TrainConfig
 
         train_cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr,
@@ -164,11 +184,60 @@ class Manager:
         request = TaskRequest(
             name=name, base=base, data_spec=data_spec, method=method, classes=classes,
             img_size=img_size, max_train=max_train, max_test=max_test,
-            val_fraction=val_fraction, method_options=method_options,
+            val_fraction=val_fraction, method_options=method_options, group=group,
             **({} if recheck is None else {"recheck": recheck}),
+            **({} if join_threshold is None else {"join_threshold": join_threshold}),
         )
-        registry = self._writable()
-        return TaskAdder(registry, self.models).add(request, train_cfg, progress=progress)
+        with joined(device) as (ranks, rank_device):  # a no-op in a single process
+            train_cfg = replace(train_cfg, device=rank_device, processes=ranks.world_size)
+            registry = self._writable() if ranks.is_main else self.registry  # workers only read
+            return TaskAdder(registry, self.models).add(request, train_cfg,
+                                                        progress=progress and ranks.is_main)
+
+    def group_train(
+        self,
+        base: str,
+        tasks: Sequence[tuple[str, str]],
+        *,
+        groups: Optional[int] = None,
+        epochs: int = 3,
+        batch_size: int = 32,
+        lr: float = 1e-3,
+        optimizer: str = "adamw",
+        weight_decay: float = 0.0,
+        img_size: Optional[int] = None,
+        seed: int = 0,
+        max_train: Optional[int] = None,
+        max_test: Optional[int] = None,
+        val_fraction: float = 0.1,
+        device: str = "auto",
+        method_options: Optional[dict[str, Any]] = None,
+        progress: bool = False,
+        recheck: Optional[int] = None,
+    ) -> GroupResult:
+        """Train new progressive tasks (name, data spec) jointly and record each (`group train`).
+
+        Their signatures are clustered into `groups` similarity groups (None: automatically);
+        shared and group adapters are stored once, as shared artifacts every member pins.
+        """
+        from taps_cl.distributed import under_torchrun
+        from taps_cl.grouping import GroupRequest, GroupTrainer
+        from taps_cl.train import TrainConfig
+
+        if under_torchrun():
+            raise TapsError("group train runs in one process; under torchrun every rank would "
+                            "train and record the group again")
+
+        train_cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr,
+                                optimizer=optimizer, weight_decay=weight_decay, seed=seed,
+                                device=device)
+        request = GroupRequest(
+            base=base, tasks=tuple(tasks), groups=groups, img_size=img_size,
+            max_train=max_train, max_test=max_test, val_fraction=val_fraction,
+            method_options=method_options, **({} if recheck is None else {"recheck": recheck}),
+        )
+        return GroupTrainer(self._writable(), self.models).train(request, train_cfg,
+                                                                 progress=progress)
 
     def remove_task(self, name: str, force: bool = False) -> None:
         """Discard a task that never finished (a killed run); a live run only with `force`."""
@@ -291,7 +360,8 @@ class Manager:
     def budget(self, base: Optional[str] = None) -> reports.BudgetReport:
         """Base + Σ stored parameters and bytes of `base`'s ready tasks (None: the only base)."""
         b = self.only_base(base)
-        return reports.budget(b, self.registry.task_summaries(b.name, ready_only=True))
+        return reports.budget(b, self.registry.task_summaries(b.name, ready_only=True),
+                              self.registry.list_shared(b.name))
 
     def accuracy(
         self, base: Optional[str] = None, *, verify: bool = False, reevaluate: bool = False,
@@ -338,6 +408,79 @@ class Manager:
         b = self.only_base(base)
         return reports.layer_map(self.registry.list_tasks(b.name, ready_only=True))
 
+    # --------------------------------------------------- similarity (issue 11)
+    def similarity(
+        self, base: Optional[str] = None, data: Optional[str] = None, *,
+        classes: Optional[str] = None, img_size: Optional[int] = None,
+        max_train: Optional[int] = None, seed: int = 0,
+    ) -> reports.SimilarityReport:
+        """Cosine similarity of the stored gradient signatures of `base`'s ready tasks.
+
+        Tasks without a signature (added before signatures were recorded) are listed with the
+        reason and left out. With `data` (a data spec; `classes`, `img_size`, `max_train` and
+        `seed` as for `add_task`), a candidate's signature is computed on the base, on the CPU,
+        and compared with every task — nothing is recorded. Signatures made with another recipe
+        are refused with one line.
+        """
+        from taps_cl import similarity
+
+        b = self.only_base(base)
+        names: list[str] = []
+        signatures: list[Any] = []
+        recipes: list[dict[str, Any]] = []
+        missing: list[tuple[str, str]] = []
+        for task in self.registry.list_tasks(b.name, ready_only=True):
+            if task.signature is None:
+                missing.append((task.name, "no signature recorded (added before signatures "
+                                           "were stored)"))
+                continue
+            blob = self.registry.read_artifact(task.signature)
+            recipes.append(similarity.signature_recipe(blob))
+            signatures.append(similarity.signature_from_bytes(blob))
+            names.append(task.name)
+        candidate = None
+        if data is not None:
+            candidate, recipe = self._candidate_signature(b, data, classes, img_size,
+                                                          max_train, seed)
+            recipes.append(recipe)
+        similarity.check_comparable(recipes, [*names, "the candidate"])
+        full = similarity.cosine_matrix(
+            signatures + ([candidate] if candidate is not None else []))
+        n = len(names)
+        matrix = full[:n, :n]
+        spec_text = None
+        if data is not None:
+            spec_text = data if classes is None else f"{data} (classes {classes})"
+        return reports.SimilarityReport(
+            base_name=b.name, tasks=tuple(names),
+            matrix=tuple(tuple(float(v) for v in row) for row in matrix),
+            groups=tuple(similarity.cluster(matrix)), threshold=similarity.DEFAULT_THRESHOLD,
+            without_signature=tuple(missing), candidate=spec_text,
+            candidate_row=(tuple(float(v) for v in full[n, :n]) if candidate is not None
+                           else None),
+        )
+
+    def _candidate_signature(
+        self, b: BaseModel, spec: str, classes: Optional[str], img_size: Optional[int],
+        max_train: Optional[int], seed: int,
+    ) -> tuple[Any, dict[str, Any]]:
+        """The signature (and its recipe) of data not (yet) in the registry, as an add computes it."""
+        from taps_cl import backbones, similarity
+        from taps_cl import data as task_data
+        from taps_cl.restoring import example_input
+
+        loaded = task_data.load_task_data(
+            task_data.DataSpec.parse(spec, classes=classes), b.data_config, img_size=img_size,
+            seed=seed, max_train=max_train, max_test=1)
+        head = frozenset(b.head_keys)
+        model = backbones.build_task_model(
+            backbones.ModelSpec.parse(b.model_spec), self.models.base_state(b),
+            len(loaded.class_names), head)
+        signature = similarity.task_signature(
+            model, head, loaded.train, example=example_input(b.data_config, img_size))
+        meta = similarity.signature_meta(model)
+        return signature, {key: meta.get(key) for key in ("recipe", "config", "blocks")}
+
 
 def _exists(lookup: Callable[[str], Any], name: str) -> Any:
     """The entity ``lookup(name)`` returns, or None when it is not there."""
@@ -348,21 +491,24 @@ def _exists(lookup: Callable[[str], Any], name: str) -> Any:
 
 
 def restore(
-    name: str, home: str | os.PathLike[str] | None = None, db_url: Optional[str] = None
+    name: str, home: str | os.PathLike[str] | None = None, db_url: Optional[str] = None,
+    artifacts_url: Optional[str] = None,
 ) -> nn.Module:
     """Task ``name`` as a plain timm/torchvision model (the Python API of ``taps-cl restore``)."""
-    with Manager(home, db_url) as manager:
+    with Manager(home, db_url, artifacts_url) as manager:
         return manager.restore(name)
 
 
 def open_registry(
-    home: str | os.PathLike[str] | None = None, db: Optional[str] = None
+    home: str | os.PathLike[str] | None = None, db: Optional[str] = None,
+    artifacts: Optional[str] = None,
 ) -> Manager:
-    """The registry at `home` (default ``$TAPS_CL_HOME`` or ``./.taps-cl``) or database URL `db`.
+    """The registry at `home` (default ``$TAPS_CL_HOME`` or ``./.taps-cl``) or database URL `db`,
+    with the artifact store `artifacts` (default: the one the registry recorded).
 
     Use it as a context manager, or call ``close()`` when done.
     """
-    return Manager(home, db)
+    return Manager(home, db, artifacts)
 
 
 def __getattr__(name: str) -> Any:

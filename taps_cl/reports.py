@@ -1,4 +1,4 @@
-"""Budget table, accuracy matrix (with Avalanche-style metrics) and layer map; their plots.
+"""Budget table, accuracy matrix (with Avalanche-style metrics), layer map, task similarity; plots.
 
 Each report is a frozen dataclass computed from registry entities (no I/O here); `to_json()` gives
 the document `taps-cl … --json` prints (DESIGN §6: keys may be added, never renamed), and the
@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from registry.entities import BaseModel, Evaluation, Task, TaskSummary
+from registry.entities import BaseModel, Evaluation, SharedUse, Task, TaskSummary
 from taps_cl.errors import TapsError
 
 if TYPE_CHECKING:  # only the shape is needed here; verification imports torch
@@ -64,12 +64,16 @@ class BudgetReport:
     ratio_to_base: Optional[float]  # total_params / base_params
     finetune_total_params: int  # one whole model (backbone + head) per task
     linear_total_params: int  # one shared frozen backbone and a head per task
+    # Shared artifacts (progressive bands), each counted once in the totals, with their readers.
+    shared: tuple[SharedUse, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "base": {"name": self.base_name, "model": self.base_model,
                      "num_params": self.base_params, "bytes": self.base_bytes},
             "tasks": [row.to_json() for row in self.tasks],
+            "shared": [{"sha256": u.sha256, "num_params": u.num_params, "bytes": u.bytes,
+                        "kinds": list(u.kinds), "tasks": list(u.tasks)} for u in self.shared],
             "total_params": self.total_params,
             "total_bytes": self.total_bytes,
             "ratio_to_base": self.ratio_to_base,
@@ -78,8 +82,11 @@ class BudgetReport:
         }
 
 
-def budget(base: BaseModel, tasks: Sequence[Task | TaskSummary]) -> BudgetReport:
+def budget(base: BaseModel, tasks: Sequence[Task | TaskSummary],
+           shared: Sequence[SharedUse] = ()) -> BudgetReport:
     """The budget of `base`'s ready tasks (others are skipped: they store nothing final yet).
+
+    `shared` are the shared artifacts the tasks pin (`Registry.list_shared`), counted once.
 
     `tasks` may be full Task entities or the TaskSummary rows `Registry.task_summaries` reads
     without loading layer rows (what `Manager.budget` passes, so 10,000 tasks stay cheap).
@@ -101,6 +108,7 @@ def budget(base: BaseModel, tasks: Sequence[Task | TaskSummary]) -> BudgetReport
         ))
     # Content addressing: two tasks with byte-identical artifacts share one file.
     distinct = {t.sha256: (t.task_params, t.bytes) for t in ready}
+    distinct.update({u.sha256: (u.num_params, u.bytes) for u in shared})
     total = base.num_params + sum(params for params, _ in distinct.values())
     return BudgetReport(
         base_name=base.name, base_model=base.model_spec, base_params=base.num_params,
@@ -109,6 +117,7 @@ def budget(base: BaseModel, tasks: Sequence[Task | TaskSummary]) -> BudgetReport
         ratio_to_base=per_base(total),
         finetune_total_params=sum(base.num_params + r.head_params for r in rows),
         linear_total_params=base.num_params + sum(r.head_params for r in rows),
+        shared=tuple(shared),
     )
 
 
@@ -375,6 +384,46 @@ def layer_map(tasks: Sequence[Task]) -> LayerMap:
                     layers=tuple(layers), active=tuple(active))
 
 
+# -------------------------------------------------------------------- similarity
+@dataclass(frozen=True)
+class SimilarityReport:
+    """Cosine similarity of the gradient signatures of a base's tasks (taps_cl.similarity).
+
+    Built by `Manager.similarity`, which reads the stored signatures and, for `--data`, computes
+    a candidate's signature without recording anything.
+    """
+
+    base_name: str
+    tasks: tuple[str, ...]  # ready tasks that have a signature, in sequence order
+    matrix: tuple[tuple[float, ...], ...]  # matrix[i][j] = cos(signature_i, signature_j)
+    groups: tuple[int, ...]  # automatic grouping of `tasks` (similarity.cluster), by first appearance
+    threshold: float  # the distance 1 − cosine below which the grouping merged
+    # Ready tasks left out of the matrix and why (e.g. added before signatures were recorded).
+    without_signature: tuple[tuple[str, str], ...] = ()
+    candidate: Optional[str] = None  # the data spec given with --data
+    candidate_row: Optional[tuple[float, ...]] = None  # cos(candidate, task_j) for each task
+
+    @property
+    def closest(self) -> Optional[str]:
+        """The task most similar to the candidate (None without a candidate or tasks)."""
+        if not self.candidate_row:
+            return None
+        return self.tasks[max(range(len(self.tasks)), key=self.candidate_row.__getitem__)]
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"base": self.base_name, "tasks": list(self.tasks),
+                               "matrix": [list(row) for row in self.matrix]}
+        if self.tasks:
+            doc["groups"] = list(self.groups)
+            doc["threshold"] = self.threshold
+        if self.candidate is not None:
+            doc["candidate"] = {"name": self.candidate, "row": list(self.candidate_row or ()),
+                                "closest": self.closest}
+        doc["without_signature"] = [{"name": name, "reason": reason}
+                                    for name, reason in self.without_signature]
+        return doc
+
+
 # ------------------------------------------------------------------------ plots
 def _pyplot():  # type: ignore[no-untyped-def]
     import matplotlib
@@ -464,6 +513,47 @@ def plot_layers(report: LayerMap, path: str | Path) -> Path:
     ax.set_xlabel("adaptable layer (input → head)")
     ax.set_title("task-specific layers (green = active)")
     return _save(fig, path)
+
+
+def plot_similarity(report: SimilarityReport, path: str | Path) -> Path:
+    """Heatmap of the tasks' cosine similarities (the candidate, if any, as a last row)."""
+    plt = _pyplot()
+    import numpy as np
+
+    names = list(report.tasks)
+    n = len(names)
+    if n == 0:
+        raise TapsError("no task has a signature: there is no similarity to draw")
+    if n > PLOT_MAX_TASKS:
+        raise TapsError(f"{n} tasks are too many to draw one cell each (at most "
+                        f"{PLOT_MAX_TASKS}); `report similarity --json` has the full matrix")
+    rows = [list(row) for row in report.matrix]
+    labels = [f"{name} (g{group})" for name, group in zip(names, report.groups)]
+    if report.candidate_row is not None:
+        rows.append(list(report.candidate_row))
+        labels.append("candidate")
+    values = np.array(rows, dtype=float).reshape(len(rows), n)
+    fig, ax = plt.subplots(figsize=(1.1 * n + 3.5, 0.9 * len(rows) + 2))
+    image = ax.imshow(values, vmin=-1, vmax=1, cmap="coolwarm")
+    for i in range(len(rows)):
+        for j in range(n):
+            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if abs(values[i, j]) >= 0.6 else "black")
+    if report.candidate_row is not None:
+        ax.axhline(n - 0.5, color="black", linewidth=2)
+    ax.set_xticks(range(n), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), labels)
+    title = f"{report.base_name}: gradient-signature cosine similarity (gN: group)"
+    if report.candidate is not None:
+        title += f"\ncandidate: {_clip(report.candidate, 60)}"
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def _clip(text: Optional[str], width: int) -> str:
+    text = text or ""
+    return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
 def _save(fig, path: str | Path) -> Path:  # type: ignore[no-untyped-def]

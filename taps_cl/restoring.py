@@ -16,11 +16,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from registry import Registry
+from registry import NotFound, Registry
 from registry.entities import BaseModel, Task
 from taps_cl import backbones, data, evaluate, serialization
 from taps_cl.errors import TapsError
 from taps_cl.methods import Dependency, Method, build_composed, get_method, merge_state
+from taps_cl.sharing import band_dependency
 from taps_cl.train import resolve_device
 
 log = logging.getLogger(__name__)
@@ -147,12 +148,17 @@ class ModelStore:
         return serialization.from_bytes(self.registry.read_artifact(task.probe))
 
     def dependencies(self, task: Task) -> list[Dependency]:
-        """The earlier tasks `task` reads, with the tensors of the artifacts it pinned."""
+        """The earlier tasks and shared artifacts `task` reads, with the tensors it pinned."""
         out = []
         for pin in task.depends_on:
-            if pin.task is None:
-                raise TapsError(f"task {task.name!r} reads a shared artifact this version "
-                                "cannot load")
+            if pin.task is None:  # a shared artifact (progressive bands), read by its hash
+                try:
+                    artifact = self.registry.get_artifact(pin.sha256)
+                except NotFound:
+                    raise TapsError(f"task {task.name!r} reads shared artifact "
+                                    f"{pin.sha256[:12]}…, which is not recorded") from None
+                out.append(band_dependency(self.registry.read_artifact(artifact)))
+                continue
             dep = self.ready_task(pin.task)
             assert dep.artifact is not None
             if dep.artifact.sha256 != pin.sha256:

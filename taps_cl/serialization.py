@@ -14,7 +14,22 @@ def to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None =
     """Serialise tensors (copied to contiguous CPU memory) with JSON-encoded metadata values."""
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    return save(clean, metadata=meta)
+    return _sorted_metadata(save(clean, metadata=meta))
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """`data` with its header's metadata keys in sorted order, so equal input gives equal bytes.
+
+    safetensors (0.8) writes the metadata map in hash order, which changes from call to call:
+    the same tensors and metadata would otherwise get another sha256 each time.
+    """
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes with spaces
+    return struct.pack("<Q", len(text)) + text + data[8 + length :]
 
 
 def from_bytes(data: bytes) -> dict[str, torch.Tensor]:

@@ -14,8 +14,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from taps_cl.distributed import SINGLE, Group
 from taps_cl.errors import DataError, MethodError
-from taps_cl.evaluate import evaluate
 from taps_cl.methods.base import Method, check_choice, check_number
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,9 @@ class TrainConfig:
     device: str = "auto"
     # DataLoader worker processes for the training set (0 = load in the main process).
     num_workers: int = 0
+    # Processes training together (torchrun's world size); each step every one takes its
+    # batch_size / processes samples from its own shard of the training set.
+    processes: int = 1
 
     def __post_init__(self) -> None:
         def fix(name: str, value: object) -> None:
@@ -58,6 +61,11 @@ class TrainConfig:
         fix("seed", check_number("train", "seed", self.seed, integer=True))
         fix("num_workers",
             check_number("train", "num_workers", self.num_workers, minimum=0, integer=True))
+        fix("processes",
+            check_number("train", "processes", self.processes, minimum=1, integer=True))
+        if self.batch_size % self.processes:
+            raise MethodError(f"train: batch_size {self.batch_size} does not split evenly over "
+                              f"{self.processes} processes")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -102,21 +110,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer `cfg` names over parameter `groups` (AdamW, or SGD with momentum)."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=SGD_MOMENTUM,
                                weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _cosine(total_steps: int):
+def cosine_schedule(total_steps: int):
+    """LambdaLR factor: cosine decay from 1 to 0 over `total_steps`."""
     def factor(step: int) -> float:
         return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
     return factor
 
 
-def _trainable_state(model: nn.Module) -> dict[str, Tensor]:
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
     """Everything training can change: trainable parameters and all buffers (norm statistics)."""
     state = {name: p for name, p in model.named_parameters() if p.requires_grad}
     state.update(model.named_buffers())
@@ -130,6 +140,7 @@ def fit(
     val_ds: Dataset | None,
     cfg: TrainConfig,
     progress: bool = False,
+    group: Group = SINGLE,
 ) -> FitResult:
     """Train a model prepared by `method` and keep the weights of the best selectable epoch.
 
@@ -139,29 +150,40 @@ def fit(
     selectable one (`method.selectable`) with the highest validation accuracy, ties going to the
     lower validation loss and then to the earlier epoch; without a validation set it is the last
     selectable epoch. If the method allows no epoch, the last one is used.
+
+    With a `group` of several processes (taps_cl.distributed) each trains on its shard through
+    DistributedDataParallel; losses, accuracies and the validation score are reduced over the
+    ranks, so every rank keeps the same epoch and ends with the same weights.
     """
     started = time.perf_counter()
     n_train = len(train_ds)  # type: ignore[arg-type]
     if n_train == 0:
         raise DataError("the training set is empty")
     has_val = val_ds is not None and len(val_ds) > 0  # type: ignore[arg-type]
+    if cfg.processes != group.world_size:
+        raise MethodError(f"train: configured for {cfg.processes} process(es), running in "
+                          f"{group.world_size}")
     device = resolve_device(cfg.device)
     model.to(device)
+    net = group.wrap(model)  # DistributedDataParallel across processes, else the model itself
 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
+    sampler = group.sampler(train_ds, cfg.seed)  # this rank's shard; None: the loader shuffles
+    per_step = cfg.batch_size // group.world_size  # samples this process takes per step
+    shard = n_train if sampler is None else len(sampler)
     # A final batch of one sample breaks BatchNorm in train mode; drop it only in that case.
-    drop_last = n_train > cfg.batch_size and n_train % cfg.batch_size == 1
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=generator,
-                        drop_last=drop_last, num_workers=cfg.num_workers,
+    drop_last = shard > per_step and shard % per_step == 1
+    loader = DataLoader(train_ds, batch_size=per_step, shuffle=sampler is None, sampler=sampler,
+                        generator=generator, drop_last=drop_last, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda")
 
     groups = method.param_groups(model, cfg.lr, cfg.weight_decay)
     if not any(p.requires_grad for g in groups for p in g["params"]):
         raise MethodError(f"{method.name}: nothing to train (no trainable parameters)")
-    optimizer = _make_optimizer(groups, cfg)
+    optimizer = make_optimizer(groups, cfg)
     total_steps = cfg.epochs * len(loader)
-    scheduler = LambdaLR(optimizer, _cosine(total_steps))
+    scheduler = LambdaLR(optimizer, cosine_schedule(total_steps))
 
     selectable = [e for e in range(cfg.epochs) if method.selectable(e, cfg.epochs)]
     selectable = selectable or [cfg.epochs - 1]
@@ -172,12 +194,14 @@ def fit(
     try:
         for epoch in range(cfg.epochs):
             epoch_start = time.perf_counter()
+            if sampler is not None:
+                sampler.set_epoch(epoch)  # a new order each epoch, the same on every rank
             method.set_train_mode(model)
             loss_sum, correct, seen = 0.0, 0, 0
             for inputs, labels in loader:
                 inputs = inputs.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
-                outputs = model(inputs)
+                outputs = net(inputs)
                 loss = F.cross_entropy(outputs, labels)
                 extra = method.extra_loss(model, epoch)
                 objective = loss if extra is None else loss + extra
@@ -197,6 +221,8 @@ def fit(
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{batch_loss:.3f}", refresh=False)
 
+            loss_sum, correct, seen = group.all_sum(loss_sum, correct, seen)
+            group.sync_buffers(model)  # rank 0's norm statistics everywhere: one model to judge
             row: dict = {
                 "epoch": epoch,
                 "train_loss": loss_sum / seen,
@@ -205,7 +231,7 @@ def fit(
                 "val_loss": None,
             }
             if has_val:
-                result = evaluate(model, val_ds, batch_size=2 * cfg.batch_size)
+                result = group.evaluate(model, val_ds, batch_size=2 * cfg.batch_size)
                 row["val_accuracy"], row["val_loss"] = result.accuracy, result.loss
             active = method.active_layers(model)
             if active is not None:
@@ -216,7 +242,7 @@ def fit(
                 if best_key is None or key > best_key:
                     best_epoch, best_key = epoch, key
                     best_state = {k: v.detach().clone()
-                                  for k, v in _trainable_state(model).items()}
+                                  for k, v in trainable_state(model).items()}
             row["seconds"] = time.perf_counter() - epoch_start
             history.append(row)
             logger.info(
@@ -230,7 +256,7 @@ def fit(
 
     if best_state is not None and best_epoch != cfg.epochs - 1:
         with torch.no_grad():
-            for key, tensor in _trainable_state(model).items():
+            for key, tensor in trainable_state(model).items():
                 tensor.copy_(best_state[key])
     logger.info("kept epoch %d of %d", best_epoch + 1, cfg.epochs)
     best_val = history[best_epoch]["val_accuracy"]

@@ -185,13 +185,25 @@ class Verifier:
         if probe_meta.get("task_sha256") != task.artifact.sha256:
             problems.append("probe artifact belongs to another task artifact")
         for pin in task.depends_on:
+            if pin.task is None:  # a shared artifact: recorded, and its file intact
+                try:
+                    self.registry.check_artifact(self.registry.get_artifact(pin.sha256))
+                except RegistryError as exc:
+                    problems.append(f"its pinned dependency, shared artifact {pin.sha256[:12]}…, "
+                                    f"is gone or changed ({exc})")
+                continue
             try:
-                dep = self.registry.get_task(pin.task) if pin.task else None
+                dep = self.registry.get_task(pin.task)
             except RegistryError:
                 dep = None
             if dep is None or dep.status != "ready" or dep.artifact is None \
                     or dep.artifact.sha256 != pin.sha256:
                 problems.append(f"its pinned dependency {pin.task!r} is gone or changed")
+        if task.signature is not None:
+            try:
+                self.registry.check_artifact(task.signature)
+            except RegistryError as exc:
+                problems.append(f"signature artifact: {exc}")
         if any("pinned dependency" in p for p in problems):
             return ProbeCheck(task.name, None, False, "; ".join(problems))
         model = self.models.model(task, base, tensors)

@@ -91,13 +91,13 @@ def check_tasks(
         jobs, _check, workers=workers,
         failed=lambda job, why: ProbeCheck(job[0].name, None, False, why),
         initializer=_start_worker,
-        initargs=(str(registry.home), registry.url, packed, threads),
+        initargs=(str(registry.home), registry.url, packed, threads, registry.store.url),
         on_done=on_done,
     )
 
 
 def _start_worker(home: str, db_url: str, bases: list[tuple[BaseModel, PackedState]],
-                  threads: int) -> None:
+                  threads: int, store_url: Optional[str] = None) -> None:
     torch.set_num_threads(threads)
     child = multiprocessing.parent_process() is not None  # not when a test calls this in-process
     if child:
@@ -106,7 +106,7 @@ def _start_worker(home: str, db_url: str, bases: list[tuple[BaseModel, PackedSta
         # exit), so the worker ends right after closing its registry (last registered runs first).
         atexit.register(os._exit, 0)
     try:
-        registry = Registry(home, db_url, create=False)
+        registry = Registry(home, db_url, create=False, artifacts=store_url)
         if child:
             atexit.register(registry.close)
         models = ModelStore(registry)

@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.servers import db_url, postgres_server, postgres_url  # noqa: F401  (fixtures)
+
 torch.set_num_threads(2)
 
 PATTERNS = ("hstripes", "vstripes", "checker", "blob")

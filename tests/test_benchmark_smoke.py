@@ -12,13 +12,15 @@ pytest.importorskip("peft")
 
 
 def _table(report: str) -> tuple[list[str], dict[str, list[str]]]:
-    header = next(line for line in report.splitlines() if line.startswith("| method |"))
-    columns = [c.strip() for c in header.strip("|").split("|")]
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
+    columns = [c.strip() for c in lines[start].strip("|").split("|")]
     rows = {}
-    for line in report.splitlines():
-        if line.startswith("| ") and not line.startswith("| method"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            rows[cells[0]] = cells[1:]
+    for line in lines[start + 2:]:  # the main table only (the similarity table comes later)
+        if not line.startswith("| "):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
     return columns, rows
 
 
@@ -26,7 +28,8 @@ def test_quick_benchmark_prints_every_method(tmp_path, capsys, one_thread):
     bench = load_example("benchmark")
     out = tmp_path / "bench.md"
     home = tmp_path / "home"
-    assert bench.main(["--quick", "--home", str(home), "--out", str(out)]) == 0
+    # "all": the progressive rows too (by default they are left out of the 90-minute run).
+    assert bench.main(["--quick", "--methods", "all", "--home", str(home), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     report = out.read_text()
     assert report in printed
@@ -40,6 +43,7 @@ def test_quick_benchmark_prints_every_method(tmp_path, capsys, one_thread):
         "linear probe", "fine-tune", "TAPS λ=1 full deltas", "compact TAPS r=2 λ=1",
         "compact TAPS r=2 budget 0.1", "LoRA r=8 (PEFT)", "LoRA r=16 (PEFT)",
         "LoRA r=4 matched (PEFT)", "adapter", "fusion (own adapter)",
+        "progressive (group train, auto groups)", "progressive (incremental, group auto)",
     ]
     single = {"linear probe", "TAPS λ=1 full deltas"}
     one, spread = r"\d+\.\d", r"\d+\.\d ± \d+\.\d"
@@ -99,14 +103,53 @@ def test_quick_benchmark_prints_every_method(tmp_path, capsys, one_thread):
                      r"\(own adapter\): mean \d\.\d{4}×.* of 2 fusion tasks", composed), composed
     assert "task digits is the adapter row's task digits" in report  # the note on reuse
 
+    # Progressive rows: a total that counts the shared bands once beside the tasks' own files;
+    # the similarity matrix of the tasks; issue 11's targets, each met or missed with numbers.
+    group = "progressive (group train, auto groups)"
+    incremental = "progressive (incremental, group auto)"
+    for label in (group, incremental):
+        assert ratio(label, "total params (base + 2 tasks)") > 1 + 2 * ratio(
+            label, "task params (mean)"), label  # + the shared artifacts
+    assert re.search(r"cosine of their gradient signatures .*seed 0\):\n\n"
+                     r"\| \| digits \| letters \|\n\|---\|---:\|---:\|\n"
+                     r"\| digits \| 1\.00 \| -?\d\.\d\d \|\n\| letters \| -?\d\.\d\d \| 1\.00 \|",
+                     report), report
+    assert "(incremental, group auto), seed 0 (its stored signatures, `Manager.similarity`): " \
+        "the same matrix" in report
+    assert re.search(r"  - seed 0: groups \{.+\}.*; shared artifacts [\d.]+k \(0\.\d{3}× base\): "
+                     r"shared band", report)
+    issue11 = report[report.index("Targets (issue 11)"):]
+    for label in (group, incremental):
+        assert re.search(re.escape(label) + r": task-specific stored parameters ≤ 0\.7× "
+                         r"independent adapters' at mean accuracy ≥ theirs − 0\.5 pt: (met|MISSED)"
+                         r" — task-specific total .+ accuracy \d+\.\d ± \d+\.\d; adapter row "
+                         r".+ accuracy \d+\.\d ± \d+\.\d: size \d\.\d\d×", issue11), label
+    assert "- similarity ranks related tasks first: cos(letters, lowercase) above " in issue11
+    assert "not measured (needs a progressive row and the tasks letters, lowercase" in issue11
+    # Joining never rewrites: a real check (2 seeds, 1 earlier task at the second add) that holds.
+    assert re.search(r"joining leaves every earlier task's artifact byte-identical and its probe "
+                     r"logits unchanged: met — .+ 2/2 earlier tasks' artifacts and pinned shared "
+                     r"bands re-read byte-identical .+ `Manager.verify` at the end: 4/4 checks ok",
+                     issue11), issue11
+
     # The product path: a kept --home holds one base per Manager row and seed, every task ready.
     from taps_cl.manager import Manager
 
     with Manager(home) as manager:
-        # linear, TAPS: 1 seed; FT, compact, budget, adapter: 2; fusion adds tasks to adapter's.
-        assert len(manager.list_bases()) == 10
+        # linear, TAPS: 1 seed; FT, compact, budget, adapter, the progressive rows: 2; fusion adds
+        # tasks to adapter's. Stage 1 of the progressive rows ran in throw-away registries.
+        assert len(manager.list_bases()) == 14
         tasks = manager.list_tasks()
-        assert len(tasks) == 22 and {t.status for t in tasks} == {"ready"}
+        assert len(tasks) == 30 and {t.status for t in tasks} == {"ready"}
+        for base in ("bench-progressive-s1", "bench-progressive-group-s1"):
+            mine = [t for t in tasks if t.base == base]
+            assert [t.name for t in mine] == [f"{base}-digits", f"{base}-letters"]
+            assert {t.method for t in mine} == {"progressive"}
+            assert all("progressive_shared" in {p.kind for p in t.depends_on} for t in mine)
+            budget = manager.budget(base)  # each shared band once, its readers listed
+            assert budget.shared and all(len(u.tasks) >= 1 for u in budget.shared)
+            assert budget.total_params == budget.base_params + sum(
+                t.task_params for t in budget.tasks) + sum(u.num_params for u in budget.shared)
         fusion = [t for t in tasks if t.method == "fusion"]
         assert [t.name for t in fusion] == ["bench-fusion-s0-letters", "bench-fusion-s1-letters"]
         assert [[p.task for p in t.depends_on] for t in fusion] == [
@@ -129,6 +172,13 @@ def test_plan_prints_runs_and_estimate_without_training(capsys):
     assert bench.main(["--plan", "--adapter-seeds", "3"]) == 0
     out = capsys.readouterr().out
     assert "2 rows × 1 seed + 10 rows × 3 seeds = 32 row runs" in out and "OVER" in out
+    # The run that decides issue 11: TAPS, adapters and both progressive rows, 3 seeds each but
+    # TAPS; it is meant to take at most 40 minutes by the plan.
+    assert bench.main(["--plan", "--methods", "taps,adapter,progressive,progressive-group"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: 4 rows (taps, adapter, progressive-group, progressive)" in out
+    assert "1 rows × 1 seed + 3 rows × 3 seeds = 10 row runs × 4 tasks" in out
+    assert int(re.search(r"total ≈ (\d+) min", out).group(1)) <= 40
 
 
 def test_methods_fusion_brings_the_adapter_row(capsys):
@@ -144,3 +194,63 @@ def test_methods_fusion_brings_the_adapter_row(capsys):
     assert bench.main(["--plan", "--tasks", "digits"]) == 0  # by default it is left out
     printed = capsys.readouterr().out
     assert "adapter," in printed and "fusion" not in printed
+
+
+def test_methods_progressive_brings_the_adapter_row_with_its_seeds(capsys):
+    bench = load_example("benchmark")
+    assert bench.main(["--plan"]) == 0  # the default run leaves the progressive rows out
+    assert "progressive" not in capsys.readouterr().out.split("\n")[0]
+    assert bench.main(["--plan", "--methods", "progressive", "--progressive-seeds", "4,5"]) == 0
+    printed = capsys.readouterr().out
+    assert "plan: 2 rows (adapter, progressive)" in printed
+    assert "2 rows × 2 seeds = 4 row runs × 4 tasks" in printed  # the adapter row: 2 seeds too
+    assert "progressive rows: stage 1 runs the row whole through the Manager" in printed
+    # With fusion, it fuses the adapter row's tasks: the first --adapter-seeds of those seeds.
+    assert bench.main(["--plan", "--methods", "fusion,progressive-group"]) == 0
+    printed = capsys.readouterr().out
+    assert "plan: 3 rows (adapter, fusion, progressive-group)" in printed
+    assert "1 rows × 1 seed + 2 rows × 3 seeds = 7 row runs" in printed
+    with pytest.raises(SystemExit):
+        bench.main(["--plan", "--methods", "progressive-group", "--progressive-groups", "5"])
+    assert "--progressive-groups must be between 1 and the number of tasks (4)" in \
+        capsys.readouterr().err
+
+
+def test_progressive_targets_are_computed_from_the_runs():
+    """Issue 11's target lines turn on the numbers: size and accuracy against the adapter row,
+    the letters' similarity ranking, and the incremental row's join checks."""
+    bench = load_example("benchmark")
+    base = 1000
+    names = ["fashion", "letters", "lowercase"]
+    related = (names, [[1.0, 0.1, 0.2], [0.1, 1.0, 0.7], [0.2, 0.7, 1.0]])
+    unrelated = (names, [[1.0, 0.8, 0.2], [0.8, 1.0, 0.7], [0.2, 0.7, 1.0]])
+
+    def row(kind, accs, specific, similarity=None, unchanged=True):
+        method = "adapter" if kind == "adapter" else "progressive"
+        runs = [bench.Run(seed, acc={"a": acc, "b": acc}, task_params={"a": 20, "b": 20},
+                          total_params=base + specific, shared_params=specific - 40,
+                          similarity=similarity, opened={"a": True, "b": False},
+                          unchanged=[("a", unchanged)], probes=[True],
+                          verified=[("a", True, 0.0), ("b", True, 0.0)])
+                for seed, acc in enumerate(accs)]
+        return bench.Row(bench.RowSpec(kind, kind, kind, method), 1e-3, {}, runs)
+
+    adapter = row("adapter", [0.80, 0.82], 100)
+    small = row("progressive-group", [0.81, 0.81], 60, related)  # 0.60×, +0.0 pt
+    big = row("progressive", [0.81, 0.81], 80, related)  # 0.80×
+    lines = bench.progressive_targets([adapter, small, big], base)
+    assert lines[1].startswith("- progressive-group: task-specific stored parameters ≤ 0.7× ")
+    assert "size 0.60× (met), accuracy +0.0 pt (met)" in lines[1] and ": met — " in lines[1]
+    assert "size 0.80× (MISSED)" in lines[2] and ": MISSED — " in lines[2]
+    assert "accuracy 81.0 ± 1.4" in lines[1]  # the adapter row's mean ± its spread
+    assert "cos(letters, lowercase) above" in lines[3] and ": met — 2/2 seeds" in lines[3]
+    assert "joining leaves every earlier task's artifact byte-identical" in lines[4]
+    assert ": met — " in lines[4] and "2/2 earlier tasks' artifacts" in lines[4]
+    assert "2 of 2 later adds joined an existing group" in lines[4]
+
+    far = row("progressive-group", [0.70, 0.72], 60, unrelated)  # −10 pt, letters ~ fashion
+    changed = row("progressive", [0.81, 0.81], 60, related, unchanged=False)
+    lines = bench.progressive_targets([adapter, far, changed], base)
+    assert "accuracy -10.0 pt (MISSED)" in lines[1] and ": MISSED — " in lines[1]
+    assert ": MISSED — 0/2 seeds; seed 0: 0.70 vs 0.80 / 0.20" in lines[3]
+    assert ": MISSED — " in lines[4] and "0/2 earlier tasks' artifacts" in lines[4]

@@ -23,6 +23,7 @@ from taps_cl.methods import (
     norm_layers,
 )
 from taps_cl.methods.taps import gate_of, gated_layers
+from taps_cl.sharing import band_blob, band_dependency
 
 ARCHS = ["test_resnet", "test_efficientnet", "test_convnext", "test_vit"]
 IMG = 32
@@ -75,7 +76,9 @@ def prepared_task(name: str, arch: str, base_state: dict, seed: int = 1):
     """(method, model, head, dependencies): `name` on a fresh task model, set up as the manager
     does.
 
-    A composed method is attached first; fusion fuses one adapter task trained on the same base.
+    A composed method is attached first; fusion fuses one adapter task trained on the same base;
+    progressive joins the group of a task that trained all three bands (its shared and group
+    bands are the dependencies).
     """
     deps = []
     if name == "fusion":
@@ -83,7 +86,17 @@ def prepared_task(name: str, arch: str, base_state: dict, seed: int = 1):
         train_steps(adapter, model, steps=1)
         tensors = adapter.extract(model, head).tensors
         deps = [Dependency("earlier", "adapter", adapter.config_dict(), tensors)]
-    method = get_method(name, fuse=",".join(d.name for d in deps) or None)
+    if name == "progressive":
+        first = get_method("progressive", group="g", train_bands=["shared", "group", "task"])
+        model, head = task_model(arch, base_state, seed=seed + 1)
+        first.attach(model, head, [], torch.randn(2, 3, IMG, IMG))
+        first.prepare(model, head)
+        train_steps(first, model, steps=1)
+        deps = [band_dependency(band_blob(first.config, band, "g",
+                                          first.band_tensors(model, band), "base"))
+                for band in ("shared", "group")]
+    method = get_method(name, fuse=",".join(d.name for d in deps) if name == "fusion" else None,
+                        group="g" if name == "progressive" else None)
     model, head = task_model(arch, base_state, seed=seed)
     if not method.mergeable:
         method.attach(model, head, deps, torch.randn(2, 3, IMG, IMG))
@@ -443,7 +456,7 @@ def test_get_method_and_config():
     ("name", "overrides", "message"),
     [
         ("nope", {},
-         r"unknown method 'nope' \(choose from adapter, finetune, fusion, linear, taps"),
+         r"unknown method 'nope' \(choose from adapter, finetune, fusion, linear, progressive, taps"),
         ("taps", {"lamda": 1.0}, r"no option 'lamda' \(options: lam, tau, score_init"),
         ("linear", {"lam": 1.0}, r"no option 'lam' \(options: none\)"),
         ("taps", {"lam": -1.0}, r"lam must be >= 0"),

@@ -72,17 +72,24 @@ def finish(reg: Registry, task: Task | str, blob: bytes = b"task", acc: float = 
 
 
 @pytest.fixture
-def reg(tmp_path):
-    with Registry(tmp_path / "home") as registry:
+def reg(tmp_path, db_url):
+    """A new registry on SQLite and on PostgreSQL (tests.servers.db_url)."""
+    with Registry(tmp_path / "home", db_url) as registry:
         yield registry
 
 
-def test_sqlite_pragmas(reg):
-    with reg.engine.connect() as conn:
+def test_sqlite_pragmas(tmp_path):
+    with Registry(tmp_path / "home") as reg, reg.engine.connect() as conn:
         raw = conn.connection.dbapi_connection
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert raw.execute("PRAGMA foreign_keys").fetchone()[0] == 1
         assert raw.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+
+
+def test_registry_is_on_the_database_asked_for(reg, db_url):
+    assert reg.engine.dialect.name == ("sqlite" if db_url is None else "postgresql")
+    add_base(reg)
+    assert (reg.home / "registry.db").exists() == (db_url is None)
 
 
 def test_base_roundtrip_and_duplicate(reg):

@@ -1,4 +1,5 @@
-"""Concurrent adds on one SQLite registry: 4 processes, 3 rounds, plain registry calls (no torch).
+"""Concurrent adds on one registry (SQLite and PostgreSQL): 4 processes, 3 rounds, plain registry
+calls (no torch).
 
 Each worker begins its task, reads which tasks are ready, waits until every worker has done the
 same (so all but the first finisher hold a stale list), then finishes with cells for what it saw.
@@ -20,9 +21,9 @@ WORKERS = 4
 ROUNDS = 3
 
 
-def _worker(home: str, worker: int, barrier, results) -> None:  # type: ignore[no-untyped-def]
+def _worker(home: str, url, worker: int, barrier, results) -> None:  # type: ignore[no-untyped-def]
     try:
-        with Registry(home) as reg:
+        with Registry(home, url) as reg:
             for round_ in range(ROUNDS):
                 name = f"r{round_}w{worker}"
                 barrier.wait(timeout=60)  # all begin at once
@@ -47,14 +48,14 @@ def _worker(home: str, worker: int, barrier, results) -> None:  # type: ignore[n
         results.put((worker, traceback.format_exc()))
 
 
-def test_four_concurrent_adds_three_rounds(tmp_path):
+def test_four_concurrent_adds_three_rounds(tmp_path, db_url):
     home = tmp_path / "home"
-    with Registry(home) as reg:
+    with Registry(home, db_url) as reg:
         add_base(reg)
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(WORKERS)
     results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(str(home), w, barrier, results))
+    procs = [ctx.Process(target=_worker, args=(str(home), db_url, w, barrier, results))
              for w in range(WORKERS)]
     for proc in procs:
         proc.start()
@@ -64,7 +65,7 @@ def test_four_concurrent_adds_three_rounds(tmp_path):
     errors = [error for _, error in outcomes if error]
     assert errors == []
 
-    with Registry(home, create=False) as reg:
+    with Registry(home, db_url, create=False) as reg:
         tasks = reg.list_tasks("b")
         assert len(tasks) == WORKERS * ROUNDS and all(t.status == "ready" for t in tasks)
         assert [t.position for t in tasks] == list(range(1, WORKERS * ROUNDS + 1))
@@ -84,23 +85,23 @@ def test_four_concurrent_adds_three_rounds(tmp_path):
         assert reg.chain_problems("b") == {}
 
 
-def _opener(home: str, barrier, results) -> None:  # type: ignore[no-untyped-def]
+def _opener(home: str, url, barrier, results) -> None:  # type: ignore[no-untyped-def]
     try:
         barrier.wait(timeout=60)
-        with Registry(home) as reg:
+        with Registry(home, url) as reg:
             results.put(("ok", len(reg.list_bases())))
     except BaseException:
         results.put(("error", traceback.format_exc()))
 
 
-def test_processes_creating_one_new_registry_at_once(tmp_path):
+def test_processes_creating_one_new_registry_at_once(tmp_path, db_url):
     # One creates the schema; the others wait for its write lock instead of taking its
-    # half-made file for someone else's database.
+    # half-made file (SQLite) or database (PostgreSQL) for someone else's.
     home = tmp_path / "fresh"
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(WORKERS)
     results = ctx.Queue()
-    procs = [ctx.Process(target=_opener, args=(str(home), barrier, results))
+    procs = [ctx.Process(target=_opener, args=(str(home), db_url, barrier, results))
              for _ in range(WORKERS)]
     for proc in procs:
         proc.start()

@@ -25,8 +25,8 @@ from tests.test_registry import add_base, begin, cells_for_ready, finish
 
 
 @pytest.fixture
-def reg(tmp_path):
-    with Registry(tmp_path / "home") as registry:
+def reg(tmp_path, db_url):
+    with Registry(tmp_path / "home", db_url) as registry:
         add_base(registry)
         yield registry
 
@@ -40,9 +40,11 @@ def _dead_pid() -> int:
 
 def _age_heartbeat(reg: Registry, name: str, seconds: float) -> None:
     past = datetime.now(timezone.utc) - timedelta(seconds=seconds)
-    with reg.engine.begin() as conn:  # SQLite stores UTC as naive text
+    # SQLite stores UTC as naive text; PostgreSQL takes the aware datetime (timestamptz).
+    value = past.strftime("%Y-%m-%d %H:%M:%S.%f") if reg.engine.name == "sqlite" else past
+    with reg.engine.begin() as conn:
         conn.execute(text("UPDATE tasks SET heartbeat_at = :t WHERE name = :n"),
-                     {"t": past.strftime("%Y-%m-%d %H:%M:%S.%f"), "n": name})
+                     {"t": value, "n": name})
 
 
 def test_run_is_alive_rules(reg):

@@ -17,9 +17,23 @@ from tests.test_registry import add_base, begin, finish
 
 
 @pytest.fixture
-def reg(tmp_path):
-    with Registry(tmp_path / "home") as registry:
+def reg(tmp_path, db_url):
+    """A new registry on SQLite and on PostgreSQL (tests.servers.db_url)."""
+    with Registry(tmp_path / "home", db_url) as registry:
         yield registry
+
+
+def _refuse_inserts(reg: Registry, table: str, message: str) -> None:
+    """A trigger that makes the database refuse every insert into ``table`` with ``message``."""
+    with reg.engine.begin() as conn:
+        if reg.engine.name == "sqlite":
+            conn.execute(text(f"CREATE TRIGGER ro BEFORE INSERT ON {table} "
+                              f"BEGIN SELECT RAISE(ABORT, '{message}'); END"))
+        else:  # PostgreSQL
+            conn.execute(text("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                              f"$$ BEGIN RAISE EXCEPTION '{message}'; END $$"))
+            conn.execute(text(f"CREATE TRIGGER ro BEFORE INSERT ON {table} "
+                              "FOR EACH ROW EXECUTE FUNCTION refuse()"))
 
 
 def _files(reg: Registry) -> set[str]:
@@ -90,9 +104,7 @@ def test_unreadable_artifact_is_a_store_error(tmp_path):
 
 
 def test_failed_base_add_leaves_no_orphan(reg):
-    with reg.engine.begin() as conn:  # the database refuses the row, as a read-only one would
-        conn.execute(text("CREATE TRIGGER ro BEFORE INSERT ON base_models "
-                          "BEGIN SELECT RAISE(ABORT, 'read-only'); END"))
+    _refuse_inserts(reg, "base_models", "read-only")  # as a read-only database would
     with pytest.raises(RegistryError, match="read-only"):
         add_base(reg, weights=b"big weights" * 1000)
     assert reg.list_bases() == [] and reg.list_artifacts() == []
@@ -101,9 +113,7 @@ def test_failed_base_add_leaves_no_orphan(reg):
 
 def test_failed_base_add_keeps_files_it_did_not_create(reg):
     kept = add_base(reg, "kept", weights=b"shared")
-    with reg.engine.begin() as conn:
-        conn.execute(text("CREATE TRIGGER ro BEFORE INSERT ON base_models "
-                          "BEGIN SELECT RAISE(ABORT, 'read-only'); END"))
+    _refuse_inserts(reg, "base_models", "read-only")
     with pytest.raises(RegistryError):
         add_base(reg, "again", weights=b"shared")
     assert reg.check_artifact(kept.weights) == b"shared"
@@ -123,9 +133,7 @@ def test_base_add_into_read_only_database_leaves_no_orphan(tmp_path):
 def test_failed_finish_removes_its_new_files(reg):
     add_base(reg)
     task = begin(reg, "t")
-    with reg.engine.begin() as conn:
-        conn.execute(text("CREATE TRIGGER ro BEFORE INSERT ON evaluations "
-                          "BEGIN SELECT RAISE(ABORT, 'disk says no'); END"))
+    _refuse_inserts(reg, "evaluations", "disk says no")
     with pytest.raises(RegistryError, match="disk says no"):
         finish(reg, task, b"task-blob")
     assert reg.get_task("t").status == "training"
@@ -198,9 +206,11 @@ def test_remove_garbage_rechecks_references(reg):
     forged = [GarbageFile(rel, 9, "unreferenced"), GarbageFile(young_rel, 1, "temp")]
     assert reg.remove_garbage(forged) == 0
     assert young.exists() and reg.check_artifact(base.weights) == b"weights-1"
+    outside = reg.home / "outside.txt"  # beside the store, as the SQLite file is
+    outside.write_text("not the store's")
     with pytest.raises(IntegrityFailure, match="escapes the store"):
-        reg.remove_garbage([GarbageFile("../registry.db", 1, "unreferenced")])
-    assert (reg.home / "registry.db").exists()
+        reg.remove_garbage([GarbageFile("../outside.txt", 1, "unreferenced")])
+    assert outside.exists()
 
 
 def test_garbage_of_an_empty_home_is_nothing(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 from registry import NotFound, Registry, runs
 from registry.entities import LayerEntry, Task, TaskSummary
 from taps_cl import reports
+from tests.servers import cli_home, db_option
 from tests.test_cli import run
 
 # DESIGN §6: `task list --json` keys (keys may be added, never renamed).
@@ -77,10 +78,11 @@ def latest_measured(reg: Registry, base: str) -> dict[str, float]:
 
 
 @pytest.fixture
-def reg(tmp_path):
+def reg(tmp_path, db_url):
     """Two bases: b holds taps, linear, a fusion-like reader, a byte-identical copy and a run
-    still training; c holds one task. One re-measurement of `t` is recorded after `lin`."""
-    with Registry(tmp_path / "home") as registry:
+    still training; c holds one task. One re-measurement of `t` is recorded after `lin`.
+    On SQLite and on PostgreSQL (tests.servers.db_url)."""
+    with Registry(tmp_path / "home", db_url) as registry:
         add_base(registry, "b")
         add_base(registry, "c")
         add_task(registry, "t", "b", method="taps", layers=taps_layers(3, 4), acc=0.8,
@@ -159,9 +161,9 @@ def test_budget_from_summaries_equals_budget_from_tasks(reg):
     assert from_summaries.tasks[2].depends_on == ("t",)
 
 
-def test_task_list_limit_and_offset(reg, capsys):
-    home = str(reg.home)
-    code, out, _ = run(capsys, "--home", home, "--json", "task", "list")
+def test_task_list_limit_and_offset(reg, capsys, db_url):
+    home, db = str(reg.home), db_option(db_url)
+    code, out, _ = run(capsys, "--home", home, *db, "--json", "task", "list")
     assert code == 0
     rows = json.loads(out)
     assert [r["name"] for r in rows] == ["t", "lin", "reader", "copy", "running", "other"]
@@ -169,42 +171,42 @@ def test_task_list_limit_and_offset(reg, capsys):
     t = rows[0]
     assert (t["active_layers"], t["total_layers"], t["test_accuracy"]) == (3, 7, 0.75)
     assert t["task_params"] == reg.get_task("t").task_params
-    code, out, _ = run(capsys, "--home", home, "--json", "task", "list", "--limit", "2",
+    code, out, _ = run(capsys, "--home", home, *db, "--json", "task", "list", "--limit", "2",
                        "--offset", "1")
     assert code == 0 and json.loads(out) == rows[1:3]
-    code, out, _ = run(capsys, "--home", home, "--json", "task", "list", "--base", "b",
+    code, out, _ = run(capsys, "--home", home, *db, "--json", "task", "list", "--base", "b",
                        "--offset", "3")
     assert code == 0 and [r["name"] for r in json.loads(out)] == ["copy", "running"]
-    code, out, _ = run(capsys, "--home", home, "task", "list", "--limit", "2")
+    code, out, _ = run(capsys, "--home", home, *db, "task", "list", "--limit", "2")
     assert code == 0
     assert "lin" in out and "reader" not in out and "… 4 more (use --limit/--offset/--json)" in out
-    code, out, _ = run(capsys, "--home", home, "task", "list")
+    code, out, _ = run(capsys, "--home", home, *db, "task", "list")
     assert code == 0 and "more" not in out and "other" in out
-    assert run(capsys, "--home", home, "task", "list", "--limit", "-1")[0] == 2  # usage error
+    assert run(capsys, "--home", home, *db, "task", "list", "--limit", "-1")[0] == 2  # bad usage
 
 
-def test_long_listings_are_cut_for_humans_not_for_json(tmp_path, capsys):
-    with Registry(tmp_path / "home") as reg:
+def test_long_listings_are_cut_for_humans_not_for_json(tmp_path, capsys, db_url):
+    with Registry(tmp_path / "home", db_url) as reg:
         add_base(reg, "b")
         for i in range(53):
             add_task(reg, f"t{i:02d}", "b", method="linear", layers=linear_layers(2), acc=0.5)
-    home = str(tmp_path / "home")
-    code, out, _ = run(capsys, "--home", home, "task", "list")
+    home, db = str(tmp_path / "home"), db_option(db_url)
+    code, out, _ = run(capsys, "--home", home, *db, "task", "list")
     assert code == 0 and "t49" in out and "t50" not in out
     assert "… 3 more (use --limit/--offset/--json)" in out
-    code, out, _ = run(capsys, "--home", home, "--json", "task", "list")
+    code, out, _ = run(capsys, "--home", home, *db, "--json", "task", "list")
     assert code == 0 and len(json.loads(out)) == 53
-    code, out, _ = run(capsys, "--home", home, "report", "budget")
+    code, out, _ = run(capsys, "--home", home, *db, "report", "budget")
     assert code == 0 and "t49" in out and "t50" not in out
     assert "… 3 more (use --limit/--json)" in out
     assert "53 fine-tuned models" in out  # the totals still cover every task
-    code, out, _ = run(capsys, "--home", home, "report", "budget", "--limit", "5")
+    code, out, _ = run(capsys, "--home", home, *db, "report", "budget", "--limit", "5")
     assert code == 0 and "t04" in out and "t05" not in out and "… 48 more" in out
-    code, out, _ = run(capsys, "--home", home, "--json", "report", "budget", "--limit", "5")
+    code, out, _ = run(capsys, "--home", home, *db, "--json", "report", "budget", "--limit", "5")
     assert code == 0 and len(json.loads(out)["tasks"]) == 53
 
 
-def test_reading_commands_do_not_import_torch(reg):
+def test_reading_commands_do_not_import_torch(reg, db_url):
     """`task list`, `report budget` and `report accuracy` must answer fast: importing torch
     alone takes about a second, so the read path must not import it."""
     script = (
@@ -213,26 +215,27 @@ def test_reading_commands_do_not_import_torch(reg):
         "for args in (['task', 'list'], ['report', 'budget', '--base', 'b'],\n"
         "             ['report', 'accuracy', '--base', 'b']):\n"
         "    try:\n"
-        "        main(['--home', sys.argv[1], '--json', *args])\n"
+        "        main([*sys.argv[1:], '--json', *args])\n"
         "    except SystemExit as exc:\n"
         "        assert not exc.code, (args, exc.code)\n"
         "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
         "print('TORCH', len(loaded), file=sys.stderr)\n"
     )
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", script, str(reg.home)], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", script, *cli_home(reg.home, db_url)],
+                          capture_output=True,
                           text=True, timeout=120, cwd=root)
     assert done.returncode == 0, done.stderr
     assert "TORCH 0" in done.stderr, done.stderr
 
 
-def test_summaries_of_real_taps_and_linear_tasks(tmp_path, image_data):
+def test_summaries_of_real_taps_and_linear_tasks(tmp_path, image_data, db_url):
     """On trained tasks (TAPS with a large λ switches layers off) the SQL aggregates equal what
     the full entities and the recorded evaluations say."""
     from taps_cl.manager import Manager
 
     fast = dict(epochs=2, batch_size=16, img_size=32, seed=0)
-    with Manager(tmp_path / "home") as m:
+    with Manager(tmp_path / "home", db_url) as m:
         m.add_base("b", "timm:test_resnet")
         # Penalised by size, the large layers switch off and the small ones stay (5 of 15).
         m.add_task("sparse", "b", f"imagefolder:{image_data}", epochs=3, batch_size=8,

@@ -13,14 +13,16 @@ from registry import AlreadyExists
 from taps_cl import serialization
 from taps_cl.errors import TapsError
 from taps_cl.manager import Manager
+from tests.servers import db_option
 from tests.test_cli import assert_one_line_error, run
 
 FAST = dict(epochs=2, batch_size=16, img_size=32, seed=0)
 
 
 @pytest.fixture
-def manager(tmp_path):
-    with Manager(tmp_path / "home") as m:
+def manager(tmp_path, db_url):
+    """A manager with base `b` (timm test_resnet), on SQLite and on PostgreSQL."""
+    with Manager(tmp_path / "home", db_url) as m:
         m.add_base("b", "timm:test_resnet")
         yield m
 
@@ -79,7 +81,7 @@ def test_restore_is_a_plain_timm_model(manager, image_data, tmp_path):
         assert torch.allclose(fresh(probe["inputs"]), probe["logits"], atol=1e-5)
     import taps_cl
 
-    again = taps_cl.restore("t", home=manager.home)
+    again = taps_cl.restore("t", home=manager.home, db_url=manager.db_url)
     assert type(again) is type(model)
 
 
@@ -98,18 +100,18 @@ def test_adding_b_leaves_a_untouched(manager, image_data, image_data4):
     assert ("a", "b2", "probe") in evals
 
 
-def test_bad_data_fails_cleanly(manager, tmp_path, capsys):
+def test_bad_data_fails_cleanly(manager, tmp_path, capsys, db_url):
     before = (manager.list_tasks(), manager.registry.list_artifacts())
     for spec in (f"imagefolder:{tmp_path / 'nope'}", "idx:/nonexistent", "bogus:thing"):
         with pytest.raises(TapsError):
             manager.add_task("t", "b", spec, **FAST)
     assert (manager.list_tasks(), manager.registry.list_artifacts()) == before
-    code, _, err = run(capsys, "--home", str(manager.home), "task", "add", "t", "--base", "b",
-                       "--data", f"imagefolder:{tmp_path / 'nope'}")
+    code, _, err = run(capsys, "--home", str(manager.home), *db_option(db_url), "task", "add",
+                       "t", "--base", "b", "--data", f"imagefolder:{tmp_path / 'nope'}")
     assert code == 1
     assert_one_line_error(err, "nope")
-    code, _, err = run(capsys, "--home", str(manager.home), "task", "add", "t", "--base", "b",
-                       "--data", "digits", "--method", "nosuch")
+    code, _, err = run(capsys, "--home", str(manager.home), *db_option(db_url), "task", "add",
+                       "t", "--base", "b", "--data", "digits", "--method", "nosuch")
     assert code == 1
     assert_one_line_error(err, "nosuch")
 
@@ -128,31 +130,33 @@ def test_interrupted_training_leaves_no_task(manager, image_data, monkeypatch):
     assert manager.add_task("t", "b", f"imagefolder:{image_data}", **FAST).task.position == 1
 
 
-def test_cli_task_commands(tmp_path, image_data, capsys):
-    home = str(tmp_path / "h")
-    assert run(capsys, "--home", home, "base", "add", "b", "--model", "timm:test_resnet")[0] == 0
-    code, out, err = run(capsys, "--home", home, "--json", "task", "add", "t", "--base", "b",
+def test_cli_task_commands(tmp_path, image_data, capsys, db_url):
+    home, db = str(tmp_path / "h"), db_option(db_url)
+    assert run(capsys, "--home", home, *db, "base", "add", "b", "--model",
+               "timm:test_resnet")[0] == 0
+    code, out, err = run(capsys, "--home", home, *db, "--json", "task", "add", "t", "--base", "b",
                          "--data", f"imagefolder:{image_data}", "--epochs", "2", "--img-size", "32",
                          "--batch-size", "16", "--lam", "0.5")
     assert code == 0, err
     added = json.loads(out)
     assert added["status"] == "ready" and added["position"] == 1
-    code, out, _ = run(capsys, "--home", home, "--json", "task", "list")
+    code, out, _ = run(capsys, "--home", home, *db, "--json", "task", "list")
     (row,) = json.loads(out)
     assert set(row) >= {"name", "base", "method", "position", "status", "num_classes", "task_params",
                         "active_layers", "total_layers", "test_accuracy"}
     assert row["test_accuracy"] == added["test_accuracy"]
-    code, out, _ = run(capsys, "--home", home, "task", "show", "t")
+    code, out, _ = run(capsys, "--home", home, *db, "task", "show", "t")
     assert code == 0 and "active layers" in out
-    code, out, _ = run(capsys, "--home", home, "--json", "task", "eval", "t")
+    code, out, _ = run(capsys, "--home", home, *db, "--json", "task", "eval", "t")
     assert json.loads(out)["accuracy"] == pytest.approx(added["test_accuracy"])
     image = next((image_data / "test" / "checker").glob("*.png"))
-    code, out, _ = run(capsys, "--home", home, "--json", "predict", "t", str(image))
+    code, out, _ = run(capsys, "--home", home, *db, "--json", "predict", "t", str(image))
     top = json.loads(out)[0]["top"]
     assert len(top) == 3 and abs(sum(p["probability"] for p in top) - 1) < 1e-4
-    code, out, _ = run(capsys, "--home", home, "restore", "t", "--out", str(tmp_path / "r.safetensors"))
+    code, out, _ = run(capsys, "--home", home, *db, "restore", "t", "--out",
+                       str(tmp_path / "r.safetensors"))
     assert code == 0 and (tmp_path / "r.safetensors").exists()
-    code, _, err = run(capsys, "--home", home, "restore", "t", "--out", str(tmp_path / "r.pt"))
+    code, _, err = run(capsys, "--home", home, *db, "restore", "t", "--out", str(tmp_path / "r.pt"))
     assert code == 1
     assert_one_line_error(err, "safetensors")
 
@@ -171,7 +175,7 @@ def test_torchvision_base(tmp_path, image_data):
         assert task.total_layers == 20
 
 
-def test_sigterm_during_training_removes_the_task(tmp_path, image_data):
+def test_sigterm_during_training_removes_the_task(tmp_path, image_data, db_url):
     import os
     import signal
     import subprocess
@@ -179,17 +183,18 @@ def test_sigterm_during_training_removes_the_task(tmp_path, image_data):
     import time
 
     home = tmp_path / "h"
-    with Manager(home) as m:
+    with Manager(home, db_url) as m:
         m.add_base("b", "timm:test_resnet")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "taps_cl", "--home", str(home), "task", "add", "t", "--base", "b",
+        [sys.executable, "-m", "taps_cl", "--home", str(home), *db_option(db_url), "task", "add",
+         "t", "--base", "b",
          "--data", f"imagefolder:{image_data}", "--epochs", "500", "--img-size", "32"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            with Manager(home) as m:
+            with Manager(home, db_url) as m:
                 if [t.status for t in m.list_tasks()] == ["training"]:
                     break
             time.sleep(0.2)
@@ -201,11 +206,11 @@ def test_sigterm_during_training_removes_the_task(tmp_path, image_data):
     finally:
         proc.kill()
     assert proc.returncode != 0 and "Traceback" not in err
-    with Manager(home) as m:
+    with Manager(home, db_url) as m:
         assert m.list_tasks() == []
 
 
-def test_stale_training_row_is_named_and_removable(manager, image_data, capsys):
+def test_stale_training_row_is_named_and_removable(manager, image_data, capsys, db_url):
     import socket
     import subprocess
 
@@ -216,10 +221,11 @@ def test_stale_training_row_is_named_and_removable(manager, image_data, capsys):
                                 run_host=socket.gethostname(), run_pid=gone.pid)
     with pytest.raises(AlreadyExists, match="task remove t"):
         manager.add_task("t", "b", f"imagefolder:{image_data}", **FAST)
-    code, out, _ = run(capsys, "--home", str(manager.home), "task", "remove", "t")
+    cli = ["--home", str(manager.home), *db_option(db_url)]
+    code, out, _ = run(capsys, *cli, "task", "remove", "t")
     assert code == 0
     assert manager.add_task("t", "b", f"imagefolder:{image_data}", **FAST).task.status == "ready"
-    code, _, err = run(capsys, "--home", str(manager.home), "task", "remove", "t")
+    code, _, err = run(capsys, *cli, "task", "remove", "t")
     assert code == 1
     assert_one_line_error(err, "never removed")
 

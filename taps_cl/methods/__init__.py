@@ -8,6 +8,7 @@ from taps_cl.methods import (  # noqa: F401  (registers the methods)
     finetune,
     fusion,
     linear,
+    progressive,
     taps,
 )
 from taps_cl.methods.base import (

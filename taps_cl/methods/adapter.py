@@ -335,12 +335,12 @@ class Adapter(Method):
             LayerRecord(name=name, kind="adapter", score=None, active=True,
                         base_params=sizes[name],
                         task_params=sum(p.numel() for p in adapters[site_key(name)].parameters()))
-            for name in _site_names(model, adapters)
+            for name in site_names(model, adapters)
         ]
         return TaskState(tensors=tensors, layers=layers)
 
 
-def _site_names(model: nn.Module, holder: nn.ModuleDict) -> list[str]:
+def site_names(model: nn.Module, holder: nn.ModuleDict) -> list[str]:
     """Block names of the keys of `holder`, in the model's module order."""
     keys = set(holder.keys())
     return [name for name, _ in model.named_modules() if name and "-" not in name

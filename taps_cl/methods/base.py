@@ -11,7 +11,8 @@ the base (e.g. bfloat16); merging casts them to the base's type.
 
 Composed methods (`mergeable = False`: adapters, fusion) also add modules to the base. They store
 those modules' tensors as `module/<state-dict key of the attached module>` and may read earlier
-tasks' tensors (`dependencies`, handed over frozen as `Dependency` values). Their inference model
+tasks' tensors or shared artifacts (`dependencies`, handed over frozen as `Dependency` values;
+`dependency_state` may also place base entries, e.g. shared norm layers). Their inference model
 is rebuilt by `build_composed`: the base architecture with `set/` tensors merged, the method's
 modules attached (`attach`), the dependencies' tensors placed (`dependency_state`) and the task's
 own `module/` tensors loaded.
@@ -432,11 +433,16 @@ def build_composed(
     placed: dict[str, Tensor] = {}
     for dependency in dependencies:
         placed.update(method.dependency_state(dependency))
+    # A dependency may also replace base entries (progressive: shared norm layers), never one
+    # the task sets itself.
+    clash = sorted(k for k in placed if f"{SET_PREFIX}{k}" in tensors)
+    if clash:
+        raise MethodError(f"{method.name}: the task and a dependency both set {clash[:3]}")
     placed.update({k[len(MODULE_PREFIX):]: v for k, v in tensors.items()
                    if k.startswith(MODULE_PREFIX)})
     state = model.state_dict()
     attached = set(state) - set(merged)
-    missing, unknown = sorted(attached - set(placed)), sorted(set(placed) - attached)
+    missing, unknown = sorted(attached - set(placed)), sorted(set(placed) - set(state))
     if missing or unknown:
         raise MethodError(f"{method.name}: stored module tensors do not fit the attached modules "
                           f"(missing {missing[:3]}, unknown {unknown[:3]})")
