@@ -17,6 +17,7 @@ object's URL; a missing object that should be there is an IntegrityFailure.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
@@ -182,7 +183,9 @@ def _mtime(info: dict[str, Any]) -> float:
             return value.timestamp()
         if isinstance(value, (int, float)):
             return float(value)
-    return 0.0  # unknown: treated as old, so an abandoned temp object is collected
+    # Unknown: treated as new. A temp object of a write in progress must never be collected;
+    # on a backend that gives no times an abandoned one stays (it is only garbage).
+    return time.time()
 
 
 def _reason(exc: BaseException) -> str:

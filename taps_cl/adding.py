@@ -84,8 +84,8 @@ class TaskRequest:
     recheck: int = RECHECK_SAMPLE
     # Progressive tasks: "auto" (join the most similar group, or open one), "new", or a group.
     group: Optional[str] = None
-    # Mean signature similarity needed to join a group with --group auto.
-    join_threshold: float = JOIN_THRESHOLD
+    # Mean signature similarity needed to join a group with --group auto (None: JOIN_THRESHOLD).
+    join_threshold: Optional[float] = None
 
 
 def configured_method(method: str, options: dict[str, Any], epochs: int) -> Method:
@@ -188,8 +188,10 @@ class TaskAdder:
             self.check_name_free(request.name)
         learner = configured_method(request.method, request.method_options or {},
                                     train_cfg.epochs)
-        if request.group is not None and learner.name != "progressive":
-            raise MethodError(f"--group applies to --method progressive, not {learner.name}")
+        for option, value in (("--group", request.group),
+                              ("--join-threshold", request.join_threshold)):
+            if value is not None and learner.name != "progressive":
+                raise MethodError(f"{option} applies to --method progressive, not {learner.name}")
         resolve_device(train_cfg.device)  # an unavailable device fails before any work
         spec = data.DataSpec.parse(request.data_spec, classes=request.classes)
         task_data = data.load_task_data(
@@ -208,7 +210,9 @@ class TaskAdder:
         if learner.name == "progressive":
             learner, bands = self.joining.plan(
                 base, learner, signature, name=request.name, group=request.group,
-                options=request.method_options or {}, join_threshold=request.join_threshold)
+                options=request.method_options or {},
+                join_threshold=(JOIN_THRESHOLD if request.join_threshold is None
+                                else request.join_threshold))
             dependencies += bands.dependencies
         torch.manual_seed(train_cfg.seed)  # the new head's and any factor's initialisation
         model = backbones.build_task_model(

@@ -293,7 +293,7 @@ _data_options = _options(
                    "(default 0.75; fixed by the base's first progressive task).")
 @click.option("--task-fraction", type=click.FloatRange(0, 1),
               help="progressive: fraction of the blocks (from the output) that are "
-                   "task-specific (default 0.125).")
+                   "task-specific (default 0.125; fixed by the base's first progressive task).")
 @_data_options
 @click.option("--recheck", type=click.IntRange(0),
               help="Earlier tasks whose probes are re-checked (default 8: the latest, any it "
@@ -481,7 +481,7 @@ def task_eval(c: Context, name: str, data_spec: Optional[str], max_test: Optiona
         f"{name}: accuracy {_pct(r.accuracy)}% on {r.num_samples} images (loss {r.loss:.4f})"))
 
 
-# -------------------------------------------------------------------- report
+# --------------------------------------------------------------------- group
 @cli.group("group")
 def group_group() -> None:
     """Train several progressive tasks together, grouped by gradient similarity."""
@@ -543,6 +543,7 @@ def group_train(c: Context, base: str, tasks: list[tuple[str, str]], groups: Opt
     c.emit(data, text)
 
 
+# -------------------------------------------------------------------- report
 @cli.group("report")
 def report_group() -> None:
     """Parameter budget, accuracy matrix, layer map and task similarity."""

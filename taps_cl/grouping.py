@@ -97,7 +97,7 @@ class GroupTrainer:
     def train(self, request: GroupRequest, train_cfg: TrainConfig,
               progress: bool = False) -> GroupResult:
         """Train the tasks jointly and record each; a failure leaves none of them behind
-        unless it was already recorded (members are recorded one after the other at the end)."""
+        (members recorded before a failure in the recording are deleted again)."""
         reg = self.registry
         base = reg.get_base(request.base)
         names = [name for name, _ in request.tasks]
@@ -237,22 +237,34 @@ class GroupTrainer:
                 key = (band, "" if band == "shared" else learner.config.group)
                 if band != "task" and key not in bands:
                     bands[key] = trained_band(learner, model, band, base)
-        results = []
-        for task, learner, model, d, sig, fit in zip(started, learners, models, datas,
-                                                     signatures, fitted):
-            pins, deps = [], []
-            if frozen_shared is not None:
-                pins.append(SharedPin(frozen_shared[1], PIN_KINDS["shared"]))
-                deps.append(frozen_shared[0])
-            for key in (("shared", ""), ("group", learner.config.group)):
-                if key in bands:
-                    pins.append(bands[key][0])
-                    deps.append(bands[key][1])
-            results.append(self.adder.store_trained(
-                task, base, learner, model, d, deps, [], train_seconds=seconds / len(started),
-                device=train_cfg.device, seed=train_cfg.seed, history=fit.history,
-                best_val_accuracy=fit.best_val_accuracy, recheck=recheck, shared=pins,
-                signature_blob=sig[1] if sig is not None else None))
+        results: list[TaskAddResult] = []
+        try:
+            for task, learner, model, d, sig, fit in zip(started, learners, models, datas,
+                                                         signatures, fitted):
+                pins, deps = [], []
+                if frozen_shared is not None:
+                    pins.append(SharedPin(frozen_shared[1], PIN_KINDS["shared"]))
+                    deps.append(frozen_shared[0])
+                for key in (("shared", ""), ("group", learner.config.group)):
+                    if key in bands:
+                        pins.append(bands[key][0])
+                        deps.append(bands[key][1])
+                results.append(self.adder.store_trained(
+                    task, base, learner, model, d, deps, [],
+                    train_seconds=seconds / len(started), device=train_cfg.device,
+                    seed=train_cfg.seed, history=fit.history,
+                    best_val_accuracy=fit.best_val_accuracy, recheck=recheck, shared=pins,
+                    signature_blob=sig[1] if sig is not None else None))
+        except BaseException:
+            # All or nothing: members recorded before the failure go again (with their files
+            # that nothing else reads), so a failed group train leaves no partial group.
+            for result in reversed(results):
+                try:
+                    self.registry.delete_task(result.task.name)
+                except Exception as exc:  # noqa: BLE001 — the original error matters more
+                    log.warning("could not remove member %s of the failed group train: %s",
+                                result.task.name, exc)
+            raise
         return results
 
 

@@ -102,8 +102,9 @@ class Sharing:
 def sharing_of(tasks: Sequence[Task]) -> Sharing:
     """The shared band and groups of a base's ready tasks (in sequence order).
 
-    The shared band is the one the first progressive task pins; a later task that pins another
-    (two first tasks trained at once) still counts in its group.
+    The shared band is the one the first progressive task pins. Tasks that pin another one (two
+    first tasks trained at once) are left out of the groups: their group bands were trained on
+    top of that other band, and a task joining them must read the band they were made with.
     """
     shared, config = None, None
     members: dict[str, list[str]] = {}
@@ -116,7 +117,7 @@ def sharing_of(tasks: Sequence[Task]) -> Sharing:
             shared = pins["shared"]
             config = ProgressiveConfig(**task.method_config).bands_key()
         group = task.method_config.get("group", "")
-        if group and pins.get("group"):
+        if group and pins.get("group") and pins.get("shared") == shared:
             group_sha.setdefault(group, pins["group"])
             members.setdefault(group, []).append(task.name)
     groups = {name: Group(name, group_sha[name], tuple(names)) for name, names in members.items()}
