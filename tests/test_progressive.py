@@ -412,6 +412,8 @@ def assert_unchanged(capsys, home: str, listing: str, saved: dict[str, bytes]) -
 @pytest.mark.parametrize("args, pattern", [
     (["--method", "progressive", "--group", "nosuch"], "no group 'nosuch'"),
     (["--method", "adapter", "--group", "p1"], "--group applies to --method progressive"),
+    (["--method", "adapter", "--join-threshold", "0.3"],
+     "--join-threshold applies to --method progressive"),
     (["--method", "progressive", "--shared-fraction", "0.6"], "disagree"),
 ])
 def test_task_add_errors_leave_nothing_behind(progressive_copy, specs, capsys, args, pattern):
