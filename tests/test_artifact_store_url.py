@@ -242,6 +242,18 @@ def test_migration_0005_round_trip_keeps_the_registry_working(tmp_path, named):
         assert [t.name for t in again.list_tasks("b")] == ["t1", "t2"]
 
 
+def add_and_restore(capsys, a: list[str], image_data, out) -> None:
+    """From home A (global options `a`): a base, task t on it, and t restored to `out`."""
+    code, _, err = run(capsys, *a, "base", "add", "b", "--model", "timm:test_resnet")
+    assert code == 0, err
+    code, _, err = run(capsys, *a, "task", "add", "t", "--base", "b", "--data",
+                       f"imagefolder:{image_data}", "--epochs", "1", "--batch-size", "16",
+                       "--img-size", "32", "--seed", "0")
+    assert code == 0, err
+    code, _, err = run(capsys, *a, "restore", "t", "--out", str(out))
+    assert code == 0, err
+
+
 def test_two_homes_share_database_and_store_and_restore_bit_identically(
         capsys, tmp_path, image_data):
     """A task added from one machine (home A) restores bit-identically from another (home B)
@@ -250,14 +262,7 @@ def test_two_homes_share_database_and_store_and_restore_bit_identically(
     database = f"sqlite:///{shared / 'registry.db'}"
     store = str(shared / "store")
     a = ["--home", str(tmp_path / "a"), "--db", database, "--artifacts", store]
-    code, _, err = run(capsys, *a, "base", "add", "b", "--model", "timm:test_resnet")
-    assert code == 0, err
-    code, _, err = run(capsys, *a, "task", "add", "t", "--base", "b", "--data",
-                       f"imagefolder:{image_data}", "--epochs", "1", "--batch-size", "16",
-                       "--img-size", "32", "--seed", "0")
-    assert code == 0, err
-    code, _, err = run(capsys, *a, "restore", "t", "--out", str(tmp_path / "a.safetensors"))
-    assert code == 0, err
+    add_and_restore(capsys, a, image_data, tmp_path / "a.safetensors")
     # Home B names only the database: the store comes from the registry's record.
     b = ["--home", str(tmp_path / "b"), "--db", database]
     code, _, err = run(capsys, *b, "restore", "t", "--out", str(tmp_path / "b.safetensors"))

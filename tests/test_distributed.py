@@ -15,23 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from taps_cl import distributed
-from taps_cl.cli import main
 from taps_cl.manager import Manager
 from tests.conftest import make_imagefolder
+from tests.test_cli import run
 
 ENTRY = Path(__file__).with_name("distributed_entry.py")
 INJECTED = "injected failure on rank 1"
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    """The CLI in this process; (exit status, stdout, stderr)."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from registry import IntegrityFailure, Registry, StoreError
 from registry.store import MARKER, TEMP_PREFIX, ArtifactStore
 from tests.servers import require_or_skip
+from tests.test_artifact_store_url import add_and_restore
 from tests.test_cli import assert_one_line_error, run
 from tests.test_registry import add_base, begin, finish
 
@@ -100,14 +101,7 @@ def test_s3_task_added_from_home_a_restores_bit_identically_from_home_b(
 
     database = f"sqlite:///{tmp_path / 'shared' / 'registry.db'}"
     a = ["--home", str(tmp_path / "a"), "--db", database, "--artifacts", s3_bucket]
-    code, _, err = run(capsys, *a, "base", "add", "b", "--model", "timm:test_resnet")
-    assert code == 0, err
-    code, _, err = run(capsys, *a, "task", "add", "t", "--base", "b", "--data",
-                       f"imagefolder:{image_data}", "--epochs", "1", "--batch-size", "16",
-                       "--img-size", "32", "--seed", "0")
-    assert code == 0, err
-    code, _, err = run(capsys, *a, "restore", "t", "--out", str(tmp_path / "a.safetensors"))
-    assert code == 0, err
+    add_and_restore(capsys, a, image_data, tmp_path / "a.safetensors")
     fs = s3fs.S3FileSystem()
     prefix = s3_bucket.removeprefix("s3://")
     assert json.loads(fs.cat_file(f"{prefix}/{MARKER}"))["store_id"]
