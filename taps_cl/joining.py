@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from registry import Registry
-from registry.entities import BaseModel, SharedPin
+from registry.entities import Artifact, BaseModel, SharedPin
 from taps_cl import backbones, data, serialization, similarity
 from taps_cl.errors import TapsError
 from taps_cl.methods import Dependency, Method
@@ -99,8 +99,9 @@ class Joining:
         the task, `sharing.new_group_name`) and train its group band. `group` is "auto" (None),
         "new" or a group's name. Band options come from the base's shared band.
         """
-        sharing = sharing_of(self.registry.list_tasks(base.name, ready_only=True,
-                                                      method="progressive", layers=False))
+        tasks = self.registry.list_tasks(base.name, ready_only=True, method="progressive",
+                                         layers=False)
+        sharing = sharing_of(tasks)
         choice = group or "auto"
         if sharing.shared_sha256 is None:
             if choice not in ("auto", "new"):
@@ -112,7 +113,8 @@ class Joining:
         assert sharing.config is not None
         sharing.band_options(base.name, options)
         shared = self.shared_band(sharing.shared_sha256)
-        scores = (self._group_similarity(sharing, *signature)
+        signatures = {task.name: task.signature for task in tasks}
+        scores = (self._group_similarity(sharing, signatures, *signature)
                   if choice == "auto" and signature is not None else {})
         if choice == "auto":
             best = max(scores, key=scores.__getitem__, default=None)
@@ -141,19 +143,20 @@ class Joining:
     def shared_band(self, sha256: str) -> Dependency:
         return band_dependency(self.registry.read_artifact(self.registry.get_artifact(sha256)))
 
-    def _group_similarity(self, sharing: Sharing, signature: torch.Tensor,
-                          blob: bytes) -> dict[str, float]:
-        """Mean cosine similarity of `signature` to the stored signatures of each group's
-        members (members without one, or with one of another recipe, do not count)."""
+    def _group_similarity(self, sharing: Sharing, stored: dict[str, Optional[Artifact]],
+                          signature: torch.Tensor, blob: bytes) -> dict[str, float]:
+        """Mean cosine similarity of `signature` to the stored signatures (`stored`, by task) of
+        each group's members (members without one, or with one of another recipe, do not
+        count)."""
         recipe = similarity.signature_recipe(blob)
         scores = {}
         for name, group in sharing.groups.items():
             sims = []
             for member in group.members:
-                task = self.registry.get_task(member)
-                if task.signature is None:
+                artifact = stored.get(member)
+                if artifact is None:
                     continue
-                theirs = self.registry.read_artifact(task.signature)
+                theirs = self.registry.read_artifact(artifact)
                 if similarity.signature_recipe(theirs) != recipe:
                     continue
                 sims.append(float(similarity.cosine_matrix(
