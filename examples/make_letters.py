@@ -1,7 +1,7 @@
 """Render a notMNIST-style letters dataset, usable as imagefolder:OUT_DIR.
 
 By default from the pinned font files of fonts-dejavu-core, fonts-liberation and
-fonts-freefont-ttf (taps_cl.letters.PINNED_FONTS; refused when one is missing), so the data is the
+fonts-freefont-ttf (taps_cl.data.letters.PINNED_FONTS; refused when one is missing), so the data is the
 same on every machine; --font-dir renders from the fonts in folders you name instead. The fonts
 used (names and sha256) are recorded in OUT_DIR/letters.json.
 """
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from taps_cl.errors import TapsError
-from taps_cl.letters import render_letters
+from taps_cl.data.letters import render_letters
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,9 +116,10 @@ class Synthesizer:
                  img_size: int = IMG_SIZE) -> None:
         import torch
 
-        from taps_cl import backbones, data
-        from taps_cl.adding import TaskAdder
-        from taps_cl.methods import get_method
+        from taps_cl.models import backbones
+        from taps_cl.data import specs as data
+        from taps_cl.tasks.adding import TaskAdder
+        from taps_cl.methods.catalog import get_method
 
         self.registry = manager.registry
         self.base = manager.get_base(base)

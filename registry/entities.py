@@ -93,7 +93,7 @@ class Task:
     # Its link in the base's hash chain (registry.chain); None until it is ready.
     chain_prev_sha256: Optional[str] = None
     chain_sha256: Optional[str] = None
-    # Its gradient signature (taps_cl.similarity); None for tasks added before signatures.
+    # Its gradient signature (taps_cl.analysis.similarity); None for tasks added before signatures.
     signature: Optional[Artifact] = None
 
     @property

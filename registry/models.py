@@ -117,7 +117,7 @@ class TaskRow(Base):
     # any later rewrite of an earlier task's rows shows without re-running a model.
     chain_prev_sha256: Mapped[Optional[str]] = mapped_column(String(64))
     chain_sha256: Mapped[Optional[str]] = mapped_column(String(64))
-    # The task's gradient signature (taps_cl.similarity), recorded when it is added; NULL for
+    # The task's gradient signature (taps_cl.analysis.similarity), recorded when it is added; NULL for
     # tasks added before signatures existed.
     signature_artifact_id: Mapped[Optional[int]] = mapped_column(ForeignKey("artifacts.id"))
 

@@ -15,7 +15,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(manager, name)
     if name == "load_file":
-        from taps_cl import restoring
+        from taps_cl.tasks import rebuilding as restoring
 
         return restoring.load_file
     raise AttributeError(f"module 'taps_cl' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """`python -m taps_cl` runs the command line."""
 
-from taps_cl.cli import main
+from taps_cl.cli.app import main
 
 main()

@@ -38,14 +38,14 @@ def lite0_weights() -> Path:
 
 def demo_tasks(home: Path, quick: bool) -> list[dict]:
     """The task sequence: Fashion-MNIST, handwritten digits, rendered letters A–J."""
-    from taps_cl.letters import render_letters
+    from taps_cl.data.letters import render_letters
 
     if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
         raise TapsError(
             f"Fashion-MNIST not found in {FASHION_DIR}: "
             "sudo apt-get install dataset-fashion-mnist"
         )
-    # No font_dirs: the pinned Debian font files (taps_cl.letters.PINNED_FONTS), so the letters
+    # No font_dirs: the pinned Debian font files (taps_cl.data.letters.PINNED_FONTS), so the letters
     # are the same on every machine; a missing package is refused with its apt-get command.
     letters = render_letters(
         home / "data" / ("letters-quick" if quick else "letters"), train_per_class=20 if quick else 150,

@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from registry import AlreadyExists, NotFound, Registry, RegistryError
 from registry.entities import BaseModel, GarbageFile, Task, TaskSummary
-from taps_cl import reports
+from taps_cl.analysis import reports
 from taps_cl.errors import TapsError, first_line
 
 if TYPE_CHECKING:  # these import torch: loaded where first used (see the module docstring)
     from torch import nn
 
-    from taps_cl import evaluate
-    from taps_cl.adding import TaskAddResult
-    from taps_cl.grouping import GroupResult
-    from taps_cl.restoring import ModelStore
-    from taps_cl.verification import ProbeCheck
+    from taps_cl.training import evaluate
+    from taps_cl.tasks.adding import TaskAddResult
+    from taps_cl.tasks.grouping import GroupResult
+    from taps_cl.tasks.rebuilding import ModelStore
+    from taps_cl.tasks.verification import ProbeCheck
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Manager:
 
     @property
     def models(self) -> ModelStore:
-        from taps_cl.restoring import ModelStore
+        from taps_cl.tasks.rebuilding import ModelStore
 
         if self._models is None or self._models.registry is not self.registry:
             self._models = ModelStore(self.registry)
@@ -99,8 +99,9 @@ class Manager:
         self, name: str, model: str, weights: Optional[str] = None, pretrained: bool = False
     ) -> BaseModel:
         """Build the backbone, load its weights and store them once as the frozen base."""
-        from taps_cl import backbones, serialization
-        from taps_cl.weights import read_weights
+        from taps_cl import serialization
+        from taps_cl.models import backbones
+        from taps_cl.models.weights import read_weights
 
         reg = self._writable()
         if _exists(reg.get_base, name):  # fail before building the model
@@ -171,12 +172,12 @@ class Manager:
         the CPU in float32 whatever it is.
 
         Under torchrun (`torchrun --nproc-per-node N -m taps_cl task add …`) the N processes
-        train together (taps_cl.distributed); rank 0 records and returns the result, the others
+        train together (taps_cl.training.distributed); rank 0 records and returns the result, the others
         return None.
         """
-        from taps_cl.adding import TaskAdder, TaskRequest
-        from taps_cl.distributed import joined
-        from taps_cl.train import TrainConfig
+        from taps_cl.tasks.adding import TaskAdder, TaskRequest
+        from taps_cl.training.distributed import joined
+        from taps_cl.training.fit import TrainConfig
 
         train_cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr,
                                 optimizer=optimizer, weight_decay=weight_decay, seed=seed,
@@ -220,9 +221,9 @@ class Manager:
         Their signatures are clustered into `groups` similarity groups (None: automatically);
         shared and group adapters are stored once, as shared artifacts every member pins.
         """
-        from taps_cl.distributed import under_torchrun
-        from taps_cl.grouping import GroupRequest, GroupTrainer
-        from taps_cl.train import TrainConfig
+        from taps_cl.training.distributed import under_torchrun
+        from taps_cl.tasks.grouping import GroupRequest, GroupTrainer
+        from taps_cl.training.fit import TrainConfig
 
         if under_torchrun():
             raise TapsError("group train runs in one process; under torchrun every rank would "
@@ -332,7 +333,7 @@ class Manager:
         `Verifier.verify`); a script that verifies with workers needs an
         ``if __name__ == "__main__":`` guard, as with any spawned process.
         """
-        from taps_cl.verification import Verifier
+        from taps_cl.tasks.verification import Verifier
 
         return Verifier(self.models).verify(base, tasks, workers=workers, progress=progress)
 
@@ -422,7 +423,7 @@ class Manager:
         and compared with every task — nothing is recorded. Signatures made with another recipe
         are refused with one line.
         """
-        from taps_cl import similarity
+        from taps_cl.analysis import similarity
 
         b = self.only_base(base)
         names: list[str] = []
@@ -465,9 +466,10 @@ class Manager:
         max_train: Optional[int], seed: int,
     ) -> tuple[Any, dict[str, Any]]:
         """The signature (and its recipe) of data not (yet) in the registry, as an add computes it."""
-        from taps_cl import backbones, similarity
-        from taps_cl import data as task_data
-        from taps_cl.restoring import example_input
+        from taps_cl.models import backbones
+        from taps_cl.analysis import similarity
+        from taps_cl.data import specs as task_data
+        from taps_cl.tasks.rebuilding import example_input
 
         loaded = task_data.load_task_data(
             task_data.DataSpec.parse(spec, classes=classes), b.data_config, img_size=img_size,
@@ -514,11 +516,11 @@ def open_registry(
 def __getattr__(name: str) -> Any:
     # ProbeCheck and TaskAddResult stay importable from here without importing torch up front.
     if name == "ProbeCheck":
-        from taps_cl.verification import ProbeCheck
+        from taps_cl.tasks.verification import ProbeCheck
 
         return ProbeCheck
     if name == "TaskAddResult":
-        from taps_cl.adding import TaskAddResult
+        from taps_cl.tasks.adding import TaskAddResult
 
         return TaskAddResult
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

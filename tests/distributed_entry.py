@@ -1,7 +1,7 @@
 """What tests/test_distributed.py runs under torchrun: `python distributed_entry.py MODE ARGS…`.
 
 * `fail-before ARGS…` / `fail-after ARGS…`: the CLI with ARGS, where rank 1 (only) fails as its
-  training starts / once its training is done — `taps_cl.adding.fit` is wrapped here, the
+  training starts / once its training is done — `taps_cl.tasks.adding.fit` is wrapped here, the
   library has no test hook.
 * `fit OUT [METHOD]`: `train.fit` on a tiny model in the torchrun group (METHOD: taps); each
   rank writes the training indices it read, its history and its final state to OUT.
@@ -22,8 +22,8 @@ INJECTED = "injected failure on rank 1"
 
 
 def run_cli(mode: str, args: list[str]) -> None:
-    import taps_cl.adding as adding
-    from taps_cl.cli import main
+    import taps_cl.tasks.adding as adding
+    from taps_cl.cli.app import main
     from taps_cl.errors import TapsError
 
     real_fit = adding.fit
@@ -59,10 +59,10 @@ class Recorded(Dataset):
 
 
 def run_fit(out: Path, method_name: str = "taps") -> None:
-    from taps_cl import backbones
-    from taps_cl.distributed import joined
-    from taps_cl.methods import get_method
-    from taps_cl.train import TrainConfig, fit
+    from taps_cl.models import backbones
+    from taps_cl.training.distributed import joined
+    from taps_cl.methods.catalog import get_method
+    from taps_cl.training.fit import TrainConfig, fit
 
     spec = backbones.ModelSpec.parse("timm:test_resnet")
     head = frozenset(backbones.head_keys(spec))

@@ -17,7 +17,7 @@ from typing import Optional
 
 import pytest
 
-from registry.pgserver import PostgresServer, ServerUnavailable, start_postgres
+from tests.pgserver import PostgresServer, ServerUnavailable, start_postgres
 
 REQUIRE_ENV = "TAPS_CL_REQUIRE_SERVERS"
 DATABASES = ("sqlite", "postgres")

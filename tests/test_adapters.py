@@ -12,8 +12,11 @@ from torch import nn
 from torchvision.models import mobilenet_v3_small, resnet18
 
 from taps_cl.errors import MethodError
-from taps_cl.methods import METHODS, Dependency, build_composed, get_method, norm_layers
-from taps_cl.methods.adapter import backbone_blocks, probe_blocks
+from taps_cl.methods.base import Dependency
+from taps_cl.methods.catalog import METHODS, get_method
+from taps_cl.methods.layers import norm_layers
+from taps_cl.methods.merging import build_composed
+from taps_cl.methods.blocks import backbone_blocks, trace_blocks
 from tests.test_methods import (
     ARCHS,
     CLASSES,
@@ -117,7 +120,7 @@ def test_composed_rebuild_gives_the_trained_outputs(name, arch):
 )
 def test_blocks_of_timm_models(arch, count, first, channels_last):
     model = make_timm(arch, CLASSES)
-    sites = probe_blocks(model, timm_head(model), example())
+    sites = trace_blocks(model, timm_head(model), example())
     assert len(sites) == count and sites[0].name == first
     assert {s.channels_last for s in sites} == {channels_last}
     # Never the stem or tail groups (conv_head, the final norm, ConvNeXt downsamples).
@@ -126,7 +129,7 @@ def test_blocks_of_timm_models(arch, count, first, channels_last):
 
 
 def test_lite0_block_channels():
-    sites = probe_blocks(timm.create_model("tf_efficientnet_lite0"), frozenset(), example())
+    sites = trace_blocks(timm.create_model("tf_efficientnet_lite0"), frozenset(), example())
     assert [s.channels for s in sites] == [16, 24, 24, 40, 40, 80, 80, 80, 112, 112, 112,
                                            192, 192, 192, 192, 320]
 
@@ -145,7 +148,7 @@ def test_channels_last_blocks_get_linear_adapters():
     model = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=16, depths=(1, 1),
                               num_heads=(1, 1), img_size=IMG, window_size=4, num_classes=CLASSES)
     head = timm_head(model)
-    sites = probe_blocks(model, head, example())
+    sites = trace_blocks(model, head, example())
     assert [(s.name, s.channels, s.channels_last) for s in sites] == [
         ("layers.0.blocks.0", 16, True), ("layers.1.blocks.0", 32, True)]
     x = probe_batch()
@@ -210,7 +213,7 @@ def test_adapter_save_rebuild_and_export_give_identical_outputs(arch, bases):
     torch.testing.assert_close(eval_out(built, x), trained, atol=1e-6, rtol=0)
     assert not torch.allclose(eval_out(twin, x), trained)
 
-    blocks = [s.name for s in probe_blocks(make_timm(arch, CLASSES), head, example())]
+    blocks = [s.name for s in trace_blocks(make_timm(arch, CLASSES), head, example())]
     assert [r.name for r in state.layers] == blocks
     assert {(r.kind, r.active, r.score) for r in state.layers} == {("adapter", True, None)}
     module_numbers = sum(v.numel() for k, v in state.tensors.items() if k.startswith("module/"))

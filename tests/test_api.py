@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from taps_cl import reports
+from taps_cl.analysis import reports
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MARKER = "# example: python-api"

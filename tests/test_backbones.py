@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from taps_cl import backbones as B
-from taps_cl import weights as W
-from taps_cl.backbones import ModelSpec
+from taps_cl.models import backbones as B
+from taps_cl.models import weights as W
+from taps_cl.models.backbones import ModelSpec
 from taps_cl.errors import BackboneError
 
 TIMM_RESNET = "timm:test_resnet"

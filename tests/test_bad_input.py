@@ -25,9 +25,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from taps_cl import cli as cli_module
-from taps_cl.backbones import create_model
-from taps_cl.cli import main
+from taps_cl.cli import app as cli_module
+from taps_cl.models.backbones import create_model
+from taps_cl.cli.app import main
 
 DB_FILE = "registry.db"
 MODEL = "timm:test_resnet"

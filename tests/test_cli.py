@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from taps_cl.cli import main
+from taps_cl.cli.app import main
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:

@@ -13,9 +13,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import TensorDataset
 
-from taps_cl import backbones, serialization
+from taps_cl import serialization
+from taps_cl.models import backbones
 from taps_cl.errors import MethodError
-from taps_cl.methods import adaptable_layers, get_method, merge_state, norm_layers
+from taps_cl.methods.catalog import get_method
+from taps_cl.methods.layers import adaptable_layers, norm_layers
+from taps_cl.methods.merging import merge_state
 from taps_cl.methods.taps import (
     BUDGET_LAM_FLOOR,
     BUDGET_RATE,
@@ -25,7 +28,7 @@ from taps_cl.methods.taps import (
     gate_of,
     gated_layers,
 )
-from taps_cl.train import TrainConfig, fit
+from taps_cl.training.fit import TrainConfig, fit
 from tests.test_methods import CLASSES, IMG, make_base, make_timm, task_model
 
 # Small enough that the tiny timm test models have layers worth factorising.

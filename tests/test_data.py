@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from taps_cl import data as data_module
-from taps_cl.data import (
+from taps_cl.data import specs as data_module
+from taps_cl.data.specs import (
     DataSpec,
     ImageFileDataset,
     TensorImageDataset,
@@ -23,7 +23,7 @@ from taps_cl.data import (
     load_task_data,
 )
 from taps_cl.errors import DataError
-from taps_cl.sources import FASHION_MNIST_CLASSES
+from taps_cl.data.sources import FASHION_MNIST_CLASSES
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.5]
 CFG = {"input_size": [3, 24, 24], "mean": MEAN, "std": STD, "interpolation": "bicubic"}

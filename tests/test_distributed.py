@@ -14,7 +14,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from taps_cl import distributed
+from taps_cl.training import distributed
 from taps_cl.manager import Manager
 from tests.conftest import make_imagefolder
 from tests.test_cli import run
@@ -88,7 +88,7 @@ def test_distributed_failure_on_rank_1_leaves_no_task(registry, mode):
     # (click starts its "Aborted." with a newline of its own on a Ctrl-C/SIGTERM abort.)
     said = [line for line in launched.rank_stderr[0].splitlines()
             if line.strip()
-            and not line.startswith("WARNING taps_cl.adding: task bad did not finish")]
+            and not line.startswith("WARNING taps_cl.tasks.adding: task bad did not finish")]
     assert len(said) == 1 and (said[0] == "Aborted." or said[0].startswith(
         f"Error: {distributed.PEER_FAILED}")), launched.rank_stderr[0]
     with Manager(home) as manager:

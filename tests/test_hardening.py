@@ -19,7 +19,7 @@ from sqlalchemy import text
 from taps_cl import serialization
 from taps_cl.errors import TapsError
 from taps_cl.manager import Manager
-from taps_cl.verification import probe_indices
+from taps_cl.tasks.verification import probe_indices
 from tests.test_cli import assert_one_line_error, run
 
 FAST = dict(epochs=1, batch_size=16, img_size=32, seed=0)
@@ -286,7 +286,7 @@ def test_run_whose_row_vanished_after_training_records_nothing_and_discards_noth
     """Training ended just as the row was force-removed: the finish is refused (RunLost) and the
     run does not try to clean up a row that is no longer its own."""
     from registry import RunLost
-    from taps_cl import adding
+    from taps_cl.tasks import adding
 
     trained = adding.fit
 

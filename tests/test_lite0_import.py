@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from taps_cl import backbones as B
-from taps_cl.weights import read_weights
+from taps_cl.models import backbones as B
+from taps_cl.models.weights import read_weights
 
 pytestmark = [
     pytest.mark.skipif(

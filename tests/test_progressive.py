@@ -17,10 +17,10 @@ from sqlalchemy import text
 import taps_cl
 from registry import chain, db
 from taps_cl import serialization
-from taps_cl.cli import main
+from taps_cl.cli.app import main
 from taps_cl.errors import TapsError
 from taps_cl.manager import Manager
-from taps_cl.sharing import new_group_name, sharing_of
+from taps_cl.methods.progressive.sharing import new_group_name, sharing_of
 from tests.conftest import make_imagefolder
 from tests.test_cli import assert_one_line_error, run
 

@@ -17,7 +17,8 @@ from PIL import Image
 from sqlalchemy import text
 
 from registry.entities import Artifact, BaseModel, Task
-from taps_cl import reports, serialization
+from taps_cl import serialization
+from taps_cl.analysis import reports
 from taps_cl.errors import TapsError
 from taps_cl.manager import Manager
 from tests.conftest import make_imagefolder
@@ -309,7 +310,7 @@ def test_changed_earlier_task_is_flagged_in_the_matrix(seq_home, capsys, tmp_pat
     """A later addition that moved an earlier task's logits is recorded as a changed cell."""
     home = copy_home(seq_home, tmp_path / "h")
     d4 = make_imagefolder(tmp_path / "d4", seed=4)
-    from taps_cl import verification
+    from taps_cl.tasks import verification
 
     monkeypatch.setattr(verification, "PROBE_ATOL", -1.0)  # every drift (even 0) counts as moved
     with Manager(home) as m:

@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from registry import Registry
 from registry.entities import EarlierCell
-from taps_cl.adding import recheck_sample
+from taps_cl.tasks.adding import recheck_sample
 from taps_cl.manager import Manager
 from tests.conftest import make_imagefolder
 from tests.test_cli import assert_one_line_error, run
@@ -66,7 +66,7 @@ def test_changed_probe_stays_changed_in_derived_cells(seq_home, tmp_path, capsys
     home = copy_home(seq_home, tmp_path / "h")
     d4 = make_imagefolder(tmp_path / "d4", seed=4)
     d5 = make_imagefolder(tmp_path / "d5", seed=5)
-    from taps_cl import verification
+    from taps_cl.tasks import verification
 
     with Manager(home) as m:
         monkeypatch.setattr(verification, "PROBE_ATOL", -1.0)  # every drift counts as moved
@@ -169,7 +169,8 @@ def test_summary_json_leaves_out_the_dense_matrix(long_home, capsys):
 def test_probe_tolerance_scales_with_the_logits(seq_home, monkeypatch, factor, ok):
     """float32 sums in another order (worker threads, another CPU) move Lite0 logits by ~1e-5:
     the tolerance grows with the stored logits; a larger drift still counts as moved."""
-    from taps_cl import restoring, verification
+    from taps_cl.tasks import rebuilding as restoring
+    from taps_cl.tasks import verification
 
     with Manager(seq_home) as m:
         task = m.get_task("t1")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from registry.pgserver import start_postgres
+from tests.pgserver import start_postgres
 from tests.servers import REQUIRE_ENV, require_or_skip
 
 
@@ -46,7 +46,7 @@ def test_postgres_server_stop_leaves_nothing_running(postgres_server):
 def test_postgres_server_of_a_killed_process_is_stopped(postgres_server):
     # A test session killed outright runs no fixture teardown: the watchdog stops its server.
     script = ("import json, time\n"
-              "from registry.pgserver import start_postgres\n"
+              "from tests.pgserver import start_postgres\n"
               "s = start_postgres()\n"
               "print(json.dumps([s.port, str(s.root)]), flush=True)\n"
               "time.sleep(600)\n")

@@ -12,10 +12,14 @@ import torch
 from PIL import Image
 from sqlalchemy import text
 
-from taps_cl import backbones, data, reports, serialization, similarity
+from taps_cl import serialization
+from taps_cl.models import backbones
+from taps_cl.data import specs as data
+from taps_cl.analysis import reports
+from taps_cl.analysis import similarity
 from taps_cl.errors import MethodError, TapsError
 from taps_cl.manager import Manager
-from taps_cl.restoring import example_input
+from taps_cl.tasks.rebuilding import example_input
 from tests.conftest import make_imagefolder
 from tests.test_cli import assert_one_line_error, run
 

@@ -16,7 +16,7 @@ import pytest
 
 from registry import NotFound, Registry, runs
 from registry.entities import LayerEntry, Task, TaskSummary
-from taps_cl import reports
+from taps_cl.analysis import reports
 from tests.servers import cli_home, db_option
 from tests.test_cli import run
 
@@ -211,7 +211,7 @@ def test_reading_commands_do_not_import_torch(reg, db_url):
     alone takes about a second, so the read path must not import it."""
     script = (
         "import sys\n"
-        "from taps_cl.cli import main\n"
+        "from taps_cl.cli.app import main\n"
         "for args in (['task', 'list'], ['report', 'budget', '--base', 'b'],\n"
         "             ['report', 'accuracy', '--base', 'b']):\n"
         "    try:\n"

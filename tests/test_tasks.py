@@ -117,7 +117,7 @@ def test_bad_data_fails_cleanly(manager, tmp_path, capsys, db_url):
 
 
 def test_interrupted_training_leaves_no_task(manager, image_data, monkeypatch):
-    import taps_cl.adding as adding
+    import taps_cl.tasks.adding as adding
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
@@ -233,7 +233,7 @@ def test_stale_training_row_is_named_and_removable(manager, image_data, capsys, 
 def test_interrupt_during_probe_checks_leaves_no_half_task(manager, image_data, monkeypatch):
     manager.add_task("a", "b", f"imagefolder:{image_data}", **FAST)
 
-    from taps_cl.verification import Verifier
+    from taps_cl.tasks.verification import Verifier
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -1,18 +1,31 @@
 """A team registry takes concurrent writers: four real `taps-cl task add` processes at once.
 
-Runs examples/team.py's repetition once per database (SQLite file, PostgreSQL server started by
+Runs benchmarks/team.py's repetition once per database (SQLite file, PostgreSQL server started by
 tests.servers) while its reader loop runs `task list` and `report budget`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
-from tests.conftest import load_example
+TEAM = Path(__file__).resolve().parents[1] / "benchmarks" / "team.py"
+
+
+def load_team():  # type: ignore[no-untyped-def]
+    """benchmarks/team.py as a module (a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("taps_cl_benchmark_team", TEAM)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_concurrent_task_adds_all_land_with_readers_running(tmp_path, image_data, db_url, capsys):
-    team = load_example("team")
+    team = load_team()
     argv = ["--db", db_url or "sqlite", "--repeats", "1", "--data", str(image_data),
             "--work", str(tmp_path), "--json"]
     status = team.main(argv)

@@ -12,10 +12,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from taps_cl.errors import DataError, MethodError
-from taps_cl.evaluate import EvalResult, evaluate, logits
-from taps_cl.methods import get_method
+from taps_cl.training.evaluate import EvalResult, evaluate, logits
+from taps_cl.methods.catalog import get_method
 from taps_cl.methods.linear import Linear
-from taps_cl.train import FitResult, TrainConfig, fit
+from taps_cl.training.fit import FitResult, TrainConfig, fit
 
 IMG = 32
 CLASSES = 3
@@ -115,7 +115,7 @@ def test_fit_is_reproducible_for_a_seed():
 def test_fit_sgd_without_validation_keeps_last_epoch(caplog):
     model, method = prepared("finetune")
     cfg = TrainConfig(epochs=2, batch_size=16, lr=0.01, optimizer="sgd", device="cpu")
-    with caplog.at_level(logging.INFO, logger="taps_cl.train"):
+    with caplog.at_level(logging.INFO, logger="taps_cl.training.fit"):
         result = fit(model, method, TRAIN, None, cfg, progress=True)
     assert result.best_epoch == 1 and result.best_val_accuracy is None
     assert all(r["val_accuracy"] is None and "active_layers" not in r for r in result.history)

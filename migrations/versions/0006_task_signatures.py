@@ -1,6 +1,6 @@
 """task signatures: the artifact kind ``signature`` and ``tasks.signature_artifact_id``
 
-A task's gradient signature (taps_cl.similarity) is stored as its own small artifact when the task
+A task's gradient signature (taps_cl.analysis.similarity) is stored as its own small artifact when the task
 is added, so similarity queries never need the task's data again. Tasks recorded before this
 revision keep NULL (no signature; their chain links are unchanged, since the signature term of a
 link exists only for tasks that have one). Downgrade drops the column and the signature rows

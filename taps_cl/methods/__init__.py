@@ -1,40 +1,7 @@
-"""Task-learning methods, registered by name (`get_method("taps", lam=0.3)`).
+"""Task-learning methods: how a task's own tensors are trained on the frozen base and stored.
 
-Importing a method's module registers it; a new method module is added to the imports below.
+`base` states the `Method` interface (and the hooks generic code calls instead of naming a
+method), `catalog` finds a method by name, `options` validates option values, `layers`, `blocks`
+and `merging` are what methods share, and each other module (or package) is one method:
+`taps`, `finetune`, `linear`, `adapter`, `fusion`, `progressive`. Methods never see the registry.
 """
-
-from taps_cl.methods import (  # noqa: F401  (registers the methods)
-    adapter,
-    finetune,
-    fusion,
-    linear,
-    progressive,
-    taps,
-)
-from taps_cl.methods.base import (
-    METHODS,
-    Dependency,
-    LayerRecord,
-    Method,
-    TaskState,
-    adaptable_layers,
-    build_composed,
-    get_method,
-    merge_state,
-    norm_layers,
-    register,
-)
-
-__all__ = [
-    "METHODS",
-    "Dependency",
-    "LayerRecord",
-    "Method",
-    "TaskState",
-    "adaptable_layers",
-    "build_composed",
-    "get_method",
-    "merge_state",
-    "norm_layers",
-    "register",
-]

@@ -32,35 +32,22 @@ import torch
 from torch import Tensor, nn
 
 from taps_cl.errors import MethodError
-from taps_cl.methods.adapter import (
+from taps_cl.methods.adapter import ADAPTERS_ATTR, AdapterConfig
+from taps_cl.methods.blocks import (
     ACTIVATIONS,
-    ADAPTERS_ATTR,
-    AdapterConfig,
     BlockSite,
     Bottleneck,
     attached,
-    block_params,
     hook_blocks,
-    probe_blocks,
     projection,
     site_key,
-    stored_norm_head,
-    train_norms_and_head,
+    trace_blocks,
 )
-from taps_cl.methods.base import (
-    MODULE_PREFIX,
-    Dependency,
-    LayerRecord,
-    Method,
-    TaskState,
-    check_choice,
-    check_number,
-    cpu_copy,
-    freeze,
-    module_state,
-    register,
-    trainable,
-)
+from taps_cl.methods.layers import block_params, stored_norm_head, train_norms_and_head
+from taps_cl.methods.base import Dependency, LayerRecord, MODULE_PREFIX, Method, TaskState
+from taps_cl.methods.catalog import register
+from taps_cl.methods.layers import cpu_copy, freeze, module_state, trainable
+from taps_cl.methods.options import check_choice, check_number
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +194,7 @@ class Fusion(Method):
             except TypeError as exc:
                 raise MethodError(f"fusion: task {name!r} has adapter options this version "
                                   f"does not know: {exc}") from exc
-        sites = probe_blocks(model, head, example)
+        sites = trace_blocks(model, head, example)
         modules = {}
         for site in sites:
             adapters = {dep_key(i): Bottleneck(site, c.reduction, c.activation)

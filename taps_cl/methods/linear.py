@@ -6,16 +6,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from taps_cl.methods.base import (
-    LayerRecord,
-    Method,
-    TaskState,
+from taps_cl.methods.base import LayerRecord, Method, TaskState
+from taps_cl.methods.catalog import register
+from taps_cl.methods.layers import (
     adaptable_layers,
     freeze,
     head_parameters,
     head_state,
     layer_kind,
-    register,
     trainable,
 )
 

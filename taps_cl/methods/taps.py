@@ -29,23 +29,24 @@ from taps_cl.methods.base import (
     DELTA_PREFIX,
     FACTOR_A_PREFIX,
     FACTOR_B_PREFIX,
-    SET_PREFIX,
     LayerRecord,
     Method,
+    SET_PREFIX,
     TaskState,
+)
+from taps_cl.methods.catalog import register
+from taps_cl.methods.layers import (
     adaptable_layers,
-    check_choice,
-    check_number,
     cpu_copy,
-    factor_product,
     freeze,
     head_parameters,
     layer_kind,
     norm_head_state,
     norm_layers,
-    register,
     trainable,
 )
+from taps_cl.methods.merging import factor_product
+from taps_cl.methods.options import check_choice, check_number
 
 logger = logging.getLogger(__name__)
 

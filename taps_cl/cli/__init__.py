@@ -1,0 +1,1 @@
+"""The `taps-cl` command line."""

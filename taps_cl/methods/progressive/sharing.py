@@ -1,0 +1,124 @@
+"""Shared artifacts of progressive adaptation: their format, and the groups a base's tasks form.
+
+A shared artifact holds one band of progressive adapters (`Progressive.band_tensors`: `module/`
+adapters and `set/` norm layers) with metadata naming the band, the group (for a group band), the
+band options (`ProgressiveConfig.bands_key`) and the base. Tasks pin it by sha256 with the pin
+kind of its band (`PIN_KINDS`). Nothing here touches the registry: the manager hands in tasks and
+bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from torch import Tensor
+
+from registry.entities import Task
+from taps_cl import serialization
+from taps_cl.errors import TapsError
+from taps_cl.methods.base import Dependency
+from taps_cl.methods.progressive.method import ProgressiveConfig
+
+# task_dependencies.kind of a pin on a shared artifact, by band.
+PIN_KINDS = {"shared": "progressive_shared", "group": "progressive_group"}
+BANDS_OF_PINS = {kind: band for band, kind in PIN_KINDS.items()}
+
+
+def band_blob(config: ProgressiveConfig, band: str, group: str, tensors: dict[str, Tensor],
+              base_sha256: str) -> bytes:
+    """The bytes of a shared artifact holding one band (`group` only means something for "group")."""
+    if band not in PIN_KINDS:
+        raise TapsError(f"no shared band {band!r} (shared bands: {', '.join(PIN_KINDS)})")
+    meta = {"kind": "shared", "method": "progressive", "band": band,
+            "group": group if band == "group" else "", "base_sha256": base_sha256,
+            "config": config.bands_key()}
+    return serialization.to_bytes(tensors, meta)
+
+
+def band_dependency(blob: bytes) -> Dependency:
+    """A shared artifact as the Dependency a progressive task reads (tensors included)."""
+    meta = serialization.metadata_from_bytes(blob)
+    if meta.get("method") != "progressive" or meta.get("band") not in PIN_KINDS:
+        raise TapsError("artifact is not a shared band of progressive adapters")
+    config = serialization.json_field(meta, "config") or {}
+    return Dependency(dependency_name(meta["band"], meta.get("group", "")), "progressive",
+                      {**config, "band": meta["band"], "group": meta.get("group", "")},
+                      serialization.from_bytes(blob))
+
+
+def dependency_name(band: str, group: str) -> str:
+    """How a shared band is named in dependency lists and exported files."""
+    return "shared band" if band == "shared" else f"group {group}"
+
+
+# `--group` values that are not group names (a group opened by a task so named is renamed).
+GROUP_WORDS = ("auto", "new")
+
+
+def new_group_name(task: str, taken: Collection[str]) -> str:
+    """The name of a group task `task` opens: its own, else `task-2`, `task-3`, …
+
+    A group outlives the task that opened it while other members remain, so a later task of the
+    same name must not open a second group under that name: `sharing_of` would merge the two.
+    """
+    reserved = set(taken) | set(GROUP_WORDS)
+    if task not in reserved:
+        return task
+    k = 2
+    while f"{task}-{k}" in reserved:
+        k += 1
+    return f"{task}-{k}"
+
+
+@dataclass(frozen=True)
+class Group:
+    """A similarity group of progressive tasks on one base."""
+
+    name: str
+    group_sha256: str  # the group band's shared artifact
+    members: tuple[str, ...]  # its ready tasks, in sequence order
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """What a base's progressive tasks share: the shared band, its options, the groups."""
+
+    shared_sha256: Optional[str]  # the base's shared band (None before its first progressive task)
+    config: Optional[dict[str, Any]]  # the band options of its first progressive task
+    groups: dict[str, Group]
+
+    def band_options(self, base: str, options: dict[str, Any]) -> dict[str, Any]:
+        """`options` with the base's band options; TapsError where they contradict them."""
+        theirs = self.config or {}
+        clash = {k: v for k, v in options.items() if k in theirs and v != theirs[k]}
+        if clash:
+            raise TapsError(f"progressive: base {base!r} shares its bands with options "
+                            f"{theirs}; {clash} disagree")
+        return {**options, **theirs}
+
+
+def sharing_of(tasks: Sequence[Task]) -> Sharing:
+    """The shared band and groups of a base's ready tasks (in sequence order).
+
+    The shared band is the one the first progressive task pins. Tasks that pin another one (two
+    first tasks trained at once) are left out of the groups: their group bands were trained on
+    top of that other band, and a task joining them must read the band they were made with.
+    """
+    shared, config = None, None
+    members: dict[str, list[str]] = {}
+    group_sha: dict[str, str] = {}
+    for task in tasks:
+        if task.method != "progressive" or task.status != "ready":
+            continue
+        pins = {BANDS_OF_PINS.get(pin.kind): pin.sha256 for pin in task.depends_on}
+        if shared is None and pins.get("shared"):
+            shared = pins["shared"]
+            config = ProgressiveConfig(**task.method_config).bands_key()
+        group = task.method_config.get("group", "")
+        if group and pins.get("group") and pins.get("shared") == shared:
+            group_sha.setdefault(group, pins["group"])
+            members.setdefault(group, []).append(task.name)
+    groups = {name: Group(name, group_sha[name], tuple(names)) for name, names in members.items()}
+    return Sharing(shared, config, groups)

@@ -1,0 +1,304 @@
+"""Task models rebuilt from stored tensors: restore, export, predict and evaluate.
+
+Every model is rebuilt on the CPU in float32 from hash-checked artifacts; `restore` also re-runs the
+task's probe batch, so an artifact that was swapped or altered is refused instead of exported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from registry import NotFound, Registry
+from registry.entities import BaseModel, Task
+from taps_cl import serialization
+from taps_cl.models import backbones
+from taps_cl.data import specs as data
+from taps_cl.training import evaluate
+from taps_cl.errors import TapsError
+from taps_cl.methods.base import Dependency, Method
+from taps_cl.methods.catalog import get_method
+from taps_cl.methods.merging import build_composed, merge_state
+from taps_cl.methods.progressive.sharing import band_dependency
+from taps_cl.training.fit import resolve_device
+
+log = logging.getLogger(__name__)
+
+# Largest probe-logit drift still counted as "unchanged": PROBE_ATOL + PROBE_RTOL × the largest
+# stored |logit|. The relative part absorbs float32 rounding that differs with the order of a
+# convolution's sums — another thread count (verify's worker processes), another CPU — which on
+# Lite0 reaches 1e-5 for logits of a few units; a changed weight moves logits far more.
+PROBE_ATOL = 1e-5
+PROBE_RTOL = 1e-5
+
+
+def plain_model(
+    base: BaseModel, base_state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+    num_classes: int,
+) -> nn.Module:
+    """The base architecture with the task's tensors folded in, on the CPU, in eval mode."""
+    head = frozenset(base.head_keys)
+    merged = merge_state(base_state, tensors, head)
+    model = backbones.create_model(backbones.ModelSpec.parse(base.model_spec),
+                                   num_classes=num_classes)
+    backbones.apply_weights(model, merged)
+    return model.eval()
+
+
+def example_input(data_config: dict, img_size: Optional[int]) -> torch.Tensor:
+    """A zero batch of one image at the task's input size (composed methods read shapes off it)."""
+    size = img_size or int(data_config["input_size"][-1])
+    return torch.zeros(1, 3, size, size)
+
+
+def task_model(
+    base: BaseModel, base_state: dict[str, torch.Tensor], method: Method,
+    tensors: dict[str, torch.Tensor], num_classes: int, dependencies: Sequence[Dependency],
+    img_size: Optional[int],
+) -> nn.Module:
+    """The task's inference model: a plain model for mergeable methods, else the base class
+    with the method's modules attached (its own and its dependencies' tensors loaded)."""
+    if method.mergeable:
+        return plain_model(base, base_state, tensors, num_classes)
+    model = backbones.create_model(backbones.ModelSpec.parse(base.model_spec),
+                                   num_classes=num_classes)
+    return build_composed(method, model, frozenset(base.head_keys), base_state, tensors,
+                          dependencies, example_input(base.data_config, img_size))
+
+
+def load_file(path: str | os.PathLike[str]) -> nn.Module:
+    """A model exported by `taps-cl restore --out`, rebuilt without a registry.
+
+    A mergeable task's file is a plain state dict; a composed task's file holds every tensor
+    (base, its own and its dependencies' modules) and names method, options and dependencies.
+    """
+    try:
+        blob = Path(path).read_bytes()
+        meta = serialization.metadata_from_bytes(blob)
+        tensors = serialization.from_bytes(blob)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise TapsError(f"cannot read {path}: {exc}") from exc
+    if "model" not in meta or "num_classes" not in meta:
+        raise TapsError(f"{path} is not a model exported by taps-cl (no model in its metadata)")
+    spec = backbones.ModelSpec.parse(meta["model"])
+    model = backbones.create_model(spec, num_classes=int(meta["num_classes"]))
+    method = get_method(meta.get("method", "linear"),
+                        **(serialization.json_field(meta, "method_config") or {}))
+    if not method.mergeable:
+        dependencies = [Dependency(d["name"], d["method"], d["config"], None)
+                        for d in serialization.json_field(meta, "dependencies") or []]
+        data_config = serialization.json_field(meta, "data_config")
+        method.attach(model, backbones.head_keys(spec), dependencies,
+                      example_input(data_config, serialization.json_field(meta, "img_size")))
+    model.load_state_dict(tensors, strict=True)
+    return model.eval()
+
+
+def probe_drift(model: nn.Module, probe: dict[str, torch.Tensor]) -> float:
+    """Largest |logit − stored logit| of `model` on a stored probe batch (computed on the CPU)."""
+    if probe["logits"].numel() == 0:
+        return 0.0
+    return float((evaluate.logits(model, probe["inputs"]) - probe["logits"]).abs().max())
+
+
+def logit_scale(probe: dict[str, torch.Tensor]) -> float:
+    """The largest stored |logit| of a probe batch (0 for an empty one)."""
+    logits = probe["logits"]
+    return float(logits.abs().max()) if logits.numel() else 0.0
+
+
+class ModelStore:
+    """Loads bases and tasks from a registry; a base's weights are read and hashed once."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._bases: dict[str, dict[str, torch.Tensor]] = {}
+
+    def base_state(self, base: BaseModel) -> dict[str, torch.Tensor]:
+        """The base's state dict (hash-checked on first use, then cached by sha256)."""
+        state = self._bases.get(base.sha256)
+        if state is None:
+            state = serialization.from_bytes(self.registry.read_artifact(base.weights))
+            self._bases[base.sha256] = state
+        return state
+
+    def trust_base(self, base: BaseModel, state: dict[str, torch.Tensor]) -> None:
+        """Use `state` as `base`'s weights from now on, without reading or hashing them again.
+
+        Only for a state whose bytes the caller has just checked against `base.sha256` (the
+        verifier's base check, or its parent process handing a checked state to its workers).
+        """
+        self._bases[base.sha256] = state
+
+    def ready_task(self, name: str) -> Task:
+        """The task named `name`; TapsError unless it finished training."""
+        task = self.registry.get_task(name)
+        if task.status != "ready" or task.artifact is None or task.probe is None:
+            raise TapsError(f"task {name!r} is {task.status}, not ready")
+        return task
+
+    def task_tensors(self, task: Task) -> dict[str, torch.Tensor]:
+        assert task.artifact is not None
+        return serialization.from_bytes(self.registry.read_artifact(task.artifact))
+
+    def probe(self, task: Task) -> dict[str, torch.Tensor]:
+        assert task.probe is not None
+        return serialization.from_bytes(self.registry.read_artifact(task.probe))
+
+    def dependencies(self, task: Task) -> list[Dependency]:
+        """The earlier tasks and shared artifacts `task` reads, with the tensors it pinned."""
+        out = []
+        for pin in task.depends_on:
+            if pin.task is None:  # a shared artifact (progressive bands), read by its hash
+                try:
+                    artifact = self.registry.get_artifact(pin.sha256)
+                except NotFound:
+                    raise TapsError(f"task {task.name!r} reads shared artifact "
+                                    f"{pin.sha256[:12]}…, which is not recorded") from None
+                out.append(band_dependency(self.registry.read_artifact(artifact)))
+                continue
+            dep = self.ready_task(pin.task)
+            assert dep.artifact is not None
+            if dep.artifact.sha256 != pin.sha256:
+                raise TapsError(f"task {task.name!r} was trained against another artifact of "
+                                f"{pin.task!r} than the one recorded now")
+            out.append(Dependency(dep.name, dep.method, dep.method_config,
+                                  self.task_tensors(dep)))
+        return out
+
+    def model(self, task: Task, base: Optional[BaseModel] = None,
+              tensors: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
+        """The task's model, without checking its probe batch (see `restore`)."""
+        base = base or self.registry.get_base(task.base)
+        method = get_method(task.method, **task.method_config)
+        return task_model(base, self.base_state(base), method,
+                          self.task_tensors(task) if tensors is None else tensors,
+                          task.num_classes, self.dependencies(task),
+                          task.dataset_spec.get("img_size"))
+
+    def restore(self, name: str) -> nn.Module:
+        """The task's plain model, refused unless it reproduces the task's stored probe logits."""
+        task = self.ready_task(name)
+        model = self.model(task)
+        probe = self.probe(task)
+        drift = probe_drift(model, probe)
+        if drift > PROBE_ATOL + PROBE_RTOL * logit_scale(probe):
+            raise TapsError(
+                f"task {name!r} does not reproduce its probe logits (max drift {drift:.3g}): "
+                "its stored files or rows were changed; not restoring "
+                "(see `taps-cl report accuracy --verify`)"
+            )
+        return model
+
+    def restore_to_file(self, name: str, out: str | os.PathLike[str]) -> Path:
+        """Write the restored model's state dict as safetensors, atomically, to `out`."""
+        out_path = Path(out)
+        if out_path.suffix != ".safetensors":
+            raise TapsError(f"--out must end in .safetensors, got {out_path.name}")
+        if out_path.is_dir():
+            raise TapsError(f"--out {out_path} is a directory")
+        model = self.restore(name)
+        task = self.registry.get_task(name)
+        base = self.registry.get_base(task.base)
+        meta = {
+            "model": base.model_spec,
+            "architecture": base.architecture,
+            "num_classes": task.num_classes,
+            "class_names": list(task.class_names),
+            "task": task.name,
+            "method": task.method,
+            "method_config": task.method_config,
+            "dependencies": [{"name": d.name, "method": d.method, "config": d.config}
+                             for d in self.dependencies(task)],
+            "img_size": task.dataset_spec.get("img_size"),
+            "data_config": base.data_config,
+        }
+        write_atomic(out_path, serialization.to_bytes(model.state_dict(), meta))
+        return out_path
+
+    def predict(
+        self, name: str, images: Sequence[str], top_k: int = 3, device: str = "auto"
+    ) -> list[list[tuple[str, float]]]:
+        """Top-k (class name, probability) for each image file."""
+        model = self.restore(name).to(resolve_device(device))
+        task = self.registry.get_task(name)
+        base = self.registry.get_base(task.base)
+        img_size = task.dataset_spec.get("img_size")
+        batch = torch.stack([data.load_image(p, base.data_config, img_size) for p in images])
+        probs = torch.softmax(evaluate.logits(model, batch), dim=1)
+        k = min(top_k, task.num_classes)
+        values, indices = probs.topk(k, dim=1)
+        return [
+            [(task.class_names[i], float(v)) for v, i in zip(vals.tolist(), idx.tolist())]
+            for vals, idx in zip(values, indices)
+        ]
+
+    def evaluate(
+        self, name: str, data_spec: Optional[str] = None, max_test: Optional[int] = None,
+        device: str = "auto", checked: bool = True,
+    ) -> evaluate.EvalResult:
+        """Test accuracy of the restored task model on its own data or on `data_spec`.
+
+        With `checked=False` a model that no longer reproduces its probe logits is measured
+        anyway (to show what a changed task now scores) instead of refused.
+        """
+        task = self.ready_task(name)
+        base = self.registry.get_base(task.base)
+        test_set = test_data(task, base, data_spec, max_test)
+        model = self.restore(name) if checked else self.model(task, base)
+        model = model.to(resolve_device(device))
+        return evaluate.evaluate(model, test_set)
+
+
+def test_data(task: Task, base: BaseModel, data_spec: Optional[str], max_test: Optional[int]):  # type: ignore[no-untyped-def]
+    """The task's test split, from its recorded data spec or from another copy `data_spec`."""
+    stored = dict(task.dataset_spec)
+    if data_spec is None:
+        spec = data.DataSpec.from_json(stored)
+        max_test = max_test if max_test is not None else stored.get("max_test")
+    else:
+        # Another copy of the data: keep the task's class subset so labels line up.
+        subset = stored.get("classes")
+        spec = data.DataSpec.parse(data_spec, classes=",".join(subset) if subset else None)
+    task_data = data.load_task_data(
+        spec, base.data_config, img_size=stored.get("img_size"),
+        val_fraction=stored.get("val_fraction", 0.1),
+        seed=int(task.train_config.get("seed", 0)),
+        max_train=1, max_test=max_test,
+    )
+    if list(task_data.class_names) != list(task.class_names):
+        raise TapsError(
+            f"data classes {task_data.class_names} do not match task {task.name!r}'s "
+            f"{list(task.class_names)}"
+        )
+    return task_data.test
+
+
+def write_atomic(path: Path, blob: bytes) -> None:
+    """Write `blob` to `path` through a unique temp file in the same directory, then rename.
+
+    mkstemp opens with O_EXCL, so a file or symlink planted at a predictable temp name is
+    never followed; the rename replaces `path` itself, never a symlink's target.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise TapsError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(blob)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise TapsError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        Path(tmp).unlink(missing_ok=True)
