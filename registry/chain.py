@@ -8,8 +8,9 @@ never rewritten, so every earlier task's artifacts are pinned by every later cha
 earlier task's artifact rows breaks its own link, and rewriting its chain too breaks the next
 task's ``prev``. Checking the chain reads rows only — no model is rebuilt.
 
-The formula is part of the database contract (DESIGN §3): migrations compute it with this
-module, so it must never change.
+The formula is part of the database contract: every recorded chain value was computed with it,
+and migrations compute it with this module (revision 0004 links the tasks it finds ready), so
+it must never change. docs/architecture.md ("How a task is added") describes the chain.
 """
 
 from __future__ import annotations

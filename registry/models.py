@@ -35,7 +35,7 @@ ARTIFACT_KINDS = ("base", "task", "probe", "shared", "signature")
 
 
 def utcnow() -> datetime:
-    """Timezone-aware now, stored as UTC."""
+    """Timezone-aware now, recorded as UTC."""
     return datetime.now(timezone.utc)
 
 
@@ -101,7 +101,7 @@ class TaskRow(Base):
     status: Mapped[str] = mapped_column(String(16), default="training")
     artifact_id: Mapped[Optional[int]] = mapped_column(ForeignKey("artifacts.id"))
     probe_artifact_id: Mapped[Optional[int]] = mapped_column(ForeignKey("artifacts.id"))
-    # Numbers in the task's new classifier head: what a linear probe of this task would store.
+    # Numbers in the task's new classifier head: what a head-only baseline of this task would train.
     head_params: Mapped[Optional[int]] = mapped_column(BigInteger)
     train_seconds: Mapped[Optional[float]] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

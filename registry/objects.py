@@ -5,11 +5,12 @@ this module owns the plumbing of every other backend (``s3://bucket/prefix`` thr
 ``memory://…``, chained URLs): opening the filesystem from a URL, and reading, listing, creating
 and removing objects under the store's prefix.
 
-Object stores have no rename and no fsync, so a write goes to a temp object in the same prefix
-(``TEMP_PREFIX``) and is then moved to its final name (on S3 a copy and a delete: the final
-object appears whole). Nothing here overwrites on purpose: the caller creates a name only after
-finding it missing, and as names are content hashes a racing writer can only put the same bytes
-there. Reads return raw bytes; checking them against the recorded sha256 is the caller's job.
+Object storage (S3 and the like) has no rename and no fsync, so a write goes to a temp object in
+the same prefix (``TEMP_PREFIX``) and is then moved to its final name (on S3 a copy and a
+delete: the final object appears whole). Nothing here overwrites on purpose: the caller creates
+a name only after finding it missing, and as names are content hashes a racing writer can only
+put the same bytes there. Reads return raw bytes; checking them against the recorded sha256 is
+the caller's job.
 Backend exceptions (botocore, aiohttp, OSError …) surface as one-line StoreErrors naming the
 object's URL; a missing object that should be there is an IntegrityFailure.
 """

@@ -2,8 +2,9 @@
 
 Registry is built in layers, one module each: transactions.py opens the database and the
 artifact store and runs transactions; artifacts.py reads, checks, records and cleans up
-artifact files; tasks.py holds the task verbs; summaries.py lists tasks with SQL aggregates
-(no layer rows loaded); this module the base and evaluation verbs.
+artifact files; lifecycle.py holds a run's task verbs (begin, heartbeat, finish, discard);
+tasks.py deletes ready tasks, lists their dependents and looks tasks up; summaries.py lists
+tasks with SQL aggregates (no layer rows loaded); this module the base and evaluation verbs.
 Row look-ups and the conversion of rows to entities are in rows.py.
 """
 
@@ -20,6 +21,7 @@ from registry import chain
 from registry.artifacts import TEMP_GRACE_SECONDS
 from registry.entities import Artifact, BaseModel, Evaluation
 from registry.errors import AlreadyExists, NotFound, RegistryError
+from registry.lifecycle import TaskLifecycle
 from registry.models import ArtifactRow, BaseModelRow, EvaluationRow, TaskRow
 from registry.rows import base_row, check_name, task_row, to_artifact, to_base, to_evaluation
 from registry.summaries import TaskSummaries
@@ -29,7 +31,7 @@ from registry.transactions import DB_FILENAME, error_reason
 __all__ = ["DB_FILENAME", "TEMP_GRACE_SECONDS", "Registry"]
 
 
-class Registry(TaskVerbs, TaskSummaries):
+class Registry(TaskLifecycle, TaskVerbs, TaskSummaries):
     """Base models, tasks, layers, artifacts and evaluations under one home directory.
 
     With ``create=False`` (read commands) a missing or empty database raises NoRegistry and

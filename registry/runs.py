@@ -61,7 +61,7 @@ def run_is_alive(task: Task, now: Optional[datetime] = None) -> bool:
 
 
 def _utc(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes; the registry stores UTC.
+    # SQLite hands back naive datetimes; the registry records UTC.
     return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
 
 

@@ -93,7 +93,7 @@ class ArtifactStore:
         Raises IntegrityFailure for an absolute path, one with ``..`` or one that resolves
         (through a symlink) outside the root: such a path can only come from an edited row.
         Local stores give a ``Path``; others the object's ``PurePosixPath`` in their filesystem
-        (object stores have no symlinks: the check is the lexical one).
+        (object storage has no symlinks: the check is the lexical one).
         """
         pure = PurePosixPath(relative)
         if (

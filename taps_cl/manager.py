@@ -23,11 +23,11 @@ from taps_cl.errors import TapsError, first_line
 if TYPE_CHECKING:  # these import torch: loaded where first used (see the module docstring)
     from torch import nn
 
-    from taps_cl.training import evaluate
     from taps_cl.tasks.adding import TaskAddResult
     from taps_cl.tasks.grouping import GroupResult
-    from taps_cl.tasks.rebuilding import ModelStore
+    from taps_cl.tasks.rebuilding import TaskModels
     from taps_cl.tasks.verification import ProbeCheck
+    from taps_cl.training import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class Manager:
         self.db_url = db_url or os.environ.get("TAPS_CL_DB") or None
         self.artifacts_url = artifacts_url or os.environ.get("TAPS_CL_ARTIFACTS") or None
         self._registry: Optional[Registry] = None
-        self._models: Optional[ModelStore] = None
+        self._models: Optional[TaskModels] = None
 
     @property
     def registry(self) -> Registry:
@@ -75,11 +75,11 @@ class Manager:
         return self._registry
 
     @property
-    def models(self) -> ModelStore:
-        from taps_cl.tasks.rebuilding import ModelStore
+    def models(self) -> TaskModels:
+        from taps_cl.tasks.rebuilding import TaskModels
 
         if self._models is None or self._models.registry is not self.registry:
-            self._models = ModelStore(self.registry)
+            self._models = TaskModels(self.registry)
         return self._models
 
     def close(self) -> None:
@@ -221,8 +221,8 @@ class Manager:
         Their signatures are clustered into `groups` similarity groups (None: automatically);
         shared and group adapters are stored once, as shared artifacts every member pins.
         """
-        from taps_cl.training.distributed import under_torchrun
         from taps_cl.tasks.grouping import GroupRequest, GroupTrainer
+        from taps_cl.training.distributed import under_torchrun
         from taps_cl.training.fit import TrainConfig
 
         if under_torchrun():
@@ -466,9 +466,9 @@ class Manager:
         max_train: Optional[int], seed: int,
     ) -> tuple[Any, dict[str, Any]]:
         """The signature (and its recipe) of data not (yet) in the registry, as an add computes it."""
-        from taps_cl.models import backbones
         from taps_cl.analysis import similarity
         from taps_cl.data import specs as task_data
+        from taps_cl.models import backbones
         from taps_cl.tasks.rebuilding import example_input
 
         loaded = task_data.load_task_data(

@@ -195,12 +195,12 @@ def test_finish_refuses_to_write_beyond_its_own_rows(reg, monkeypatch, intrusion
     """The finishing transaction checks that it changes only the new task's rows."""
     from sqlalchemy import select
 
-    from registry import tasks as task_verbs
+    from registry import lifecycle
     from registry.models import EvaluationRow, TaskRow
 
     finish(reg, begin(reg, "a"), b"A")
     run = begin(reg, "b2")
-    original = task_verbs._chain_head
+    original = lifecycle._chain_head
 
     def meddling(s, base_id):  # a bug that touches an earlier task inside the finish
         earlier = s.scalar(select(TaskRow).where(TaskRow.name == "a"))
@@ -211,7 +211,7 @@ def test_finish_refuses_to_write_beyond_its_own_rows(reg, monkeypatch, intrusion
                                 kind="measured", accuracy=0.1))
         return original(s, base_id)
 
-    monkeypatch.setattr(task_verbs, "_chain_head", meddling)
+    monkeypatch.setattr(lifecycle, "_chain_head", meddling)
     with pytest.raises(RegistryError, match="beyond its own rows"):
         finish(reg, run, b"B")
     monkeypatch.undo()

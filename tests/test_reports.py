@@ -26,7 +26,7 @@ from tests.test_cli import assert_one_line_error, run
 
 FAST = dict(epochs=2, batch_size=16, img_size=32, seed=0)
 
-# DESIGN §6: keys may be added, never renamed.
+# The --json documents' keys may be added to, never renamed.
 BUDGET_KEYS = {"base", "tasks", "total_params", "ratio_to_base", "finetune_total_params",
                "linear_total_params", "total_bytes"}
 BUDGET_ROW_KEYS = {"name", "method", "task_params", "active_layers", "total_layers", "bytes",
@@ -325,3 +325,14 @@ def test_changed_earlier_task_is_flagged_in_the_matrix(seq_home, capsys, tmp_pat
     code, out, err = run(capsys, "--home", home, "report", "accuracy", "--verify")
     assert code == 1 and "interference-free" not in out
     assert_one_line_error(err, "t1: probe logits changed after t4")
+
+
+def test_public_reports_module_re_exports_the_dataclasses_and_plots():
+    import taps_cl.reports as public
+    from taps_cl.analysis import plots
+
+    for name in public.__all__:
+        source = plots if name.startswith("plot_") else reports
+        assert getattr(public, name) is getattr(source, name)
+    assert {"BudgetReport", "AccuracyReport", "LayerMap", "SimilarityReport", "plot_budget",
+            "plot_accuracy", "plot_layers", "plot_similarity"} <= set(public.__all__)

@@ -1,4 +1,4 @@
-"""Gradient task similarity (issue 11, DESIGN §5b): signatures, cosine matrix, clustering, report."""
+"""Gradient task similarity: signatures, cosine matrix, clustering, report."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from sqlalchemy import text
 from taps_cl import serialization
 from taps_cl.models import backbones
 from taps_cl.data import specs as data
-from taps_cl.analysis import reports
+from taps_cl.analysis import plots
 from taps_cl.analysis import similarity
 from taps_cl.errors import MethodError, TapsError
 from taps_cl.manager import Manager
@@ -74,10 +74,10 @@ def test_signature_is_deterministic_unit_and_data_dependent(base, tmp_path):
     # the signature is its up projection's weight (48×3) and bias (48).
     assert meta["blocks"] == ["layer2.0"] and meta["recipe"] == similarity.RECIPE
     assert first.numel() == 48 * 3 + 48
-    # The probes' down projections come from the seed, not from torch's global RNG.
-    probes, probes2 = (getattr(m, similarity.PROBES_ATTR) for m in (model, model2))
-    assert torch.equal(probes["layer2-0"].down.weight, probes2["layer2-0"].down.weight)
-    assert torch.count_nonzero(probes["layer2-0"].up.weight) == 0  # still zero: only probed
+    # The adapters' down projections come from the seed, not from torch's global RNG.
+    adapters, adapters2 = (getattr(m, similarity.SIGNATURE_ATTR) for m in (model, model2))
+    assert torch.equal(adapters["layer2-0"].down.weight, adapters2["layer2-0"].down.weight)
+    assert torch.count_nonzero(adapters["layer2-0"].up.weight) == 0  # still zero: never updated
 
     different, _ = signature_of(base, other)
     assert not torch.equal(first, different)
@@ -330,7 +330,7 @@ def test_similarity_on_a_base_without_tasks(tmp_path, capsys):
                              "candidate": {"name": f"imagefolder:{folder}", "row": [],
                                            "closest": None}}
     with pytest.raises(TapsError, match="no task has a signature"):
-        reports.plot_similarity(rep, tmp_path / "x.png")
+        plots.plot_similarity(rep, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
     code, out, err = run(capsys, "--home", str(home), "report", "similarity")
     assert code == 0 and "no task has a signature" in out

@@ -1,4 +1,4 @@
-"""Gradient task similarity (DESIGN §5b): a task's signature, the cosine matrix, clustering.
+"""Gradient task similarity: a task's signature, the cosine matrix, clustering.
 
 The signature recipe (``RECIPE``; a contract: signatures are stored with tasks and compared later,
 so changing any step below means a new ``RECIPE`` and old signatures are refused, not mixed in):
@@ -10,7 +10,7 @@ so changing any step below means a new ``RECIPE`` and old signatures are refused
    features (the head module's input) of ``head_samples`` training images drawn with
    ``numpy.random.default_rng([seed, 0])``. Zero start + a convex, regularised problem: the same
    data gives the same head whatever torch's global RNG holds.
-3. Attach probe adapters: zero-initialised bottleneck adapters (`methods.adapter.Bottleneck`,
+3. Attach signature adapters: zero-initialised bottleneck adapters (`methods.adapter.Bottleneck`,
    reduction ``reduction``, ReLU) on the middle third of the backbone's blocks,
    ``blocks[n//3 : 2n//3]`` (the middle block when that is empty). Their down projections are
    drawn, block by block in module order (weight, then bias), uniformly in ±1/√fan_in from a
@@ -18,9 +18,9 @@ so changing any step below means a new ``RECIPE`` and old signatures are refused
    what makes signatures of different tasks comparable.
 4. For ``batches`` training batches of ``batch_size`` images (positions from
    ``numpy.random.default_rng([seed, 1])``: successive slices of fresh permutations), take the
-   gradient of the mean cross-entropy with respect to the probe adapters' up projections (weights
-   and biases, in block order; with U = 0 the down projections get no gradient), flatten it and
-   scale it to unit length.
+   gradient of the mean cross-entropy with respect to the signature adapters' up projections
+   (weights and biases, in block order; with U = 0 the down projections get no gradient), flatten
+   it and scale it to unit length.
 5. Average the unit gradients and scale the mean to unit length: a float32 vector.
 
 Similarity of two tasks is the cosine of their signatures, S(t, t′) ≈ E[cos(g_t, g_t′)] as in
@@ -56,8 +56,8 @@ log = logging.getLogger(__name__)
 
 # The recipe's name: bump it whenever a step of the module docstring changes.
 RECIPE = "taps-cl/gradient-signature/1"
-# The ModuleDict on a model `task_signature` consumed that holds its probe adapters.
-PROBES_ATTR = "taps_signature_probes"
+# The ModuleDict on a model `task_signature` consumed that holds its signature adapters.
+SIGNATURE_ATTR = "taps_signature_adapters"
 # The tensor's name in a signature artifact.
 TENSOR_KEY = "signature"
 # Automatic grouping (`cluster` without k) merges groups while their average distance 1 − cosine
@@ -86,10 +86,10 @@ class SignatureConfig:
     # Measured on ImageNet Lite0 at 64 px (letters A–J, k–t, digits, Fashion-MNIST): cos(A–J,
     # k–t) is 0.45 at 1e-3, 0.75 at 0.1, 0.80 at 1; letters vs Fashion-MNIST -0.01, 0.02, 0.20.
     head_l2: float = 0.1
-    # Seeds the probe adapters' down projections and the choice of images; the same for every
+    # Seeds the signature adapters' down projections and the choice of images; the same for every
     # task that is to be compared.
     seed: int = 0
-    # Reduction factor of the probe adapters (a block of C channels gets max(1, C // r)).
+    # Reduction factor of the signature adapters (a block of C channels gets max(1, C // r)).
     reduction: int = 16
 
     def __post_init__(self) -> None:
@@ -112,7 +112,7 @@ def task_signature(
     """The task's gradient signature: a unit-length float32 vector on the CPU (module docstring).
 
     `model` is a fresh copy of the base with the task's head; it is consumed: its head is
-    refitted, probe adapters stay attached (``model.taps_signature_probes``, which
+    refitted, signature adapters stay attached (``model.taps_signature_adapters``, which
     `signature_meta` reads) and it is moved to `device`. `example` is one input batch of the
     task's size (for block shapes). On the CPU the result is bit-for-bit the same for the same
     data and config.
@@ -133,9 +133,9 @@ def task_signature(
                         "(it needs at least two classes)")
     _fit_head(head_module, features, labels.to(target), config)
 
-    sites = probe_sites(model, head, example.to(target))
-    probes = seeded_probes(sites, config)
-    holder = hook_blocks(model, PROBES_ATTR, sites, probes, "signature")
+    sites = signature_sites(model, head, example.to(target))
+    adapters = signature_adapters(sites, config)
+    holder = hook_blocks(model, SIGNATURE_ATTR, sites, adapters, "signature")
     ups = [p for site in sites for p in (holder[site.key].up.weight, holder[site.key].up.bias)]
     for p in ups:
         p.requires_grad_(True)
@@ -156,31 +156,32 @@ def task_signature(
     if total is None:
         raise TapsError("signature: every batch has a zero gradient (nothing to compare)")
     signature = (total / torch.linalg.vector_norm(total)).cpu().float()
-    log.debug("signature: %d numbers from %d probe blocks", signature.numel(), len(sites))
+    log.debug("signature: %d numbers from %d signature blocks", signature.numel(), len(sites))
     return signature
 
 
-def probe_sites(model: nn.Module, head: frozenset[str], example: Tensor) -> list[BlockSite]:
-    """The blocks that get probe adapters: the middle third, ``blocks[n//3 : 2n//3]``."""
+def signature_sites(model: nn.Module, head: frozenset[str], example: Tensor) -> list[BlockSite]:
+    """The blocks that get signature adapters: the middle third, ``blocks[n//3 : 2n//3]``."""
     sites = trace_blocks(model, head, example)
     n = len(sites)
     middle = sites[n // 3 : 2 * n // 3]
     return middle or [sites[n // 2]]
 
 
-def seeded_probes(sites: Sequence[BlockSite], config: SignatureConfig) -> dict[str, Bottleneck]:
-    """Probe adapters by site key: zero up projections, down projections from `config.seed`."""
+def signature_adapters(sites: Sequence[BlockSite],
+                       config: SignatureConfig) -> dict[str, Bottleneck]:
+    """Signature adapters by site key: zero up projections, down projections from `config.seed`."""
     generator = torch.Generator().manual_seed(config.seed)
-    probes = {}
+    adapters = {}
     for site in sites:
-        probe = Bottleneck(site, config.reduction, "relu")
+        adapter = Bottleneck(site, config.reduction, "relu")
         with torch.no_grad():
-            for param in (probe.down.weight, probe.down.bias):
+            for param in (adapter.down.weight, adapter.down.bias):
                 # PyTorch's default bound for both (kaiming_uniform with a=√5): 1/√fan_in.
-                bound = 1.0 / math.sqrt(probe.down.weight[0].numel())
+                bound = 1.0 / math.sqrt(adapter.down.weight[0].numel())
                 param.copy_((torch.rand(param.shape, generator=generator) * 2 - 1) * bound)
-        probes[site.key] = probe
-    return probes
+        adapters[site.key] = adapter
+    return adapters
 
 
 def _head_module(model: nn.Module, head: frozenset[str]) -> nn.Module:
@@ -258,14 +259,14 @@ def _batch_positions(n: int, config: SignatureConfig) -> list[np.ndarray]:
 def signature_meta(model: nn.Module, config: SignatureConfig = SignatureConfig()) -> dict[str, Any]:
     """The recipe of the signature `task_signature` computed on `model`, for `signature_to_bytes`.
 
-    Recipe name, config and probe blocks: signatures whose recipes differ are not compared.
+    Recipe name, config and signature blocks: signatures whose recipes differ are not compared.
     """
-    probes = getattr(model, PROBES_ATTR, None)
-    if not isinstance(probes, nn.ModuleDict):
-        raise MethodError("signature_meta: the model has no probe adapters "
+    adapters = getattr(model, SIGNATURE_ATTR, None)
+    if not isinstance(adapters, nn.ModuleDict):
+        raise MethodError("signature_meta: the model has no signature adapters "
                           "(pass the model task_signature consumed)")
     return {"recipe": RECIPE, "config": dataclasses.asdict(config),
-            "blocks": [key.replace("-", ".") for key in probes]}
+            "blocks": [key.replace("-", ".") for key in adapters]}
 
 
 def signature_to_bytes(signature: Tensor, meta: dict[str, Any]) -> bytes:
@@ -282,7 +283,7 @@ def signature_to_bytes(signature: Tensor, meta: dict[str, Any]) -> bytes:
 
 
 def signature_recipe(data: bytes) -> dict[str, Any]:
-    """What must agree for two stored signatures to be compared: recipe, config, probe blocks."""
+    """What must agree for two stored signatures to be compared: recipe, config, blocks."""
     meta = serialization.metadata_from_bytes(data)
     return {key: serialization.json_field(meta, key) for key in ("recipe", "config", "blocks")}
 
@@ -300,7 +301,7 @@ def signature_from_bytes(data: bytes) -> Tensor:
 
 
 def check_comparable(recipes: Sequence[dict[str, Any]], names: Sequence[str]) -> None:
-    """Refuse (one line) signatures made with different recipes, configs or probe blocks."""
+    """Refuse (one line) signatures made with different recipes, configs or blocks."""
     if not recipes:
         return
     first = recipes[0]
@@ -328,7 +329,7 @@ def cosine_matrix(signatures: Sequence[Tensor]) -> np.ndarray:
     sizes = {int(s.numel()) for s in signatures}
     if len(sizes) != 1 or any(s.dim() != 1 for s in signatures):
         raise TapsError(f"signatures of different sizes ({', '.join(map(str, sorted(sizes)))}) "
-                        "cannot be compared: they come from different bases or probe blocks")
+                        "cannot be compared: they come from different bases or blocks")
     stacked = np.stack([s.detach().cpu().double().numpy() for s in signatures])
     norms = np.linalg.norm(stacked, axis=1)
     if not np.all(np.isfinite(norms)) or np.any(norms == 0):

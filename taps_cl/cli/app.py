@@ -15,7 +15,7 @@ import click
 from registry import RegistryError, db
 from registry.binding import recorded_url
 from registry.entities import BaseModel, Task, TaskSummary
-from taps_cl.analysis import reports
+from taps_cl.analysis import plots, reports
 from taps_cl.errors import TapsError, first_line
 from taps_cl.manager import Manager
 
@@ -561,7 +561,7 @@ def report_budget(c: Context, base: Optional[str], plot: Optional[str],
     """Base + Σ task-specific parameters and bytes vs N fine-tuned models."""
     rep = c.manager.budget(base)
     if plot:
-        reports.plot_budget(rep, plot)
+        plots.plot_budget(rep, plot)
     c.emit(rep.to_json(), lambda: _budget_text(rep, limit))
 
 
@@ -622,7 +622,7 @@ def report_accuracy(c: Context, base: Optional[str], verify: bool, reevaluate: b
     rep = c.manager.accuracy(base, verify=verify, reevaluate=reevaluate, workers=workers,
                              progress=_progress() and not c.json, tasks=list(tasks) or None)
     if plot:
-        reports.plot_accuracy(rep, plot)
+        plots.plot_accuracy(rep, plot)
     # Only --json needs the document: the dense matrix of a long sequence is costly to build.
     c.emit(rep.to_json(matrix=not summary) if c.json else None,
            lambda: _accuracy_text(rep, full, limit, summary))
@@ -700,7 +700,7 @@ def report_layers(c: Context, base: Optional[str], plot: Optional[str]) -> None:
     """Which layers each task turned on."""
     rep = c.manager.layer_map(base)
     if plot:
-        reports.plot_layers(rep, plot)
+        plots.plot_layers(rep, plot)
     c.emit(rep.to_json(), lambda: _table(
         ["layer"] + list(rep.tasks),
         [[layer] + ["on" if row[i] else "." for row in rep.active]
@@ -726,7 +726,7 @@ def report_similarity(c: Context, base: Optional[str], data_spec: Optional[str],
     rep = c.manager.similarity(base, data_spec, classes=classes, img_size=img_size,
                                max_train=max_train)
     if plot:
-        reports.plot_similarity(rep, plot)
+        plots.plot_similarity(rep, plot)
     c.emit(rep.to_json(), lambda: _similarity_text(rep))
 
 

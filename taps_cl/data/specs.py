@@ -18,8 +18,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from taps_cl.errors import DataError
+from taps_cl.data.sampling import carve_validation, stratified_sample
 from taps_cl.data.sources import Split, open_source
+from taps_cl.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -335,43 +336,6 @@ def _relabel(split: Split, chosen: list[int]) -> tuple[np.ndarray, np.ndarray]:
     return keep, new[keep]
 
 
-def _carve(
-    labels: np.ndarray, fraction: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified (train, val) positions; every class with ≥2 items gives val at least one."""
-    val = [np.empty(0, dtype=np.int64)]
-    for c in np.unique(labels):
-        pos = rng.permutation(np.flatnonzero(labels == c))
-        n = 0
-        if fraction > 0 and len(pos) >= 2:
-            n = min(len(pos) - 1, max(1, int(len(pos) * fraction + 0.5)))
-        val.append(pos[:n])
-    val_pos = np.sort(np.concatenate(val))
-    return np.setdiff1d(np.arange(len(labels)), val_pos), val_pos
-
-
-def _stratified_take(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Positions of n items drawn per class in proportion to its size, ≥1 per class if n allows."""
-    if n >= len(labels):
-        return np.arange(len(labels))
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = counts * n / counts.sum()
-    take = np.minimum(np.floor(quota).astype(np.int64), counts)
-    if n >= len(classes):
-        take = np.maximum(take, 1)
-    # Settle rounding: grow where the quota was cut most, shrink the largest classes.
-    for c in np.argsort(-(quota - take), kind="stable"):
-        if take.sum() >= n:
-            break
-        take[c] += int(take[c] < counts[c])
-    while take.sum() > n:
-        take[np.argmax(take)] -= 1
-    chosen = [
-        rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take, strict=True)
-    ]
-    return np.sort(np.concatenate(chosen))
-
-
 def load_task_data(
     spec: DataSpec | str,
     data_config: dict[str, Any],
@@ -405,21 +369,21 @@ def load_task_data(
     if missing:
         raise DataError(f"class '{class_names[missing[0]]}' has no training images in {spec}")
     if val is None:
-        keep, held = _carve(tr_y, val_fraction, np.random.default_rng([seed, 1]))
+        keep, held = carve_validation(tr_y, val_fraction, (seed, 1))
         val, va_pos, va_y = train, tr_pos[held], tr_y[held]
         tr_pos, tr_y = tr_pos[keep], tr_y[keep]
     else:
         va_pos, va_y = _relabel(val, chosen)
     if max_train is not None:
-        keep = _stratified_take(tr_y, max_train, np.random.default_rng([seed, 2]))
+        keep = stratified_sample(tr_y, max_train, (seed, 2))
         tr_pos, tr_y = tr_pos[keep], tr_y[keep]
         # Keep small runs small: val shrinks with train, yet every class stays in it.
         cap = max(math.ceil(max_train * val_fraction), len(np.unique(va_y)))
-        keep = _stratified_take(va_y, cap, np.random.default_rng([seed, 3]))
+        keep = stratified_sample(va_y, cap, (seed, 3))
         va_pos, va_y = va_pos[keep], va_y[keep]
     te_pos, te_y = _relabel(test, chosen)
     if max_test is not None:
-        keep = _stratified_take(te_y, max_test, np.random.default_rng(_TEST_SEED))
+        keep = stratified_sample(te_y, max_test, _TEST_SEED)
         te_pos, te_y = te_pos[keep], te_y[keep]
 
     data = TaskData(

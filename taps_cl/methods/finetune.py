@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from taps_cl.methods.base import LayerRecord, Method, SET_PREFIX, TaskState
+from taps_cl.methods.base import SET_PREFIX, LayerRecord, Method, TaskState
 from taps_cl.methods.catalog import register
 from taps_cl.methods.layers import adaptable_layers, cpu_copy, layer_kind, trainable
 

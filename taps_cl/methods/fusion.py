@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from taps_cl.errors import MethodError
 from taps_cl.methods.adapter import ADAPTERS_ATTR, AdapterConfig
+from taps_cl.methods.base import MODULE_PREFIX, Dependency, LayerRecord, Method, TaskState
 from taps_cl.methods.blocks import (
     ACTIVATIONS,
     BlockSite,
@@ -43,10 +44,16 @@ from taps_cl.methods.blocks import (
     site_key,
     trace_blocks,
 )
-from taps_cl.methods.layers import block_params, stored_norm_head, train_norms_and_head
-from taps_cl.methods.base import Dependency, LayerRecord, MODULE_PREFIX, Method, TaskState
 from taps_cl.methods.catalog import register
-from taps_cl.methods.layers import cpu_copy, freeze, module_state, trainable
+from taps_cl.methods.layers import (
+    block_params,
+    cpu_copy,
+    freeze,
+    module_state,
+    stored_norm_head,
+    train_norms_and_head,
+    trainable,
+)
 from taps_cl.methods.options import check_choice, check_number
 
 logger = logging.getLogger(__name__)

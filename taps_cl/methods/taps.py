@@ -29,9 +29,9 @@ from taps_cl.methods.base import (
     DELTA_PREFIX,
     FACTOR_A_PREFIX,
     FACTOR_B_PREFIX,
+    SET_PREFIX,
     LayerRecord,
     Method,
-    SET_PREFIX,
     TaskState,
 )
 from taps_cl.methods.catalog import register

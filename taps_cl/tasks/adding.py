@@ -28,16 +28,13 @@ from registry import AlreadyExists, NotFound, Registry, RunLost
 from registry.entities import BaseModel, EarlierCell, LayerEntry, SharedPin, Task
 from registry.runs import HEARTBEAT_INTERVAL_SECONDS
 from taps_cl import serialization
-from taps_cl.models import backbones
 from taps_cl.data import specs as data
-from taps_cl.training import evaluate
-from taps_cl.training.distributed import active_group
 from taps_cl.errors import MethodError, TapsError
-from taps_cl.methods.progressive.joining import JOIN_THRESHOLD, Joining, SharedBands, trained_band
 from taps_cl.methods.base import Dependency, Method
 from taps_cl.methods.catalog import get_method
-from taps_cl.tasks.rebuilding import ModelStore, example_input, task_model
-from taps_cl.training.fit import TrainConfig, fit, resolve_device
+from taps_cl.methods.progressive.joining import JOIN_THRESHOLD, Joining, SharedBands, trained_band
+from taps_cl.models import backbones
+from taps_cl.tasks.rebuilding import TaskModels, example_input, task_model
 from taps_cl.tasks.verification import (
     RECORD_KEY,
     ProbeCheck,
@@ -46,6 +43,10 @@ from taps_cl.tasks.verification import (
     sha256_of,
     task_record,
 )
+from taps_cl.training import evaluate
+from taps_cl.training.device import resolve_device
+from taps_cl.training.distributed import active_group
+from taps_cl.training.fit import TrainConfig, fit
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def signals_deferred(call: Callable[..., T], *args: Any, **kwargs: Any) -> tuple
 class TaskAdder:
     """Runs `task add` against one registry."""
 
-    def __init__(self, registry: Registry, models: ModelStore) -> None:
+    def __init__(self, registry: Registry, models: TaskModels) -> None:
         self.registry = registry
         self.models = models
         self.joining = Joining(registry, models)
@@ -323,14 +324,14 @@ class TaskAdder:
                 pin, dep = trained_band(learner, model, band, base)
                 shared.append(pin)
                 dependencies = [*dependencies, dep]
-        return self.store_trained(started, base, learner, model, task_data, dependencies, pins,
+        return self.record_trained(started, base, learner, model, task_data, dependencies, pins,
                                   train_seconds=seconds, device=train_cfg.device,
                                   seed=train_cfg.seed, history=fitted.history,
                                   best_val_accuracy=fitted.best_val_accuracy, recheck=recheck,
                                   shared=shared,
                                   signature_blob=signature[1] if signature else None)
 
-    def store_trained(
+    def record_trained(
         self, started: Task, base: BaseModel, learner: Method, model: nn.Module,
         task_data: data.TaskData, dependencies: list[Dependency], pins: list[tuple[str, str]],
         *, train_seconds: float, device: str = "cpu", seed: int = 0,

@@ -3,12 +3,12 @@
 The tasks' signatures (taps_cl.analysis.similarity) are clustered into groups (`--groups K`, or
 automatically). One model per task is built on the frozen base; their shared-band adapters and
 norm layers are the same modules, and so are the group-band ones of the members of a group (a base
-that already has a shared band gives it frozen to every member instead). `fit_joint` trains them
-together: every step takes one batch of every task (round robin over their loaders) and descends
+that already has a shared band gives it frozen to every member instead). `fit_tied` (the one training
+loop) trains them together: every step takes one batch of every task (round robin over their loaders) and descends
 the mean of their losses; the tied norm layers keep their running statistics
 (`Progressive.set_train_mode`). Afterwards the shared and group bands are stored once each as shared
 artifacts, and every member is recorded as an ordinary progressive task pinning them, through the
-same path as `task add` (`TaskAdder.store_trained`).
+same path as `task add` (`TaskAdder.record_trained`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import socket
 import time
@@ -25,17 +24,19 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from registry import Registry, RunLost
 from registry.entities import SharedPin, Task
-from taps_cl.models import backbones
-from taps_cl.data import specs as data
 from taps_cl.analysis import similarity
+from taps_cl.data import specs as data
+from taps_cl.errors import TapsError
+from taps_cl.methods.base import Dependency
+from taps_cl.methods.blocks import site_key
+from taps_cl.methods.progressive.joining import trained_band
+from taps_cl.methods.progressive.method import BANDS, PROGRESSIVE_ATTR, Progressive
+from taps_cl.methods.progressive.sharing import PIN_KINDS, new_group_name, sharing_of
+from taps_cl.models import backbones
 from taps_cl.tasks.adding import (
     RECHECK_SAMPLE,
     Heartbeat,
@@ -43,22 +44,9 @@ from taps_cl.tasks.adding import (
     TaskAddResult,
     configured_method,
 )
-from taps_cl.errors import MethodError, TapsError
-from taps_cl.training.evaluate import evaluate
-from taps_cl.methods.progressive.joining import trained_band
-from taps_cl.methods.base import Dependency
-from taps_cl.methods.blocks import site_key
-from taps_cl.methods.progressive.method import BANDS, PROGRESSIVE_ATTR, Progressive
-from taps_cl.tasks.rebuilding import ModelStore, example_input
-from taps_cl.methods.progressive.sharing import PIN_KINDS, new_group_name, sharing_of
-from taps_cl.training.fit import (
-    FitResult,
-    TrainConfig,
-    cosine_schedule,
-    make_optimizer,
-    resolve_device,
-    trainable_state,
-)
+from taps_cl.tasks.rebuilding import TaskModels, example_input
+from taps_cl.training.device import resolve_device
+from taps_cl.training.fit import FitResult, Member, TrainConfig, fit_tied
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +79,7 @@ class GroupResult:
 class GroupTrainer:
     """Runs `group train` against one registry."""
 
-    def __init__(self, registry: Registry, models: ModelStore) -> None:
+    def __init__(self, registry: Registry, models: TaskModels) -> None:
         self.registry = registry
         self.models = models
         self.adder = TaskAdder(registry, models)
@@ -168,7 +156,8 @@ class GroupTrainer:
                     assert task.run_token is not None
                     heartbeats.append(beats.enter_context(Heartbeat(reg, task.run_token)))
                 t0 = time.perf_counter()
-                fitted = fit_joint(models, learners, datas, train_cfg, progress=progress)
+                fitted = fit_tied([Member(model, learner, d.train, d.val) for model, learner, d
+                                   in zip(models, learners, datas)], train_cfg, progress=progress)
                 seconds = time.perf_counter() - t0
                 results = self._record(base, started, learners, models, datas, signatures,
                                        fitted, frozen_shared, seconds, train_cfg, request.recheck)
@@ -251,7 +240,7 @@ class GroupTrainer:
                     if key in bands:
                         pins.append(bands[key][0])
                         deps.append(bands[key][1])
-                results.append(self.adder.store_trained(
+                results.append(self.adder.record_trained(
                     task, base, learner, model, d, deps, [],
                     train_seconds=seconds / len(started), device=train_cfg.device,
                     seed=train_cfg.seed, history=fit.history,
@@ -268,100 +257,3 @@ class GroupTrainer:
                                 result.task.name, exc)
             raise
         return results
-
-
-def fit_joint(models: Sequence[nn.Module], methods: Sequence[Progressive],
-              datas: Sequence[data.TaskData], cfg: TrainConfig,
-              progress: bool = False) -> list[FitResult]:
-    """Train task models that share modules, one batch of every task per step (mean loss).
-
-    An epoch is as many steps as the largest training set has batches; smaller sets start over.
-    The epoch kept is the one with the best mean validation accuracy (ties: lower mean loss,
-    then the earlier epoch), as `train.fit` selects for one task.
-    """
-    device = resolve_device(cfg.device)
-    for model in models:
-        model.to(device)
-    torch.manual_seed(cfg.seed)
-    loaders = []
-    for i, d in enumerate(datas):
-        if len(d.train) == 0:
-            raise TapsError("group train: a training set is empty")
-        n = len(d.train)
-        drop_last = n > cfg.batch_size and n % cfg.batch_size == 1
-        loaders.append(DataLoader(d.train, batch_size=cfg.batch_size, shuffle=True,
-                                  generator=torch.Generator().manual_seed(cfg.seed + i),
-                                  drop_last=drop_last, num_workers=cfg.num_workers))
-    params: dict[int, nn.Parameter] = {}
-    for model in models:
-        params.update({id(p): p for p in model.parameters() if p.requires_grad})
-    if not params:
-        raise MethodError("progressive: nothing to train")
-    optimizer = make_optimizer([{"params": list(params.values()), "lr": cfg.lr,
-                                 "weight_decay": cfg.weight_decay}], cfg)
-    steps = max(len(loader) for loader in loaders)
-    scheduler = LambdaLR(optimizer, cosine_schedule(cfg.epochs * steps))
-    histories: list[list[dict]] = [[] for _ in models]
-    best_key, best_epoch, best_state = None, 0, None
-    bar = tqdm(total=cfg.epochs * steps, disable=not progress, unit="step", dynamic_ncols=True,
-               desc="group")
-    try:
-        for epoch in range(cfg.epochs):
-            for method, model in zip(methods, models):
-                method.set_train_mode(model)  # tied (shared, group) norms keep their statistics
-            iters = [iter(loader) for loader in loaders]
-            sums = [[0.0, 0, 0] for _ in models]  # loss sum, correct, seen
-            started = time.perf_counter()
-            for _ in range(steps):
-                losses = []
-                for i, model in enumerate(models):
-                    try:
-                        inputs, labels = next(iters[i])
-                    except StopIteration:
-                        iters[i] = iter(loaders[i])
-                        inputs, labels = next(iters[i])
-                    inputs, labels = inputs.to(device), labels.to(device)
-                    outputs = model(inputs)
-                    loss = F.cross_entropy(outputs, labels)
-                    losses.append(loss)
-                    sums[i][0] += loss.item() * labels.numel()
-                    sums[i][1] += (outputs.detach().argmax(dim=1) == labels).sum().item()
-                    sums[i][2] += labels.numel()
-                objective = torch.stack(losses).mean()
-                if not math.isfinite(objective.item()):
-                    raise MethodError(f"training loss became {objective.item()} in epoch "
-                                      f"{epoch}; try a lower learning rate")
-                optimizer.zero_grad(set_to_none=True)
-                objective.backward()
-                optimizer.step()
-                scheduler.step()
-                bar.update(1)
-            vals = []
-            for i, (model, d) in enumerate(zip(models, datas)):
-                row = {"epoch": epoch, "train_loss": sums[i][0] / sums[i][2],
-                       "train_accuracy": sums[i][1] / sums[i][2], "val_accuracy": None,
-                       "val_loss": None, "seconds": time.perf_counter() - started}
-                if d.val is not None and len(d.val) > 0:
-                    result = evaluate(model, d.val, batch_size=2 * cfg.batch_size)
-                    row["val_accuracy"], row["val_loss"] = result.accuracy, result.loss
-                    vals.append((result.accuracy, result.loss))
-                histories[i].append(row)
-            key = ((sum(a for a, _ in vals) / len(vals), -sum(l for _, l in vals) / len(vals))
-                   if len(vals) == len(models) else (epoch,))
-            if best_key is None or key > best_key:
-                best_key, best_epoch = key, epoch
-                best_state = [{k: v.detach().clone() for k, v in trainable_state(m).items()}
-                              for m in models]
-            log.info("group epoch %d/%d: val accuracy %s", epoch + 1, cfg.epochs,
-                     [None if r[-1]["val_accuracy"] is None else round(r[-1]["val_accuracy"], 4)
-                      for r in histories])
-    finally:
-        bar.close()
-    if best_state is not None and best_epoch != cfg.epochs - 1:
-        with torch.no_grad():
-            for model, state in zip(models, best_state):
-                for key, tensor in trainable_state(model).items():
-                    tensor.copy_(state[key])
-    return [FitResult(best_epoch=best_epoch, best_val_accuracy=h[best_epoch]["val_accuracy"],
-                      history=h) for h in histories]
-

@@ -19,15 +19,15 @@ from torch import nn
 from registry import NotFound, Registry
 from registry.entities import BaseModel, Task
 from taps_cl import serialization
-from taps_cl.models import backbones
 from taps_cl.data import specs as data
-from taps_cl.training import evaluate
 from taps_cl.errors import TapsError
 from taps_cl.methods.base import Dependency, Method
 from taps_cl.methods.catalog import get_method
 from taps_cl.methods.merging import build_composed, merge_state
 from taps_cl.methods.progressive.sharing import band_dependency
-from taps_cl.training.fit import resolve_device
+from taps_cl.models import backbones
+from taps_cl.training import evaluate
+from taps_cl.training.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def logit_scale(probe: dict[str, torch.Tensor]) -> float:
     return float(logits.abs().max()) if logits.numel() else 0.0
 
 
-class ModelStore:
+class TaskModels:
     """Loads bases and tasks from a registry; a base's weights are read and hashed once."""
 
     def __init__(self, registry: Registry) -> None:

@@ -24,7 +24,7 @@ from registry import RegistryError
 from registry.entities import BaseModel, Evaluation, LayerEntry, Task
 from taps_cl import serialization
 from taps_cl.errors import TapsError, first_line
-from taps_cl.tasks.rebuilding import PROBE_ATOL, PROBE_RTOL, ModelStore, logit_scale, probe_drift
+from taps_cl.tasks.rebuilding import PROBE_ATOL, PROBE_RTOL, TaskModels, logit_scale, probe_drift
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def record_mismatches(
 class Verifier:
     """Checks bases and tasks of one registry against their files (see the module docstring)."""
 
-    def __init__(self, models: ModelStore) -> None:
+    def __init__(self, models: TaskModels) -> None:
         self.models = models
         self.registry = models.registry
 
@@ -318,17 +318,8 @@ def safe_check(
 
 
 def probe_indices(labels: torch.Tensor, n: int, seed: int) -> list[int]:
-    """A seeded, class-stratified sample of `n` indices: classes take turns, each shuffled."""
-    generator = torch.Generator().manual_seed(seed)
-    by_class = [
-        idx[torch.randperm(len(idx), generator=generator)].tolist()
-        for idx in (torch.nonzero(labels == c).flatten() for c in torch.unique(labels))
-    ]
-    chosen: list[int] = []
-    depth = 0
-    while len(chosen) < min(n, len(labels)):
-        for members in by_class:
-            if depth < len(members) and len(chosen) < n:
-                chosen.append(members[depth])
-        depth += 1
-    return sorted(chosen)
+    """Sorted positions of a seeded, class-stratified sample of `n` items (every class when n
+    allows; see `taps_cl.data.sampling.stratified_sample`)."""
+    from taps_cl.data.sampling import stratified_sample
+
+    return stratified_sample(labels.cpu().numpy(), n, seed).tolist()

@@ -2,7 +2,7 @@
 
 The parent reads and hashes each base once; the checked tensors reach the workers packed into one
 shared-memory buffer per dtype (torch.multiprocessing shares a tensor's storage instead of
-copying it through a pipe), and each worker trusts them (`ModelStore.trust_base`) instead of
+copying it through a pipe), and each worker trusts them (`TaskModels.trust_base`) instead of
 reading the base again. Workers are started with `spawn`, never forked from a process whose torch
 runtime already runs threads, so a script that verifies with workers needs the usual
 ``if __name__ == "__main__":`` guard. Each worker opens its own registry connection and runs
@@ -32,7 +32,7 @@ import torch.multiprocessing  # registers the reductions that share tensors betw
 from registry import Registry
 from registry.entities import BaseModel, Evaluation, Task
 from taps_cl.errors import first_line
-from taps_cl.tasks.rebuilding import ModelStore
+from taps_cl.tasks.rebuilding import TaskModels
 from taps_cl.tasks.verification import ProbeCheck, Verifier, available_cpus, safe_check
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def unpack_state(packed: PackedState) -> dict[str, torch.Tensor]:
 
 
 def check_tasks(
-    jobs: Sequence[Job], models: ModelStore, workers: int,
+    jobs: Sequence[Job], models: TaskModels, workers: int,
     on_done: Optional[Callable[[], Any]] = None,
 ) -> list[ProbeCheck]:
     """Check `jobs` in `workers` processes; the checks in job order.
@@ -109,7 +109,7 @@ def _start_worker(home: str, db_url: str, bases: list[tuple[BaseModel, PackedSta
         registry = Registry(home, db_url, create=False, artifacts=store_url)
         if child:
             atexit.register(registry.close)
-        models = ModelStore(registry)
+        models = TaskModels(registry)
         for base, packed in bases:
             models.trust_base(base, unpack_state(packed))
         _WORKER["verifier"] = Verifier(models)

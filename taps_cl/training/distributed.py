@@ -5,7 +5,7 @@ puts each into one torch.distributed process group (gloo on the CPU, nccl with o
 rank) and `fit` trains with DistributedDataParallel on a DistributedSampler shard of the training
 set. Every rank builds the same model from the same seed, so only rank 0 needs to write: it
 records the run, and stores and finishes the task once every rank has agreed that training
-succeeded (`Group.agree`). A rank that fails makes its peers fail too: its process exits, which
+succeeded (`RankGroup.agree`). A rank that fails makes its peers fail too: its process exits, which
 breaks their next collective at once (a peer that hangs instead is given up after
 `COLLECTIVE_TIMEOUT`), and torchrun stops the rest with SIGTERM, which rank 0 turns into
 discarding its row.
@@ -59,7 +59,7 @@ _QUIET_LOGGERS = ("taps_cl", "registry")  # worker ranks print errors only
 
 
 @dataclass(frozen=True)
-class Group:
+class RankGroup:
     """This process's place among the processes training one task (one process: rank 0 of 1)."""
 
     rank: int  # global rank; rank 0 alone writes to the registry
@@ -137,11 +137,11 @@ class Group:
             else torch.device("cpu")
 
 
-SINGLE = Group(rank=0, world_size=1, local_rank=0)
-_active: list[Group] = [SINGLE]
+SINGLE = RankGroup(rank=0, world_size=1, local_rank=0)
+_active: list[RankGroup] = [SINGLE]
 
 
-def active_group() -> Group:
+def active_group() -> RankGroup:
     """The group `joined` opened in this process, or SINGLE."""
     return _active[-1]
 
@@ -151,14 +151,14 @@ def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _environment() -> Group:
+def _environment() -> RankGroup:
     try:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", "0"))
     except (KeyError, ValueError) as exc:
         raise TapsError(f"torchrun variables RANK/WORLD_SIZE/LOCAL_RANK unreadable: {exc}") \
             from None
-    return Group(rank=rank, world_size=world, local_rank=local)
+    return RankGroup(rank=rank, world_size=world, local_rank=local)
 
 
 def training_device(device: str, local_rank: int) -> torch.device:
@@ -182,7 +182,7 @@ def training_device(device: str, local_rank: int) -> torch.device:
 
 
 @contextlib.contextmanager
-def joined(device: str) -> Iterator[tuple[Group, str]]:
+def joined(device: str) -> Iterator[tuple[RankGroup, str]]:
     """Join torchrun's process group for one task's training, and leave it afterwards.
 
     Yields the group and the device this rank trains on (`device` unchanged in a single
@@ -198,7 +198,7 @@ def joined(device: str) -> Iterator[tuple[Group, str]]:
     backend = "nccl" if target.type == "cuda" else "gloo"
     if target.type == "cuda":
         torch.cuda.set_device(target)
-    group = Group(where.rank, where.world_size, where.local_rank, backend)
+    group = RankGroup(where.rank, where.world_size, where.local_rank, backend)
     dist.init_process_group(
         backend, init_method=os.environ.get(INIT_METHOD_ENV) or "env://", rank=group.rank,
         world_size=group.world_size, timeout=COLLECTIVE_TIMEOUT,

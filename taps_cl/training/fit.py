@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -14,10 +15,11 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from taps_cl.training.distributed import SINGLE, Group
 from taps_cl.errors import DataError, MethodError
 from taps_cl.methods.base import Method
 from taps_cl.methods.options import check_choice, check_number
+from taps_cl.training.device import resolve_device
+from taps_cl.training.distributed import SINGLE, RankGroup
 
 logger = logging.getLogger(__name__)
 
@@ -85,32 +87,6 @@ class FitResult:
     seconds: float = 0.0  # wall-clock time of the whole fit
 
 
-def _mps_available() -> bool:
-    backend = getattr(torch.backends, "mps", None)
-    return bool(backend is not None and backend.is_available())
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device for a TrainConfig.device value; MethodError if it is not available.
-
-    "auto" picks CUDA, then Apple's MPS, then the CPU. Only training uses it: every number the
-    registry compares (restore check, probe logits) is computed on the CPU in float32.
-    """
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if _mps_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as exc:
-        raise MethodError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N or mps)") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MethodError(f"device {name!r} requested but CUDA is not available")
-    if device.type == "mps" and not _mps_available():
-        raise MethodError(f"device {name!r} requested but Apple MPS is not available")
-    return device
-
-
 def make_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer `cfg` names over parameter `groups` (AdamW, or SGD with momentum)."""
     if cfg.optimizer == "sgd":
@@ -134,6 +110,20 @@ def trainable_state(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
+@dataclass(frozen=True)
+class Member:
+    """One task model of a training run and what it trains on.
+
+    Several members may share modules (the same Python objects): `fit_tied` optimises every
+    shared parameter once and descends the mean of the members' losses.
+    """
+
+    model: nn.Module
+    method: Method
+    train: Dataset
+    val: Dataset | None
+
+
 def fit(
     model: nn.Module,
     method: Method,
@@ -141,125 +131,181 @@ def fit(
     val_ds: Dataset | None,
     cfg: TrainConfig,
     progress: bool = False,
-    group: Group = SINGLE,
+    group: RankGroup = SINGLE,
 ) -> FitResult:
-    """Train a model prepared by `method` and keep the weights of the best selectable epoch.
+    """Train one model prepared by `method` and keep the weights of its best selectable epoch.
 
-    Epochs are 0-based. Each history row holds `epoch`, `train_loss` (task loss, without the
-    method's extra loss), `train_accuracy`, `val_accuracy`, `val_loss` (None without a validation
-    set), `active_layers` (only for methods that report it) and `seconds`. The best epoch is the
-    selectable one (`method.selectable`) with the highest validation accuracy, ties going to the
-    lower validation loss and then to the earlier epoch; without a validation set it is the last
-    selectable epoch. If the method allows no epoch, the last one is used.
+    `fit_tied` with one member; see there. With a `group` of several processes
+    (taps_cl.training.distributed) each trains on its shard through DistributedDataParallel;
+    losses, accuracies and the validation score are reduced over the ranks, so every rank keeps
+    the same epoch and ends with the same weights.
+    """
+    return fit_tied([Member(model, method, train_ds, val_ds)], cfg, progress, group)[0]
 
-    With a `group` of several processes (taps_cl.training.distributed) each trains on its shard through
-    DistributedDataParallel; losses, accuracies and the validation score are reduced over the
-    ranks, so every rank keeps the same epoch and ends with the same weights.
+
+def fit_tied(
+    members: Sequence[Member],
+    cfg: TrainConfig,
+    progress: bool = False,
+    group: RankGroup = SINGLE,
+) -> list[FitResult]:
+    """The training loop of every task: one model, or several that share modules.
+
+    Each step takes one batch of every member (a member whose training set is used up starts it
+    again; an epoch is as many steps as the largest set has batches) and descends the mean over
+    members of task loss + the method's `extra_loss`; then every method's `after_step` runs. A
+    member's history holds one row per epoch (0-based): `epoch`, `train_loss` (task loss only),
+    `train_accuracy`, `val_accuracy`, `val_loss` (None without a validation set), `active_layers`
+    (for methods that report it) and `seconds`. The epoch kept is one every method calls
+    `selectable` with the highest mean validation accuracy, ties going to the lower mean loss,
+    then to the earlier epoch; without validation sets, the last selectable one (if no epoch is
+    selectable, the last).
     """
     started = time.perf_counter()
-    n_train = len(train_ds)  # type: ignore[arg-type]
-    if n_train == 0:
-        raise DataError("the training set is empty")
-    has_val = val_ds is not None and len(val_ds) > 0  # type: ignore[arg-type]
+    if not members:
+        raise MethodError("train: no model to train")
+    if len(members) > 1 and group.distributed:
+        raise MethodError("train: tied models train in one process")
+    for member in members:
+        if len(member.train) == 0:  # type: ignore[arg-type]
+            raise DataError("the training set is empty")
+    has_val = all(m.val is not None and len(m.val) > 0 for m in members)  # type: ignore[arg-type]
     if cfg.processes != group.world_size:
         raise MethodError(f"train: configured for {cfg.processes} process(es), running in "
                           f"{group.world_size}")
     device = resolve_device(cfg.device)
-    model.to(device)
-    net = group.wrap(model)  # DistributedDataParallel across processes, else the model itself
+    for member in members:
+        member.model.to(device)
+    # DistributedDataParallel across processes, else the model itself.
+    nets = [group.wrap(m.model) for m in members]
 
     torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    sampler = group.sampler(train_ds, cfg.seed)  # this rank's shard; None: the loader shuffles
+    samplers, loaders = [], []
     per_step = cfg.batch_size // group.world_size  # samples this process takes per step
-    shard = n_train if sampler is None else len(sampler)
-    # A final batch of one sample breaks BatchNorm in train mode; drop it only in that case.
-    drop_last = shard > per_step and shard % per_step == 1
-    loader = DataLoader(train_ds, batch_size=per_step, shuffle=sampler is None, sampler=sampler,
-                        generator=generator, drop_last=drop_last, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda")
+    for i, member in enumerate(members):
+        sampler = group.sampler(member.train, cfg.seed)  # this rank's shard; None: shuffle
+        shard = len(member.train) if sampler is None else len(sampler)  # type: ignore[arg-type]
+        # A final batch of one sample breaks BatchNorm in train mode; drop it only in that case.
+        drop_last = shard > per_step and shard % per_step == 1
+        samplers.append(sampler)
+        loaders.append(DataLoader(
+            member.train, batch_size=per_step, shuffle=sampler is None, sampler=sampler,
+            generator=torch.Generator().manual_seed(cfg.seed + i), drop_last=drop_last,
+            num_workers=cfg.num_workers, pin_memory=device.type == "cuda"))
 
-    groups = method.param_groups(model, cfg.lr, cfg.weight_decay)
+    seen_params: set[int] = set()
+    groups = []
+    for member in members:  # a parameter shared by several members is optimised once
+        for g in member.method.param_groups(member.model, cfg.lr, cfg.weight_decay):
+            params = [p for p in g["params"] if id(p) not in seen_params]
+            seen_params.update(id(p) for p in params)
+            if params:
+                groups.append({**g, "params": params})
     if not any(p.requires_grad for g in groups for p in g["params"]):
-        raise MethodError(f"{method.name}: nothing to train (no trainable parameters)")
+        names = ", ".join(sorted({m.method.name for m in members}))
+        raise MethodError(f"{names}: nothing to train (no trainable parameters)")
     optimizer = make_optimizer(groups, cfg)
-    total_steps = cfg.epochs * len(loader)
+    steps = max(len(loader) for loader in loaders)
+    total_steps = cfg.epochs * steps
     scheduler = LambdaLR(optimizer, cosine_schedule(total_steps))
 
-    selectable = [e for e in range(cfg.epochs) if method.selectable(e, cfg.epochs)]
+    selectable = [e for e in range(cfg.epochs)
+                  if all(m.method.selectable(e, cfg.epochs) for m in members)]
     selectable = selectable or [cfg.epochs - 1]
     best_epoch, best_key, best_state = -1, None, None
-    history: list[dict] = []
+    histories: list[list[dict]] = [[] for _ in members]
+    desc = members[0].method.name if len(members) == 1 else f"{len(members)} tasks"
     bar = tqdm(total=total_steps, disable=not progress, unit="step", dynamic_ncols=True,
-               desc=f"{method.name}")
+               desc=desc)
     try:
         for epoch in range(cfg.epochs):
             epoch_start = time.perf_counter()
-            if sampler is not None:
-                sampler.set_epoch(epoch)  # a new order each epoch, the same on every rank
-            method.set_train_mode(model)
-            loss_sum, correct, seen = 0.0, 0, 0
-            for inputs, labels in loader:
-                inputs = inputs.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                outputs = net(inputs)
-                loss = F.cross_entropy(outputs, labels)
-                extra = method.extra_loss(model, epoch)
-                objective = loss if extra is None else loss + extra
+            for sampler in samplers:
+                if sampler is not None:
+                    sampler.set_epoch(epoch)  # a new order each epoch, the same on every rank
+            for member in members:
+                member.method.set_train_mode(member.model)
+            iters = [iter(loader) for loader in loaders]
+            sums = [[0.0, 0, 0] for _ in members]  # loss sum, correct, seen
+            for _ in range(steps):
+                objectives, losses, sizes = [], [], []
+                for i, (member, net) in enumerate(zip(members, nets)):
+                    try:
+                        inputs, labels = next(iters[i])
+                    except StopIteration:
+                        iters[i] = iter(loaders[i])
+                        inputs, labels = next(iters[i])
+                    inputs = inputs.to(device, non_blocking=True)
+                    labels = labels.to(device, non_blocking=True)
+                    outputs = net(inputs)
+                    loss = F.cross_entropy(outputs, labels)
+                    extra = member.method.extra_loss(member.model, epoch)
+                    objectives.append(loss if extra is None else loss + extra)
+                    losses.append(loss)
+                    sizes.append(labels.numel())
+                    sums[i][1] += (outputs.detach().argmax(dim=1) == labels).sum().item()
+                    sums[i][2] += labels.numel()
+                batch_losses = [loss.item() for loss in losses]
+                bad = next((v for v in batch_losses if not math.isfinite(v)), None)
+                if bad is not None:
+                    raise MethodError(f"training loss became {bad} in epoch {epoch}; "
+                                      f"try a lower learning rate")
+                objective = objectives[0] if len(objectives) == 1 else \
+                    torch.stack(objectives).mean()
                 optimizer.zero_grad(set_to_none=True)
                 objective.backward()
                 optimizer.step()
-                method.after_step(model, epoch)
+                for member in members:
+                    member.method.after_step(member.model, epoch)
                 scheduler.step()
-
-                batch_loss = loss.item()
-                if not math.isfinite(batch_loss):
-                    raise MethodError(f"training loss became {batch_loss} in epoch {epoch}; "
-                                      f"try a lower learning rate")
-                loss_sum += batch_loss * labels.numel()
-                correct += (outputs.detach().argmax(dim=1) == labels).sum().item()
-                seen += labels.numel()
+                for i, (value, size) in enumerate(zip(batch_losses, sizes)):
+                    sums[i][0] += value * size
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{batch_loss:.3f}", refresh=False)
+                bar.set_postfix(epoch=epoch, loss=f"{sum(batch_losses) / len(batch_losses):.3f}",
+                                refresh=False)
 
-            loss_sum, correct, seen = group.all_sum(loss_sum, correct, seen)
-            group.sync_buffers(model)  # rank 0's norm statistics everywhere: one model to judge
-            row: dict = {
-                "epoch": epoch,
-                "train_loss": loss_sum / seen,
-                "train_accuracy": correct / seen,
-                "val_accuracy": None,
-                "val_loss": None,
-            }
-            if has_val:
-                result = group.evaluate(model, val_ds, batch_size=2 * cfg.batch_size)
-                row["val_accuracy"], row["val_loss"] = result.accuracy, result.loss
-            active = method.active_layers(model)
-            if active is not None:
-                row["active_layers"] = active
-
+            keys = []
+            for i, member in enumerate(members):
+                loss_sum, correct, seen = group.all_sum(*sums[i][:3])
+                # rank 0's norm statistics everywhere: one model to judge
+                group.sync_buffers(member.model)
+                row: dict = {"epoch": epoch, "train_loss": loss_sum / seen,
+                             "train_accuracy": correct / seen, "val_accuracy": None,
+                             "val_loss": None}
+                if has_val:
+                    result = group.evaluate(member.model, member.val,
+                                            batch_size=2 * cfg.batch_size)
+                    row["val_accuracy"], row["val_loss"] = result.accuracy, result.loss
+                    keys.append((result.accuracy, result.loss))
+                active = member.method.active_layers(member.model)
+                if active is not None:
+                    row["active_layers"] = active
+                row["seconds"] = time.perf_counter() - epoch_start
+                histories[i].append(row)
+                logger.info(
+                    "epoch %d/%d%s: train loss %.4f acc %.4f, val acc %s%s (%.1fs)",
+                    epoch + 1, cfg.epochs, "" if len(members) == 1 else f", model {i + 1}",
+                    row["train_loss"], row["train_accuracy"],
+                    "-" if row["val_accuracy"] is None else f"{row['val_accuracy']:.4f}",
+                    "" if active is None else f", {active} active layers", row["seconds"],
+                )
             if epoch in selectable:
-                key = (row["val_accuracy"], -row["val_loss"]) if has_val else (epoch,)
+                key = ((sum(a for a, _ in keys) / len(keys), -sum(v for _, v in keys) / len(keys))
+                       if has_val else (epoch,))
                 if best_key is None or key > best_key:
                     best_epoch, best_key = epoch, key
-                    best_state = {k: v.detach().clone()
-                                  for k, v in trainable_state(model).items()}
-            row["seconds"] = time.perf_counter() - epoch_start
-            history.append(row)
-            logger.info(
-                "epoch %d/%d: train loss %.4f acc %.4f, val acc %s%s (%.1fs)",
-                epoch + 1, cfg.epochs, row["train_loss"], row["train_accuracy"],
-                "-" if row["val_accuracy"] is None else f"{row['val_accuracy']:.4f}",
-                "" if active is None else f", {active} active layers", row["seconds"],
-            )
+                    best_state = [{k: v.detach().clone()
+                                   for k, v in trainable_state(m.model).items()}
+                                  for m in members]
     finally:
         bar.close()
 
     if best_state is not None and best_epoch != cfg.epochs - 1:
         with torch.no_grad():
-            for key, tensor in trainable_state(model).items():
-                tensor.copy_(best_state[key])
+            for member, state in zip(members, best_state):
+                for key, tensor in trainable_state(member.model).items():
+                    tensor.copy_(state[key])
     logger.info("kept epoch %d of %d", best_epoch + 1, cfg.epochs)
-    best_val = history[best_epoch]["val_accuracy"]
-    return FitResult(best_epoch=best_epoch, best_val_accuracy=best_val, history=history,
-                     seconds=time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return [FitResult(best_epoch=best_epoch, best_val_accuracy=h[best_epoch]["val_accuracy"],
+                      history=h, seconds=seconds) for h in histories]

@@ -20,13 +20,11 @@ from torch import nn
 from registry import Registry
 from registry.entities import Artifact, BaseModel, SharedPin
 from taps_cl import serialization
-from taps_cl.models import backbones
-from taps_cl.data import specs as data
 from taps_cl.analysis import similarity
+from taps_cl.data import specs as data
 from taps_cl.errors import TapsError
 from taps_cl.methods.base import Dependency, Method
 from taps_cl.methods.progressive.method import BANDS
-from taps_cl.tasks.rebuilding import ModelStore, example_input
 from taps_cl.methods.progressive.sharing import (
     PIN_KINDS,
     Sharing,
@@ -35,6 +33,8 @@ from taps_cl.methods.progressive.sharing import (
     new_group_name,
     sharing_of,
 )
+from taps_cl.models import backbones
+from taps_cl.tasks.rebuilding import TaskModels, example_input
 from taps_cl.tasks.verification import sha256_of
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class SharedBands:
 class Joining:
     """Signatures and shared-band plans of new tasks on one registry (reads only)."""
 
-    def __init__(self, registry: Registry, models: ModelStore) -> None:
+    def __init__(self, registry: Registry, models: TaskModels) -> None:
         self.registry = registry
         self.models = models
 

@@ -35,6 +35,14 @@ from typing import Any
 from torch import Tensor, nn
 
 from taps_cl.errors import MethodError
+from taps_cl.methods.base import (
+    MODULE_PREFIX,
+    SET_PREFIX,
+    Dependency,
+    LayerRecord,
+    Method,
+    TaskState,
+)
 from taps_cl.methods.blocks import (
     ACTIVATIONS,
     BlockSite,
@@ -45,17 +53,9 @@ from taps_cl.methods.blocks import (
     site_names,
     trace_blocks,
 )
-from taps_cl.methods.layers import block_params
-from taps_cl.methods.base import (
-    Dependency,
-    LayerRecord,
-    MODULE_PREFIX,
-    Method,
-    SET_PREFIX,
-    TaskState,
-)
 from taps_cl.methods.catalog import register
 from taps_cl.methods.layers import (
+    block_params,
     cpu_copy,
     freeze,
     head_parameters,

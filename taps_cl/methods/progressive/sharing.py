@@ -73,7 +73,7 @@ def new_group_name(task: str, taken: Collection[str]) -> str:
 
 
 @dataclass(frozen=True)
-class Group:
+class SimilarityGroup:
     """A similarity group of progressive tasks on one base."""
 
     name: str
@@ -87,7 +87,7 @@ class Sharing:
 
     shared_sha256: Optional[str]  # the base's shared band (None before its first progressive task)
     config: Optional[dict[str, Any]]  # the band options of its first progressive task
-    groups: dict[str, Group]
+    groups: dict[str, SimilarityGroup]
 
     def band_options(self, base: str, options: dict[str, Any]) -> dict[str, Any]:
         """`options` with the base's band options; TapsError where they contradict them."""
@@ -120,5 +120,5 @@ def sharing_of(tasks: Sequence[Task]) -> Sharing:
         if group and pins.get("group") and pins.get("shared") == shared:
             group_sha.setdefault(group, pins["group"])
             members.setdefault(group, []).append(task.name)
-    groups = {name: Group(name, group_sha[name], tuple(names)) for name, names in members.items()}
+    groups = {name: SimilarityGroup(name, group_sha[name], tuple(names)) for name, names in members.items()}
     return Sharing(shared, config, groups)

@@ -21,7 +21,7 @@ How. The registry grows in one home: N = 10, then 90 more tasks to N = 100, and 
 the measured adds and one real add before the first of them (not measured: it warms up data
 loading, training and re-checking), the tasks are synthetic: the base with a random linear
 head, recorded through exactly the path a real add takes after training — `Registry.begin_task`,
-then `TaskAdder.store_trained` (evaluation on 6 random images, probe batch, content-addressed
+then `TaskAdder.record_trained` (evaluation on 6 random images, probe batch, content-addressed
 artifacts, `finish_task`) — with no training and, by default, no re-check of earlier tasks
 (--synthetic-recheck). Building time is printed per size. The home is a temporary directory
 unless --home keeps it (a kept home grows further on the next run). Torch computes with every
@@ -140,7 +140,7 @@ class Synthesizer:
         test = data.TensorImageDataset(images, labels,
                                        data.build_transform(self.base.data_config, img_size))
         self.task_data = data.TaskData(train=test, val=test, test=test, class_names=list(CLASSES))
-        options = inspect.signature(self.adder.store_trained).parameters
+        options = inspect.signature(self.adder.record_trained).parameters
         self.extra = {"recheck": recheck} if "recheck" in options else {}
 
     def add(self, name: str, seed: int) -> None:
@@ -158,7 +158,7 @@ class Synthesizer:
                           "note": "examples/scale.py: a random head, random test images"},
             class_names=list(CLASSES), run_host=socket.gethostname(), run_pid=os.getpid())
         try:
-            self.adder.store_trained(started, self.base, self.learner, self.model,
+            self.adder.record_trained(started, self.base, self.learner, self.model,
                                      self.task_data, [], [], train_seconds=0.0, seed=seed,
                                      **self.extra)
         except BaseException:
