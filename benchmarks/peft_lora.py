@@ -175,4 +175,3 @@ def choose_rank(spec: str, head: frozenset[str], classes: list[int], target: flo
     best = min(range(1, max_rank + 1),
                key=lambda r: (abs(lora_numbers(targets, r) + fixed - target), r))
     return best, lora_numbers(targets, best) + fixed
-

@@ -45,6 +45,9 @@ class Plan:
     stage2_s: float
     timing_s: float  # the interleaved step timing
     total_s: float
+    images: dict[str, int]  # training images per task: "select_train" (stage 1), "max_train"
+    # Per row, in `rows` order: {"key", "seeds" (its stage-2 seeds), "stage1_s", "stage2_s"}.
+    per_row: list[dict] = field(default_factory=list)
     limit_min: int = PLAN_LIMIT_MIN
     lines: list[str] = field(default_factory=list)
 
@@ -59,8 +62,8 @@ class Plan:
                 "seeds": [{"seeds": k, "rows": n} for k, n in sorted(self.seeds.items())],
                 "row_runs": self.row_runs, "stage2_runs": self.stage2_runs,
                 "stage1_s": self.stage1_s, "stage2_s": self.stage2_s,
-                "timing_s": self.timing_s, "total_s": self.total_s,
-                "limit_min": self.limit_min, "over": self.over}
+                "timing_s": self.timing_s, "total_s": self.total_s, "images": self.images,
+                "per_row": self.per_row, "limit_min": self.limit_min, "over": self.over}
 
 
 def plan(args: argparse.Namespace, specs: list[RowSpec], matched: bool) -> Plan:
@@ -72,7 +75,9 @@ def plan(args: argparse.Namespace, specs: list[RowSpec], matched: bool) -> Plan:
     stage1 = stage2 = 0.0
     runs1 = runs2 = fits2 = 0
     by_seeds: dict[int, int] = {}  # seeds per row → rows
+    per_row = []
     for row in rows:
+        before = stage1, stage2
         speed = LINEAR_IMG_S if row.method == "linear" else TRAIN_IMG_S
         seeds = len(row.seeds(args.seed_values))
         by_seeds[seeds] = by_seeds.get(seeds, 0) + 1
@@ -98,6 +103,8 @@ def plan(args: argparse.Namespace, specs: list[RowSpec], matched: bool) -> Plan:
         if progressive:  # a base of its own per rate and per seed
             stage1 += rates * BASE_ADD_S
             stage2 += seeds * BASE_ADD_S
+        per_row.append({"key": row.key, "seeds": row.seeds(args.seed_values),
+                        "stage1_s": stage1 - before[0], "stage2_s": stage2 - before[1]})
     steps = QUICK_TIMED_STEPS if args.quick else TIMED_STEPS
     timing = (len(rows) * (args.step_rounds * steps + 1) * args.batch_size / TRAIN_IMG_S
               + len(rows) * FIT_OVERHEAD_S) if args.step_rounds else 0.0
@@ -121,7 +128,7 @@ def plan(args: argparse.Namespace, specs: list[RowSpec], matched: bool) -> Plan:
         f"- step timing: {len(rows)} rows × {plural(args.step_rounds, 'round')} × "
         f"{plural(steps, 'step')}",
         f"- estimate at {TRAIN_IMG_S:g} train img/s ({LINEAR_IMG_S:g} for the linear probe) and "
-        f"{EVAL_IMG_S:g} eval img/s on 2 cores (DESIGN §7, Lite0 at 64 px), plus "
+        f"{EVAL_IMG_S:g} eval img/s on 2 cores (Lite0 at 64 px, docs/results.md), plus "
         f"{FIT_OVERHEAD_S:g} s per stage-1 run and {TASK_OVERHEAD_S:g} s per stage-2 task: "
         f"stage 1 {stage1 / 60:.0f} min, stage 2 {stage2 / 60:.0f} min, step timing "
         f"{timing / 60:.0f} min; total ≈ {total / 60:.0f} min (limit {PLAN_LIMIT_MIN} min{over})",
@@ -135,5 +142,6 @@ def plan(args: argparse.Namespace, specs: list[RowSpec], matched: bool) -> Plan:
                      f"signature ({SIGNATURE_S:g} s) and a restore scored on validation; stage 2 "
                      "adds a signature per task and a base per seed")
     return Plan([r.key for r in rows], sizes, rates, runs1, by_seeds, runs2, fits2, stage1,
-                stage2, timing, total, lines=lines)
-
+                stage2, timing, total,
+                {"select_train": args.select_train, "max_train": args.max_train},
+                per_row, lines=lines)

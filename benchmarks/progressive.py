@@ -21,7 +21,6 @@ from taps_cl.tasks.adding import TaskAddResult
 from taps_cl.tasks.grouping import GroupResult
 
 
-
 def train_progressive(
     bench: Bench, manager: Manager, spec: RowSpec, base: str, lr: float, seed: int, *,
     max_train: int, max_test: int,
@@ -160,5 +159,3 @@ def groups_text(run: Run) -> str:
     for task, group in run.groups.items():
         members.setdefault(group, []).append(task)
     return " ".join("{" + ", ".join(m) + "}" for m in members.values())
-
-

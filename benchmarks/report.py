@@ -28,7 +28,8 @@ from benchmarks.protocol import (
 )
 from benchmarks.rows import PROGRESSIVE_GROUP, PROGRESSIVE_KINDS, Row, Run, epoch_ratio
 from benchmarks.targets import Target, lines, similarity_runs
-from taps_cl.methods.progressive.joining import JOIN_THRESHOLD
+from taps_cl.methods.progressive.method import ProgressiveConfig
+
 
 def render(rows: list[Row], tasks: list[TaskDef], base_params: int, header: list[str],
            notes: list[str]) -> str:
@@ -83,6 +84,7 @@ def lr_lines(rows: list[Row], args: argparse.Namespace) -> list[str]:
         out.append(f"- {r.label}: val {scores} → chosen lr {fmt_lr(r.lr)}")
     return out
 
+
 def composed_notes(rows: list[Row], bench: Bench) -> list[str]:
     """Notes on the adapter and fusion rows (if chosen): options and what the sizes count."""
     out = []
@@ -111,6 +113,7 @@ def composed_notes(rows: list[Row], bench: Bench) -> list[str]:
                    "and img/s are over the fusion tasks.")
     return out
 
+
 def progressive_notes(rows: list[Row], bench: Bench) -> list[str]:
     """Notes on the progressive rows (if chosen): bands, groups, sizes, the similarity matrix."""
     prog = [r for r in rows if r.kind in PROGRESSIVE_KINDS]
@@ -119,17 +122,18 @@ def progressive_notes(rows: list[Row], bench: Bench) -> list[str]:
     cfg = prog[0].runs[0].config
     out = [f"- progressive (docs/architecture.md, progressive adaptation): a bottleneck adapter "
            f"(reduction {cfg.get('reduction')}, {cfg.get('activation')}) on every block, the "
-           f"blocks in three bands — the first {cfg.get('shared_fraction'):g} of them shared by every task of the row's base, the "
-           f"last {cfg.get('task_fraction'):g} (at least one block) task-specific with their norm "
-           "layers and the head, the blocks between shared within a similarity group; shared and "
-           "group bands (adapters and the norm layers of their blocks) are stored once each as "
-           "shared artifacts that the members pin. Each progressive row registers the base "
-           "under a name of its own, so the rows share nothing. Task params/bytes (mean) = each "
-           "task's own artifact; total = base + own artifacts + the shared artifacts, each once "
-           "(`Manager.budget` of the row's base). Stage 1 ran each row whole through the "
-           "Manager in a throw-away registry per rate (training sets cut to --select-train), "
-           "scored on the full validation split. The interleaved step times a step of a base's "
-           "first progressive task (all three bands train); later incremental tasks train less."]
+           f"blocks in three bands — the first {cfg.get('shared_fraction'):g} of them shared by "
+           f"every task of the row's base, the last {cfg.get('task_fraction'):g} (at least one "
+           "block) task-specific with their norm layers and the head, the blocks between shared "
+           "within a similarity group; shared and group bands (adapters and the norm layers of "
+           "their blocks) are stored once each as shared artifacts that the members pin. Each "
+           "progressive row registers the base under a name of its own, so the rows share "
+           "nothing. Task params/bytes (mean) = each task's own artifact; total = base + own "
+           "artifacts + the shared artifacts, each once (`Manager.budget` of the row's base). "
+           "Stage 1 ran each row whole through the Manager in a throw-away registry per rate "
+           "(training sets cut to --select-train), scored on the full validation split. The "
+           "interleaved step times a step of a base's first progressive task (all three bands "
+           "train); later incremental tasks train less."]
     for r in prog:
         if r.kind == PROGRESSIVE_GROUP:
             k = bench.args.progressive_groups
@@ -142,10 +146,12 @@ def progressive_notes(rows: list[Row], bench: Bench) -> list[str]:
                        + ". Its time/epoch and img/s give each task an equal share of the joint "
                        "epoch.")
         else:
+            # The threshold the tasks were added with, as the registry recorded it.
+            threshold = r.runs[0].config.get("join_threshold", ProgressiveConfig.join_threshold)
             out.append(f"- {r.label}: tasks added one at a time with `--group auto`: the first "
                        "trains all three bands (opening the shared band and its group); a later "
                        "task reads the shared band frozen and joins the group whose members' "
-                       f"signatures it matches best when the mean cosine ≥ {JOIN_THRESHOLD:g} "
+                       f"signatures it matches best when the mean cosine ≥ {threshold:g} "
                        "(training its task band only), else opens a group of its own (training "
                        "its group and task bands). After every add it re-reads each earlier "
                        "task's artifact and pinned shared bands; `Manager.verify` checks the "
@@ -184,6 +190,7 @@ def similarity_table(rows: list[Row]) -> list[str]:
                         f"`Manager.similarity`): {same}."]
     return out
 
+
 def seed_note(rows: list[Row], args: argparse.Namespace) -> str:
     """Which seeds the adapter, fusion and progressive rows used, for the header."""
     if any(r.kind in PROGRESSIVE_KINDS for r in rows):
@@ -192,7 +199,6 @@ def seed_note(rows: list[Row], args: argparse.Namespace) -> str:
                 f"--progressive-seeds; fusion: the first {args.adapter_seeds} of them, "
                 "--adapter-seeds)")
     return f"(adapter and fusion rows: the first {args.adapter_seeds}, --adapter-seeds)"
-
 
 
 def matched_note(matched: dict[str, Any] | None) -> str:

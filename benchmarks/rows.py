@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from benchmarks.peft_lora import LoraOptions, PeftLora
 from benchmarks.protocol import Bench, TaskDef, plural
 from taps_cl.methods.base import Method
-from taps_cl.methods.progressive.method import BANDS
+from taps_cl.methods.progressive.sharing import BANDS
 from taps_cl.tasks.adding import configured_method
+
 
 @dataclass(frozen=True)
 class RowSpec:
@@ -154,6 +155,7 @@ def fused_tasks(tasks: list[TaskDef], row: RowSpec) -> list[TaskDef]:
     task (the adapter row's), so fusion trains from the second task on."""
     return tasks[1:] if row.kind == "fusion" else tasks
 
+
 @dataclass(frozen=True)
 class SharedBand:
     """A shared artifact a progressive row's tasks pin, from the budget of the row's base."""
@@ -253,6 +255,7 @@ class Row:
     def total_bytes(self) -> float:
         return statistics.fmean(r.total_bytes for r in self.runs)
 
+
 def epoch_ratio(row: Row, ft: Row) -> float:
     """Median over tasks of (seconds per epoch ÷ fine-tune's on the same task), first seeds.
 
@@ -293,4 +296,3 @@ def say_task(bench: Bench, row: Row, run: Run, task: str) -> None:
     bench.say(f"  stage 2  {row.label:<30} seed {run.seed} {task:<10} acc "
               f"{100 * run.acc[task]:6.2f}%  layers {run.active[task]:>5}  task params "
               f"{run.task_params[task]:>10,}  {run.epoch_seconds[task]:6.1f} s/epoch")
-

@@ -222,6 +222,8 @@ def run_fusion(bench: Bench, manager: Manager, row: Row, seed: int, adapter: Row
     run.total_params = budget.base_params + sum(e.task_params for e in distinct.values())
     run.total_bytes = budget.base_bytes + sum(e.bytes for e in distinct.values())
     return run
+
+
 def run_lora(bench: Bench, row: Row, seed: int) -> Run:
     """One seed of a LoRA row with the library's fit/evaluate (same data, seed and head init)."""
     run = Run(seed)
@@ -322,5 +324,3 @@ def step_timing(rows: list[Row], bench: Bench, num_classes: int, rounds: int,
             times[row.label].append((time.perf_counter() - started) / steps)
     for row in rows:
         row.step_seconds = statistics.median(times[row.label])
-
-

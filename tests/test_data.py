@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from taps_cl.data import specs as data_module
 from taps_cl.data.sampling import carve_validation, stratified_sample
+from taps_cl.data.sources import FASHION_MNIST_CLASSES
 from taps_cl.data.specs import (
     DataSpec,
     ImageFileDataset,
@@ -24,7 +25,6 @@ from taps_cl.data.specs import (
     load_task_data,
 )
 from taps_cl.errors import DataError
-from taps_cl.data.sources import FASHION_MNIST_CLASSES
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.5]
 CFG = {"input_size": [3, 24, 24], "mean": MEAN, "std": STD, "interpolation": "bicubic"}

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from taps_cl.data import letters as letters_module
+from taps_cl.data.letters import PINNED_FONTS, pinned_fonts, render_letters, split_fonts
 from taps_cl.data.specs import load_task_data
 from taps_cl.errors import DataError
-from taps_cl.data.letters import PINNED_FONTS, pinned_fonts, render_letters, split_fonts
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "make_letters.py"
 SMALL = {"letters": "ABC", "size": 16, "train_per_class": 4, "test_per_class": 2}

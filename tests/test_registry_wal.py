@@ -3,7 +3,7 @@
 Opening a registry used to read the SQLite header with open()/close(); closing any descriptor of
 a file drops every POSIX lock the process holds on it, so the next process to close its
 connection took itself for the last one and deleted the WAL the first handle still wrote to:
-its later commits vanished for every other process (found by examples/scale.py).
+its later commits vanished for every other process (found by benchmarks/scale.py).
 """
 
 from __future__ import annotations

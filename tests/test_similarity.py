@@ -13,13 +13,12 @@ from PIL import Image
 from sqlalchemy import text
 
 from taps_cl import serialization
-from taps_cl.models import backbones
+from taps_cl.analysis import plots, similarity
 from taps_cl.data import specs as data
-from taps_cl.analysis import plots
-from taps_cl.analysis import similarity
 from taps_cl.errors import MethodError, TapsError
 from taps_cl.manager import Manager
-from taps_cl.tasks.rebuilding import example_input
+from taps_cl.models import backbones
+from taps_cl.models.compose import example_input
 from tests.conftest import make_imagefolder
 from tests.test_cli import assert_one_line_error, run
 

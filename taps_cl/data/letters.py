@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # README's first command and .ci/run install them). Every file draws A–Z, a–z and 0–9 distinctly
 # (the check `_draws_letters` makes). Pinned because rendering from whatever fonts a machine has
 # made the data differ between machines: installing two more font packages moved the benchmark's
-# letters row of the linear probe from 83.4 % to 81.9 % (issue 9). Other fonts are ignored.
+# letters row of the linear probe from 83.4 % to 81.9 %. Other fonts are ignored.
 PINNED_FONTS: dict[str, tuple[str, ...]] = {
     "fonts-dejavu-core": tuple(
         f"/usr/share/fonts/truetype/dejavu/{name}.ttf" for name in (

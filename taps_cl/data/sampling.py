@@ -57,7 +57,7 @@ def stratified_sample(labels: Sequence[int] | np.ndarray, n: int, seed: Seed) ->
 
 
 def _allocation(counts: np.ndarray, n: int) -> np.ndarray:
-    """Items per class: proportional shares, ≥ 1 each when n ≥ classes, summing to n < counts.sum()."""
+    """Items per class: proportional shares, ≥ 1 each when n ≥ classes; n < counts.sum() in all."""
     quota = counts * n / counts.sum()
     take = np.minimum(np.floor(quota).astype(np.int64), counts)
     if n >= len(counts):

@@ -1,7 +1,8 @@
 """Dataset sources: read imagefolder, idx, digits and torchvision data into raw splits.
 
 A source hands back original labels and where each split's images are (uint8 arrays in memory,
-image files, or a torchvision dataset); `taps_cl.data.specs` selects classes, splits and preprocesses.
+image files, or a torchvision dataset); `taps_cl.data.specs` selects classes, splits and
+preprocesses.
 """
 
 from __future__ import annotations

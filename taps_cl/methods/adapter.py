@@ -40,7 +40,7 @@ from taps_cl.methods.layers import (
     train_norms_and_head,
     trainable,
 )
-from taps_cl.methods.options import check_choice, check_number
+from taps_cl.methods.options import check_choice, check_number, option
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,9 @@ class AdapterConfig:
     """Options of the bottleneck adapter; defaults follow the paper (Pfeiffer: d/16, ReLU)."""
 
     # Reduction factor: an adapter on a C-channel output is max(1, C // reduction) wide.
-    reduction: int = 16
+    reduction: int = option(
+        16, "adapter/fusion/progressive: bottleneck width = channels / reduction (default 16).",
+        minimum=1)
     # Non-linearity between down and up projection: "relu" (the paper's) or "gelu".
     activation: str = "relu"
 

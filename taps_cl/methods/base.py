@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -84,6 +84,98 @@ class TaskState:
     def active_layers(self) -> int:
         """How many adaptable layers the task changes."""
         return sum(1 for layer in self.layers if layer.active)
+
+
+@dataclass(frozen=True)
+class EarlierTask:
+    """What a method may know of an earlier ready task of the same base when it plans a new one."""
+
+    name: str
+    method: str
+    config: dict[str, Any]
+    pins: tuple[tuple[str, str], ...]  # (pin kind, sha256) of the shared artifacts it reads
+    signature: str | None  # sha256 of its gradient signature artifact (None: none recorded)
+
+
+@dataclass(frozen=True)
+class Planning:
+    """What a method may consult while it plans a new task (`Method.plan`).
+
+    The task layer fills it in from the registry; methods never see the registry itself.
+    """
+
+    task: str  # the new task's name
+    base: str  # the base's name
+    base_sha256: str
+    # The options the user gave (method config fields), as opposed to the config's defaults.
+    given: Mapping[str, Any]
+    # The new task's gradient signature and its artifact bytes (None for a one-class task).
+    signature: tuple[Tensor, bytes] | None
+    # Cosine similarity of the new task's signature to a stored one (by its sha256); None where
+    # the two cannot be compared (another recipe, or the new task has none).
+    similarity: Callable[[str], float | None]
+    # The base's ready tasks in sequence order, only those of the named method if one is given.
+    earlier: Callable[[str | None], Sequence[EarlierTask]]
+    # The bytes of a recorded artifact by sha256, hash-checked.
+    read: Callable[[str], bytes]
+
+
+@dataclass(frozen=True)
+class SharedRead:
+    """A shared artifact a task reads frozen: as the dependency its model reads, and its pin."""
+
+    dependency: Dependency
+    sha256: str
+    kind: str  # task_dependencies.kind of the pin
+
+
+@dataclass(frozen=True)
+class SharedWrite:
+    """A shared artifact a task trained and stores (once, whoever else will read it)."""
+
+    blob: bytes  # the artifact's bytes (safetensors)
+    kind: str  # task_dependencies.kind of the pin
+    num_params: int
+    dependency: Dependency  # the artifact as the dependency the stored task model reads
+
+
+@dataclass(frozen=True)
+class GroupPlanning:
+    """What a method may consult while it plans several new tasks trained together."""
+
+    planning: Planning  # the base's earlier tasks and artifacts (its task/signature: unused)
+    names: Sequence[str]  # the new tasks, in order
+    # Cosine similarity of their gradient signatures, and the similarity group of each (labels).
+    matrix: Sequence[Sequence[float]]
+    labels: Sequence[Any]
+    class_counts: Sequence[int]
+    head: frozenset[str]  # the base's classifier-head keys
+    # A fresh copy of the base with a new head of that many classes.
+    build: Callable[[int], nn.Module]
+    example: Tensor  # an input batch of the tasks' size, for shapes
+    seed: int
+
+
+@dataclass
+class GroupPlan:
+    """Several new tasks trained together: one configured method and one model per task (the
+    models share modules), the shared artifacts they all read, their groups and similarity."""
+
+    methods: list[Method]
+    models: list[nn.Module]
+    reads: list[SharedRead]
+    groups: dict[str, list[str]]
+    matrix: list[list[float]]
+
+
+@dataclass
+class Plan:
+    """How a new task is trained: the method configured for it, and what shared artifacts it
+    reads frozen; `details` are facts for logs and results (e.g. group similarity)."""
+
+    method: Method
+    reads: list[SharedRead] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 class Method(ABC):
@@ -147,6 +239,39 @@ class Method(ABC):
     @abstractmethod
     def extract(self, model: nn.Module, head: frozenset[str]) -> TaskState:
         """The tensors the task must store (on CPU, copied) and a record per adaptable layer."""
+
+    # ---------------------------------------------- planning (generic code calls these hooks)
+    # Whether `plan` reads the new task's gradient signature (every process of a distributed
+    # run then computes it, not only the one that records).
+    uses_signature: ClassVar[bool] = False
+
+    def for_epochs(self, epochs: int, given: Collection[str]) -> Method:
+        """This method fitted to a run of `epochs` epochs; `given` names the options the user set.
+
+        MethodError where a given option cannot work in that many epochs.
+        """
+        return self
+
+    def plan(self, planning: Planning) -> Plan:
+        """How the new task `planning.task` is trained: the method (possibly configured from
+        what the base's earlier tasks share) and the shared artifacts it reads frozen."""
+        return Plan(self)
+
+    def plan_group(self, planning: GroupPlanning) -> GroupPlan:
+        """Configured methods and tied models for several new tasks trained together."""
+        raise MethodError(f"{self.name} cannot train several tasks as a group")
+
+    def shared_outputs(self, model: nn.Module, base_sha256: str) -> list[SharedWrite]:
+        """The shared artifacts the trained `model` stores besides the task's own tensors."""
+        return []
+
+    def describe(self) -> dict[str, Any]:
+        """Facts of the configured method that listings show beside its name (e.g. a group)."""
+        return {}
+
+    def read_shared(self, blob: bytes) -> Dependency:
+        """A shared artifact this method's tasks pin, as the dependency their models read."""
+        raise MethodError(f"{self.name} reads no shared artifact")
 
     # ------------------------------------------------ composed methods (mergeable = False)
     def dependencies(self) -> tuple[str, ...]:

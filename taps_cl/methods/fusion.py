@@ -54,7 +54,7 @@ from taps_cl.methods.layers import (
     train_norms_and_head,
     trainable,
 )
-from taps_cl.methods.options import check_choice, check_number
+from taps_cl.methods.options import check_choice, check_number, option
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +74,15 @@ class FusionConfig:
 
     # Names of the earlier adapter tasks whose adapters are fused, in order (a comma-separated
     # string is accepted and split); at least one, no repeats.
-    fuse: tuple[str, ...] = ()
+    fuse: tuple[str, ...] = option((), "fusion: the earlier adapter tasks to fuse, e.g. A,B.")
     # Whether the task adds an adapter of its own (zero at start) to those it fuses.
-    own_adapter: bool = True
+    own_adapter: bool = option(
+        True, "fusion: fuse only the earlier adapters, train no adapter of its own.",
+        flag="--no-own-adapter", flag_value=False)
     # Reduction factor of the own adapter (as `adapter --reduction`).
-    reduction: int = 16
+    reduction: int = option(
+        16, "adapter/fusion/progressive: bottleneck width = channels / reduction (default 16).",
+        minimum=1)
     # Non-linearity of the own adapter: "relu" or "gelu".
     activation: str = "relu"
     # Query/key width d = max(1, C // key_reduction). 32 keeps a Lite0 fusion task's own tensors

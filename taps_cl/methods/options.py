@@ -1,7 +1,14 @@
-"""Validators of method and training options: one message format for every bad value."""
+"""Options declared once: `option()` fields of config dataclasses, and their validators.
+
+A config field declared with `option(default, help, ...)` is a user option: the command line makes
+a flag of it (`--score-lr` for `score_lr`, with this help and range), the Python API takes it as a
+keyword, and the dataclass's `__post_init__` validates it (`check_number`, `check_choice`: one
+message format for every bad value). Fields declared without it are internal (set by the code).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -48,3 +55,28 @@ def check_choice(method: str, field: str, value: Any, choices: tuple[str, ...]) 
             f"{method}: {field} must be one of {', '.join(choices)}, got {value!r}"
         )
     return value
+
+
+# Metadata key of an option's declaration on a dataclass field.
+OPTION = "taps_cl.option"
+
+
+def option(default: Any, help: str, *, minimum: float | None = None,
+           maximum: float | None = None, open_minimum: bool = False, open_maximum: bool = False,
+           choices: tuple[str, ...] | None = None, flag: str | None = None,
+           flag_value: Any = None, joint: bool = True) -> Any:
+    """A dataclass field that is a user option (see the module docstring).
+
+    `minimum`/`maximum` (open or closed) and `choices` bound what the command line accepts before
+    the config is built; `flag` with `flag_value` makes a switch (e.g. `--no-own-adapter`);
+    `joint=False` marks an option that means nothing when several tasks train together.
+    """
+    spec = {"help": help, "minimum": minimum, "maximum": maximum, "open_minimum": open_minimum,
+            "open_maximum": open_maximum, "choices": choices, "flag": flag,
+            "flag_value": flag_value, "joint": joint}
+    return dataclasses.field(default=default, metadata={OPTION: spec})
+
+
+def declared_options(config: type) -> list[tuple[dataclasses.Field, dict[str, Any]]]:
+    """The fields of dataclass `config` declared with `option()`, with their declarations."""
+    return [(f, f.metadata[OPTION]) for f in dataclasses.fields(config) if OPTION in f.metadata]

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
+import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +48,7 @@ from taps_cl.methods.layers import (
     trainable,
 )
 from taps_cl.methods.merging import factor_product
-from taps_cl.methods.options import check_choice, check_number
+from taps_cl.methods.options import check_choice, check_number, option
 
 logger = logging.getLogger(__name__)
 
@@ -83,33 +85,49 @@ class TapsConfig:
 
     # Weight λ of the sparsity penalty λ·Σ w_l·|s_l| (0 keeps every gate on); with a budget, the
     # floor that dual ascent raises λ from.
-    lam: float = 1.0
+    lam: float = option(1.0, "TAPS sparsity weight λ.", minimum=0)
     # Gate threshold τ: a layer uses its delta iff its score s_l >= τ.
-    tau: float = 0.1
+    tau: float = option(0.1, "TAPS gate threshold τ.")
     # Starting score; above τ so every layer starts on.
     score_init: float = 0.15
     # Learning rate of the scores: Adam moves a score by about this much per step whatever λ is.
-    score_lr: float = 1e-2
+    score_lr: float = option(
+        1e-2, "TAPS learning rate of the gate scores.",
+        minimum=0, open_minimum=True)
     # Epochs trained before the penalty starts; validation only picks epochs after the warm-up.
-    warmup_epochs: int = 1
+    warmup_epochs: int = option(1, "TAPS epochs before the penalty.", minimum=0)
     # Penalty weights w_l: "layers" = 1/L (as in the paper), "params" = the layer's share of the
     # numbers all layers would store if active (factors for factorised layers, else the weight).
-    penalty: str = "layers"
+    penalty: str = option(
+        "layers", "TAPS penalty weights: 1/L per layer, or by the numbers a layer would store.",
+        choices=("layers", "params"))
     # Rank R of factorised deltas ΔW = B·A (conv weight seen as out × in·k·k); 0 = full deltas.
-    rank: int = 0
+    rank: int = option(
+        0, "TAPS low-rank deltas ΔW = B·A of this rank on large layers (0 = full deltas).",
+        minimum=0)
     # A layer is factorised only if groups == 1, its weight has at least this many numbers and
     # R·(out + in·k·k) < its size: small and depthwise layers keep (cheaper) full deltas.
-    factor_min_params: int = 20000
+    factor_min_params: int = option(
+        20000, "TAPS: factorise only layers with at least this many weights.",
+        minimum=0)
     # Learning rate of the factors A and B; None = FACTOR_LR_SCALE × the task learning rate.
-    factor_lr: float | None = None
+    factor_lr: float | None = option(
+        None, "TAPS learning rate of the factors (default 5 × --lr).",
+        minimum=0, open_minimum=True)
     # Most the task may store, as a fraction of the base's parameters (backbone without its
     # head): active deltas/factors + norm parameters and statistics + head. None = no limit.
-    budget: float | None = None
+    budget: float | None = option(
+        None, "TAPS: store at most this fraction of the base's parameters (norms, head included); λ is raised during training until the task fits.",
+        minimum=0, open_minimum=True)
     # Type the deltas/factors are stored in: "float32", "bfloat16" or "float16".
-    store_dtype: str = "float32"
+    store_dtype: str = option(
+        "float32", "TAPS: precision of the stored deltas/factors.",
+        choices=("float32", "bfloat16", "float16"))
     # Type the norm parameters/statistics and the head are stored in (integer buffers such as
     # BatchNorm's num_batches_tracked keep theirs).
-    store_norms_head_dtype: str = "float32"
+    store_norms_head_dtype: str = option(
+        "float32", "TAPS: precision of the stored norms and head.",
+        choices=("float32", "bfloat16", "float16"))
 
     def __post_init__(self) -> None:
         def fix(field: str, value: object) -> None:
@@ -258,6 +276,19 @@ class Taps(Method):
     name = "taps"
     Config = TapsConfig
 
+
+    def for_epochs(self, epochs: int, given: Collection[str]) -> Taps:
+        """A warm-up that would swallow every epoch of a penalised run is shortened to leave one
+        epoch for the penalty; one the user set that way is refused."""
+        cfg = self.config
+        penalised = cfg.lam > 0 or cfg.budget is not None
+        if cfg.warmup_epochs < epochs or not penalised:
+            return self
+        if "warmup_epochs" in given:
+            raise MethodError(
+                f"--warmup-epochs {cfg.warmup_epochs} leaves no epoch of the {epochs} for the "
+                "sparsity penalty; use fewer warm-up epochs or more epochs")
+        return type(self)(dataclasses.replace(cfg, warmup_epochs=epochs - 1))
     def __init__(self, config: TapsConfig | None = None) -> None:
         super().__init__(config)
         cfg = self.config

@@ -29,12 +29,14 @@ from registry.entities import BaseModel, EarlierCell, LayerEntry, SharedPin, Tas
 from registry.runs import HEARTBEAT_INTERVAL_SECONDS
 from taps_cl import serialization
 from taps_cl.data import specs as data
-from taps_cl.errors import MethodError, TapsError
-from taps_cl.methods.base import Dependency, Method
+from taps_cl.errors import TapsError
+from taps_cl.methods.base import Dependency, Method, Plan
 from taps_cl.methods.catalog import get_method
-from taps_cl.methods.progressive.joining import JOIN_THRESHOLD, Joining, SharedBands, trained_band
+from taps_cl.methods.options import option
 from taps_cl.models import backbones
-from taps_cl.tasks.rebuilding import TaskModels, example_input, task_model
+from taps_cl.models.compose import example_input, task_model
+from taps_cl.tasks.rebuilding import TaskModels
+from taps_cl.tasks.planning import planning, task_signature
 from taps_cl.tasks.verification import (
     RECORD_KEY,
     ProbeCheck,
@@ -71,42 +73,41 @@ class TaskAddResult:
 
 
 @dataclass(frozen=True)
-class TaskRequest:
+class RunOptions:
+    """What a run reads of its data and re-checks; shared by `task add` and `group train`."""
+
+    # Input size (default: the base's).
+    img_size: Optional[int] = option(None, "Input size (default: the base's).", minimum=8)
+    # Subsample each training set / test set to this many images (class-stratified).
+    max_train: Optional[int] = option(None, "Subsample each training set.", minimum=1)
+    max_test: Optional[int] = option(None, "Subsample each test set.", minimum=1)
+    # Share of the training data held out for validation (model selection), where the data
+    # brings no validation split of its own.
+    val_fraction: float = option(0.1, "Share of the training data held out for validation.",
+                                 minimum=0, maximum=1, open_minimum=True, open_maximum=True)
+    # Earlier tasks whose probes the add re-checks (a seeded sample; 0: none). Whatever the
+    # number, the add cannot change them; `report accuracy --verify` checks them all.
+    recheck: int = option(RECHECK_SAMPLE, "Earlier tasks whose probes are re-checked (default 8: "
+                          "the latest, any it reads, a seeded sample of the rest; `report "
+                          "accuracy --verify` checks all).", minimum=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskRequest(RunOptions):
     """Everything `task add` was asked, checked before anything is recorded."""
 
     name: str
     base: str
     data_spec: str
     method: str = "taps"
+    # Class subset of the data, e.g. "0,1,2" or class names.
     classes: Optional[str] = None
-    img_size: Optional[int] = None
-    max_train: Optional[int] = None
-    max_test: Optional[int] = None
-    val_fraction: float = 0.1
     method_options: Optional[dict[str, Any]] = None
-    # Earlier tasks whose probes the add re-checks (a seeded sample; 0: none). Whatever the
-    # number, the add cannot change them; `report accuracy --verify` checks them all.
-    recheck: int = RECHECK_SAMPLE
-    # Progressive tasks: "auto" (join the most similar group, or open one), "new", or a group.
-    group: Optional[str] = None
-    # Mean signature similarity needed to join a group with --group auto (None: JOIN_THRESHOLD).
-    join_threshold: Optional[float] = None
 
 
 def configured_method(method: str, options: dict[str, Any], epochs: int) -> Method:
-    """The configured method; a warm-up that would swallow every epoch is shortened."""
-    learner = get_method(method, **options)
-    warmup = getattr(learner.config, "warmup_epochs", None)
-    penalised = (getattr(learner.config, "lam", 0) > 0
-                 or getattr(learner.config, "budget", None) is not None)
-    if warmup is not None and warmup >= epochs and penalised:
-        if "warmup_epochs" in options:
-            raise MethodError(
-                f"--warmup-epochs {warmup} leaves no epoch of the {epochs} for the sparsity "
-                "penalty; use fewer warm-up epochs or more epochs"
-            )
-        learner = get_method(method, **{**options, "warmup_epochs": epochs - 1})
-    return learner
+    """The method `method` with the user's `options`, fitted to a run of `epochs` epochs."""
+    return get_method(method, **options).for_epochs(epochs, set(options))
 
 
 class Heartbeat:
@@ -177,7 +178,6 @@ class TaskAdder:
     def __init__(self, registry: Registry, models: TaskModels) -> None:
         self.registry = registry
         self.models = models
-        self.joining = Joining(registry, models)
 
     def add(self, request: TaskRequest, train_cfg: TrainConfig,
             progress: bool = False) -> Optional[TaskAddResult]:
@@ -191,12 +191,8 @@ class TaskAdder:
         base = reg.get_base(request.base)
         if group.is_main:  # the other ranks would find rank 0's own new row
             self.check_name_free(request.name)
-        learner = configured_method(request.method, request.method_options or {},
-                                    train_cfg.epochs)
-        for option, value in (("--group", request.group),
-                              ("--join-threshold", request.join_threshold)):
-            if value is not None and learner.name != "progressive":
-                raise MethodError(f"{option} applies to --method progressive, not {learner.name}")
+        options = request.method_options or {}
+        learner = configured_method(request.method, options, train_cfg.epochs)
         resolve_device(train_cfg.device)  # an unavailable device fails before any work
         spec = data.DataSpec.parse(request.data_spec, classes=request.classes)
         task_data = data.load_task_data(
@@ -208,17 +204,12 @@ class TaskAdder:
         resolved = [self._dependency(name, base, learner) for name in learner.dependencies()]
         dependencies = [dep for dep, _ in resolved]
         pins = [(dep.name, sha) for dep, sha in resolved]  # the artifacts it is trained against
-        # Worker ranks need the signature only where it chooses the model (a progressive group).
-        signature = (self.joining.signature(base, task_data, request.img_size, request.name)
-                     if group.is_main or learner.name == "progressive" else None)
-        bands = None
-        if learner.name == "progressive":
-            learner, bands = self.joining.plan(
-                base, learner, signature, name=request.name, group=request.group,
-                options=request.method_options or {},
-                join_threshold=(JOIN_THRESHOLD if request.join_threshold is None
-                                else request.join_threshold))
-            dependencies += bands.dependencies
+        # Worker ranks need the signature only where it chooses the model (`uses_signature`).
+        signature = (task_signature(self.models, base, task_data, request.img_size, request.name)
+                     if group.is_main or learner.uses_signature else None)
+        plan = learner.plan(planning(reg, base, request.name, options, signature))
+        learner = plan.method
+        dependencies += [read.dependency for read in plan.reads]
         torch.manual_seed(train_cfg.seed)  # the new head's and any factor's initialisation
         model = backbones.build_task_model(
             backbones.ModelSpec.parse(base.model_spec), self.models.base_state(base),
@@ -236,7 +227,7 @@ class TaskAdder:
         )
         if not group.is_main:  # a worker rank trains its shard; rank 0 records and stores
             return self._train_and_store(None, base, learner, model, train_cfg, task_data,
-                                         dependencies, pins, progress, request.recheck, bands,
+                                         dependencies, pins, progress, request.recheck, plan,
                                          signature)
         started, signalled = signals_deferred(  # a signal inside would leave the row behind
             reg.begin_task,
@@ -254,7 +245,7 @@ class TaskAdder:
             with heartbeat:
                 return self._train_and_store(started, base, learner, model, train_cfg,
                                              task_data, dependencies, pins, progress,
-                                             request.recheck, bands, signature)
+                                             request.recheck, plan, signature)
         except KeyboardInterrupt as exc:
             if heartbeat.lost:
                 raise RunLost(f"task {request.name!r} was removed while this run was training; "
@@ -305,8 +296,7 @@ class TaskAdder:
     def _train_and_store(
         self, started: Optional[Task], base: BaseModel, learner: Method, model: nn.Module,
         train_cfg: TrainConfig, task_data: data.TaskData, dependencies: list[Dependency],
-        pins: list[tuple[str, str]], progress: bool, recheck: int,
-        bands: Optional[SharedBands] = None,
+        pins: list[tuple[str, str]], progress: bool, recheck: int, plan: Plan,
         signature: Optional[tuple[torch.Tensor, bytes]] = None,
     ) -> Optional[TaskAddResult]:
         t0 = time.perf_counter()
@@ -317,13 +307,11 @@ class TaskAdder:
         if started is None:  # a worker rank: rank 0 stores the weights all ranks share
             return None
         seconds = time.perf_counter() - t0
-        shared: list[SharedPin] = []
-        if bands is not None:
-            shared = bands.pins()
-            for band in bands.trained:
-                pin, dep = trained_band(learner, model, band, base)
-                shared.append(pin)
-                dependencies = [*dependencies, dep]
+        shared = [SharedPin(read.sha256, read.kind) for read in plan.reads]
+        for write in learner.shared_outputs(model, base.sha256):
+            shared.append(SharedPin(sha256_of(write.blob), write.kind, write.blob,
+                                    write.num_params))
+            dependencies = [*dependencies, write.dependency]
         return self.record_trained(started, base, learner, model, task_data, dependencies, pins,
                                   train_seconds=seconds, device=train_cfg.device,
                                   seed=train_cfg.seed, history=fitted.history,
@@ -344,7 +332,7 @@ class TaskAdder:
         Evaluates it on the test split, records the probe batch, writes the artifacts and
         finishes the task (re-checking a bounded sample of earlier tasks). `dependencies` are
         what the model reads (earlier tasks pinned by `pins`, then the shared artifacts of
-        `shared`, in that order). `examples/scale.py` uses it to record synthetic tasks through
+        `shared`, in that order). `benchmarks/scale.py` uses it to record synthetic tasks through
         exactly the path a real add takes; `group train` to record each member.
         """
         name = started.name

@@ -1,69 +1,57 @@
-"""`group train`: several new progressive tasks trained jointly, grouped by gradient similarity.
+"""`group train`: several new tasks trained together, grouped by gradient similarity.
 
-The tasks' signatures (taps_cl.analysis.similarity) are clustered into groups (`--groups K`, or
-automatically). One model per task is built on the frozen base; their shared-band adapters and
-norm layers are the same modules, and so are the group-band ones of the members of a group (a base
-that already has a shared band gives it frozen to every member instead). `fit_tied` (the one training
-loop) trains them together: every step takes one batch of every task (round robin over their loaders) and descends
-the mean of their losses; the tied norm layers keep their running statistics
-(`Progressive.set_train_mode`). Afterwards the shared and group bands are stored once each as shared
-artifacts, and every member is recorded as an ordinary progressive task pinning them, through the
-same path as `task add` (`TaskAdder.record_trained`).
+The tasks' signatures (taps_cl.analysis.similarity) are compared and clustered (`--groups K`, or by
+the similarity threshold); the method plans the rest (`Method.plan_group`: its configuration of
+each task and one model per task, sharing modules). `fit_tied`, the one training loop, trains them
+together; then the shared artifacts the models trained are stored once each, and every member is
+recorded through the same path as `task add` (`TaskAdder.record_trained`). All or nothing: a
+failure leaves none of the new tasks behind.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
-from torch import nn
-
 from registry import Registry, RunLost
-from registry.entities import SharedPin, Task
+from registry.entities import BaseModel, SharedPin, Task
 from taps_cl.analysis import similarity
 from taps_cl.data import specs as data
 from taps_cl.errors import TapsError
-from taps_cl.methods.base import Dependency
-from taps_cl.methods.blocks import site_key
-from taps_cl.methods.progressive.joining import trained_band
-from taps_cl.methods.progressive.method import BANDS, PROGRESSIVE_ATTR, Progressive
-from taps_cl.methods.progressive.sharing import PIN_KINDS, new_group_name, sharing_of
+from taps_cl.methods.base import GroupPlan, GroupPlanning
 from taps_cl.models import backbones
+from taps_cl.models.compose import example_input
 from taps_cl.tasks.adding import (
-    RECHECK_SAMPLE,
     Heartbeat,
+    RunOptions,
     TaskAdder,
     TaskAddResult,
     configured_method,
 )
-from taps_cl.tasks.rebuilding import TaskModels, example_input
+from taps_cl.tasks.planning import planning, task_signature
+from taps_cl.tasks.rebuilding import TaskModels
+from taps_cl.tasks.verification import sha256_of
 from taps_cl.training.device import resolve_device
 from taps_cl.training.fit import FitResult, Member, TrainConfig, fit_tied
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class GroupRequest:
+@dataclass(frozen=True, kw_only=True)
+class GroupRequest(RunOptions):
     """What `group train` was asked: new tasks (name, data spec) on one base."""
 
     base: str
     tasks: tuple[tuple[str, str], ...]  # (name, data spec) of each new task
+    # The method that trains them together (one that implements `Method.plan_group`).
+    method: str = "progressive"
     groups: Optional[int] = None  # number of similarity groups (None: automatic)
-    img_size: Optional[int] = None
-    max_train: Optional[int] = None
-    max_test: Optional[int] = None
-    val_fraction: float = 0.1
-    method_options: Optional[dict[str, Any]] = None  # progressive options (bands, reduction)
-    recheck: int = RECHECK_SAMPLE
+    method_options: Optional[dict[str, Any]] = None  # the method's options
 
 
 @dataclass(frozen=True)
@@ -98,7 +86,7 @@ class GroupTrainer:
         for name in names:
             self.adder.check_name_free(name)
         options = dict(request.method_options or {})
-        configured_method("progressive", options, train_cfg.epochs)  # options checked early
+        learner = configured_method(request.method, options, train_cfg.epochs)
         resolve_device(train_cfg.device)
         if request.groups is not None and not 1 <= request.groups <= len(names):
             raise TapsError(f"--groups must be between 1 and the number of tasks ({len(names)}), "
@@ -107,47 +95,32 @@ class GroupTrainer:
             data.DataSpec.parse(spec), base.data_config, img_size=request.img_size,
             val_fraction=request.val_fraction, seed=train_cfg.seed,
             max_train=request.max_train, max_test=request.max_test) for _, spec in request.tasks]
-        signatures = [self.adder.joining.signature(base, d, request.img_size, name)
+        signatures = [task_signature(self.models, base, d, request.img_size, name)
                       for (name, _), d in zip(request.tasks, datas)]
         if any(sig is None for sig in signatures):
             raise TapsError("group train: every task needs at least two classes (its "
                             "signature is the gradient of its loss)")
         matrix = similarity.cosine_matrix([sig[0] for sig in signatures if sig is not None])
-        labels = similarity.cluster(matrix, request.groups)
-        sharing = sharing_of(reg.list_tasks(base.name, ready_only=True, method="progressive",
-                                            layers=False))
-        groups: dict[str, list[str]] = {}
-        group_of = {}
-        named: dict[Any, str] = {}  # cluster label → group name (its first member's, if free)
-        for name, label in zip(names, labels):
-            if label not in named:
-                named[label] = new_group_name(name, [*sharing.groups, *named.values()])
-            groups.setdefault(named[label], []).append(name)
-            group_of[name] = named[label]
-        log.info("group train: groups %s", groups)
-
-        frozen_shared: Optional[tuple[Dependency, str]] = None
-        if sharing.shared_sha256 is not None:
-            options = sharing.band_options(base.name, options)
-            frozen_shared = (self.adder.joining.shared_band(sharing.shared_sha256),
-                             sharing.shared_sha256)
-        trained = ("group", "task") if frozen_shared else BANDS
-        learners = [Progressive(dataclasses.replace(
-            Progressive.Config(**options), group=group_of[name], train_bands=trained))
-            for name in names]
-        models = self._tied_models(base, learners, datas, request.img_size, train_cfg.seed,
-                                   frozen_shared[0] if frozen_shared else None)
+        head = frozenset(base.head_keys)
+        spec = backbones.ModelSpec.parse(base.model_spec)
+        plan = learner.plan_group(GroupPlanning(
+            planning=planning(reg, base, names[0], options, None), names=names,
+            matrix=matrix.tolist(), labels=list(similarity.cluster(matrix, request.groups)),
+            class_counts=[len(d.class_names) for d in datas], head=head,
+            build=lambda classes: backbones.build_task_model(
+                spec, self.models.base_state(base), classes, head),
+            example=example_input(base.data_config, request.img_size), seed=train_cfg.seed))
 
         started: list[Task] = []
         heartbeats: list[Heartbeat] = []
         try:
-            for learner, (name, _), d in zip(learners, request.tasks, datas):
-                spec = data.DataSpec.parse(dict(request.tasks)[name])
+            for method, (name, task_spec), d in zip(plan.methods, request.tasks, datas):
                 started.append(reg.begin_task(
-                    name, base=base.name, method=learner.name,
-                    method_config=learner.config_dict(), train_config=dict(vars(train_cfg)),
-                    dataset_spec=dict(spec.to_json(), img_size=request.img_size,
-                                      max_train=request.max_train, max_test=request.max_test,
+                    name, base=base.name, method=method.name,
+                    method_config=method.config_dict(), train_config=dict(vars(train_cfg)),
+                    dataset_spec=dict(data.DataSpec.parse(task_spec).to_json(),
+                                      img_size=request.img_size, max_train=request.max_train,
+                                      max_test=request.max_test,
                                       val_fraction=request.val_fraction),
                     class_names=d.class_names, run_host=socket.gethostname(), run_pid=os.getpid(),
                 ))
@@ -156,11 +129,12 @@ class GroupTrainer:
                     assert task.run_token is not None
                     heartbeats.append(beats.enter_context(Heartbeat(reg, task.run_token)))
                 t0 = time.perf_counter()
-                fitted = fit_tied([Member(model, learner, d.train, d.val) for model, learner, d
-                                   in zip(models, learners, datas)], train_cfg, progress=progress)
+                fitted = fit_tied([Member(model, method, d.train, d.val) for model, method, d
+                                   in zip(plan.models, plan.methods, datas)], train_cfg,
+                                  progress=progress)
                 seconds = time.perf_counter() - t0
-                results = self._record(base, started, learners, models, datas, signatures,
-                                       fitted, frozen_shared, seconds, train_cfg, request.recheck)
+                results = self._record(base, started, plan, datas, signatures, fitted, seconds,
+                                       train_cfg, request.recheck)
         except RunLost:
             raise
         except BaseException:
@@ -175,73 +149,26 @@ class GroupTrainer:
                 raise RunLost(f"task(s) {', '.join(lost)} were removed while the group trained; "
                               "its unfinished members were not recorded") from None
             raise
-        return GroupResult(results, names, matrix.tolist(), groups)
+        return GroupResult(results, names, plan.matrix, plan.groups)
 
-    def _tied_models(self, base: Any, learners: Sequence[Progressive],
-                     datas: Sequence[data.TaskData], img_size: Optional[int], seed: int,
-                     frozen_shared: Optional[Dependency]) -> list[nn.Module]:
-        """One model per task, the shared band's modules common to all, a group's to its members."""
-        head = frozenset(base.head_keys)
-        example = example_input(base.data_config, img_size)
-        torch.manual_seed(seed)
-        models: list[nn.Module] = []
-        owners: dict[str, nn.Module] = {}  # band owner per group ("" for the shared band)
-        for learner, d in zip(learners, datas):
-            model = backbones.build_task_model(
-                backbones.ModelSpec.parse(base.model_spec), self.models.base_state(base),
-                len(d.class_names), head)
-            deps = [frozen_shared] if frozen_shared else []
-            shared_owner = owners.get("")
-            group_owner = owners.get(learner.config.group)
-            given = {}
-            if shared_owner is not None or group_owner is not None:
-                blocks, _ = learner.bands(shared_owner or group_owner)
-                for block, band in blocks.items():
-                    owner = {"shared": shared_owner, "group": group_owner}.get(band)
-                    if owner is not None:
-                        given[site_key(block)] = getattr(owner, PROGRESSIVE_ATTR)[site_key(block)]
-            learner.attach(model, head, deps, example, modules=given)
-            if frozen_shared is not None:
-                placed = learner.dependency_state(frozen_shared)
-                model.load_state_dict({**model.state_dict(), **placed}, strict=True)
-            _, norms = learner.bands(model)
-            for norm, band in norms.items():
-                owner = {"shared": shared_owner, "group": group_owner}.get(band)
-                if owner is not None:
-                    model.set_submodule(norm, owner.get_submodule(norm))
-            learner.prepare(model, head)
-            owners.setdefault("", model)
-            owners.setdefault(learner.config.group, model)
-            models.append(model)
-        return models
-
-    def _record(self, base: Any, started: list[Task], learners: Sequence[Progressive],
-                models: Sequence[nn.Module], datas: Sequence[data.TaskData],
-                signatures: Sequence[Optional[tuple[torch.Tensor, bytes]]],
-                fitted: list[FitResult],
-                frozen_shared: Optional[tuple[Dependency, str]], seconds: float,
-                train_cfg: TrainConfig, recheck: int) -> list[TaskAddResult]:
-        """Store the shared bands once and record every member pinning them."""
-        bands: dict[tuple[str, str], tuple[SharedPin, Dependency]] = {}
-        for learner, model in zip(learners, models):
-            for band in learner.config.train_bands:
-                key = (band, "" if band == "shared" else learner.config.group)
-                if band != "task" and key not in bands:
-                    bands[key] = trained_band(learner, model, band, base)
+    def _record(self, base: BaseModel, started: list[Task], plan: GroupPlan,
+                datas: list[data.TaskData], signatures: list[Any], fitted: list[FitResult],
+                seconds: float, train_cfg: TrainConfig, recheck: int) -> list[TaskAddResult]:
+        """Store each shared artifact once and record every member pinning what it reads."""
+        written: dict[str, Any] = {}  # one SharedWrite per artifact, the first member's
         results: list[TaskAddResult] = []
         try:
-            for task, learner, model, d, sig, fit in zip(started, learners, models, datas,
-                                                         signatures, fitted):
-                pins, deps = [], []
-                if frozen_shared is not None:
-                    pins.append(SharedPin(frozen_shared[1], PIN_KINDS["shared"]))
-                    deps.append(frozen_shared[0])
-                for key in (("shared", ""), ("group", learner.config.group)):
-                    if key in bands:
-                        pins.append(bands[key][0])
-                        deps.append(bands[key][1])
+            for task, method, model, d, sig, fit in zip(started, plan.methods, plan.models,
+                                                        datas, signatures, fitted):
+                pins = [SharedPin(read.sha256, read.kind) for read in plan.reads]
+                deps = [read.dependency for read in plan.reads]
+                for write in method.shared_outputs(model, base.sha256):
+                    sha = sha256_of(write.blob)
+                    write = written.setdefault(sha, write)
+                    pins.append(SharedPin(sha, write.kind, write.blob, write.num_params))
+                    deps.append(write.dependency)
                 results.append(self.adder.record_trained(
-                    task, base, learner, model, d, deps, [],
+                    task, base, method, model, d, deps, [],
                     train_seconds=seconds / len(started), device=train_cfg.device,
                     seed=train_cfg.seed, history=fit.history,
                     best_val_accuracy=fit.best_val_accuracy, recheck=recheck, shared=pins,

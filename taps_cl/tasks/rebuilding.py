@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
@@ -21,11 +20,10 @@ from registry.entities import BaseModel, Task
 from taps_cl import serialization
 from taps_cl.data import specs as data
 from taps_cl.errors import TapsError
-from taps_cl.methods.base import Dependency, Method
+from taps_cl.methods.base import Dependency
 from taps_cl.methods.catalog import get_method
-from taps_cl.methods.merging import build_composed, merge_state
-from taps_cl.methods.progressive.sharing import band_dependency
-from taps_cl.models import backbones
+from taps_cl.models.compose import task_model
+from taps_cl.models.files import write_atomic
 from taps_cl.training import evaluate
 from taps_cl.training.device import resolve_device
 
@@ -37,68 +35,6 @@ log = logging.getLogger(__name__)
 # Lite0 reaches 1e-5 for logits of a few units; a changed weight moves logits far more.
 PROBE_ATOL = 1e-5
 PROBE_RTOL = 1e-5
-
-
-def plain_model(
-    base: BaseModel, base_state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
-    num_classes: int,
-) -> nn.Module:
-    """The base architecture with the task's tensors folded in, on the CPU, in eval mode."""
-    head = frozenset(base.head_keys)
-    merged = merge_state(base_state, tensors, head)
-    model = backbones.create_model(backbones.ModelSpec.parse(base.model_spec),
-                                   num_classes=num_classes)
-    backbones.apply_weights(model, merged)
-    return model.eval()
-
-
-def example_input(data_config: dict, img_size: Optional[int]) -> torch.Tensor:
-    """A zero batch of one image at the task's input size (composed methods read shapes off it)."""
-    size = img_size or int(data_config["input_size"][-1])
-    return torch.zeros(1, 3, size, size)
-
-
-def task_model(
-    base: BaseModel, base_state: dict[str, torch.Tensor], method: Method,
-    tensors: dict[str, torch.Tensor], num_classes: int, dependencies: Sequence[Dependency],
-    img_size: Optional[int],
-) -> nn.Module:
-    """The task's inference model: a plain model for mergeable methods, else the base class
-    with the method's modules attached (its own and its dependencies' tensors loaded)."""
-    if method.mergeable:
-        return plain_model(base, base_state, tensors, num_classes)
-    model = backbones.create_model(backbones.ModelSpec.parse(base.model_spec),
-                                   num_classes=num_classes)
-    return build_composed(method, model, frozenset(base.head_keys), base_state, tensors,
-                          dependencies, example_input(base.data_config, img_size))
-
-
-def load_file(path: str | os.PathLike[str]) -> nn.Module:
-    """A model exported by `taps-cl restore --out`, rebuilt without a registry.
-
-    A mergeable task's file is a plain state dict; a composed task's file holds every tensor
-    (base, its own and its dependencies' modules) and names method, options and dependencies.
-    """
-    try:
-        blob = Path(path).read_bytes()
-        meta = serialization.metadata_from_bytes(blob)
-        tensors = serialization.from_bytes(blob)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise TapsError(f"cannot read {path}: {exc}") from exc
-    if "model" not in meta or "num_classes" not in meta:
-        raise TapsError(f"{path} is not a model exported by taps-cl (no model in its metadata)")
-    spec = backbones.ModelSpec.parse(meta["model"])
-    model = backbones.create_model(spec, num_classes=int(meta["num_classes"]))
-    method = get_method(meta.get("method", "linear"),
-                        **(serialization.json_field(meta, "method_config") or {}))
-    if not method.mergeable:
-        dependencies = [Dependency(d["name"], d["method"], d["config"], None)
-                        for d in serialization.json_field(meta, "dependencies") or []]
-        data_config = serialization.json_field(meta, "data_config")
-        method.attach(model, backbones.head_keys(spec), dependencies,
-                      example_input(data_config, serialization.json_field(meta, "img_size")))
-    model.load_state_dict(tensors, strict=True)
-    return model.eval()
 
 
 def probe_drift(model: nn.Module, probe: dict[str, torch.Tensor]) -> float:
@@ -162,7 +98,8 @@ class TaskModels:
                 except NotFound:
                     raise TapsError(f"task {task.name!r} reads shared artifact "
                                     f"{pin.sha256[:12]}…, which is not recorded") from None
-                out.append(band_dependency(self.registry.read_artifact(artifact)))
+                reader = get_method(task.method, **task.method_config)
+                out.append(reader.read_shared(self.registry.read_artifact(artifact)))
                 continue
             dep = self.ready_task(pin.task)
             assert dep.artifact is not None
@@ -279,26 +216,3 @@ def test_data(task: Task, base: BaseModel, data_spec: Optional[str], max_test: O
             f"{list(task.class_names)}"
         )
     return task_data.test
-
-
-def write_atomic(path: Path, blob: bytes) -> None:
-    """Write `blob` to `path` through a unique temp file in the same directory, then rename.
-
-    mkstemp opens with O_EXCL, so a file or symlink planted at a predictable temp name is
-    never followed; the rename replaces `path` itself, never a symlink's target.
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise TapsError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(blob)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise TapsError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    finally:
-        Path(tmp).unlink(missing_ok=True)

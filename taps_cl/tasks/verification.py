@@ -32,7 +32,7 @@ RECORD_KEY = "record"  # metadata key of the task record in the task artifact
 ACCURACY_ATOL = 1e-9  # recorded accuracies are copied, never recomputed: they must match exactly
 # Automatic worker count: below this many ready tasks, checking in this process is faster than
 # starting worker processes (each imports torch and timm before its first check). Measured with
-# examples/scale.py --lite0-verify 32 on 2 cores: 14 tasks/s in one process, 5 with the pool.
+# benchmarks/scale.py --lite0-verify 32 on 2 cores: 14 tasks/s in one process, 5 with the pool.
 AUTO_MIN_TASKS = 64
 
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from taps_cl.errors import DataError, MethodError
 from taps_cl.methods.base import Method
-from taps_cl.methods.options import check_choice, check_number
+from taps_cl.methods.options import check_choice, check_number, option
 from taps_cl.training.device import resolve_device
 from taps_cl.training.distributed import SINGLE, RankGroup
 
@@ -32,19 +32,21 @@ class TrainConfig:
     """How to train one task (the method's own options live in its Config)."""
 
     # Passes over the training set.
-    epochs: int = 3
+    epochs: int = option(3, "Passes over the training set.", minimum=1)
     # Samples per optimisation step.
-    batch_size: int = 32
+    batch_size: int = option(32, "Samples per optimisation step.", minimum=1)
     # Peak learning rate of the cosine schedule (TAPS scores use their own score_lr).
-    lr: float = 1e-3
+    lr: float = option(
+        1e-3, "Peak learning rate of the cosine schedule.", minimum=0, open_minimum=True)
     # "adamw" or "sgd" (SGD with momentum 0.9).
-    optimizer: str = "adamw"
+    optimizer: str = option("adamw", "adamw, or sgd (with momentum 0.9).", choices=OPTIMIZERS)
     # Weight decay of the trained parameters (decoupled for AdamW).
-    weight_decay: float = 0.0
+    weight_decay: float = option(0.0, "Weight decay of the trained parameters.", minimum=0)
     # Seeds torch's RNG (head init done before fit is not affected) and the data order.
-    seed: int = 0
+    seed: int = option(0, "Seeds the data split, the data order and the initialisation.")
     # "auto" (CUDA when available, else CPU), or a torch device such as "cpu", "cuda:0".
-    device: str = "auto"
+    device: str = option(
+        "auto", "Where training runs: auto, cpu, cuda, cuda:N or mps (checks run on the CPU).")
     # DataLoader worker processes for the training set (0 = load in the main process).
     num_workers: int = 0
     # Processes training together (torchrun's world size); each step every one takes its

@@ -36,6 +36,11 @@ from torch import Tensor, nn
 
 from taps_cl.errors import MethodError
 from taps_cl.methods.base import (
+    GroupPlan,
+    GroupPlanning,
+    Plan,
+    Planning,
+    SharedWrite,
     MODULE_PREFIX,
     SET_PREFIX,
     Dependency,
@@ -54,6 +59,15 @@ from taps_cl.methods.blocks import (
     trace_blocks,
 )
 from taps_cl.methods.catalog import register
+from taps_cl.methods.progressive.grouping import plan_group
+from taps_cl.methods.progressive.joining import plan_join
+from taps_cl.methods.progressive.sharing import (
+    BANDS,
+    BAND_KEYS,
+    PROGRESSIVE_ATTR,
+    band_dependency,
+    trained_band,
+)
 from taps_cl.methods.layers import (
     block_params,
     cpu_copy,
@@ -63,12 +77,10 @@ from taps_cl.methods.layers import (
     norm_layers,
     trainable,
 )
-from taps_cl.methods.options import check_choice, check_number
+from taps_cl.methods.options import check_choice, check_number, option
 
 logger = logging.getLogger(__name__)
 
-PROGRESSIVE_ATTR = "taps_progressive"
-BANDS = ("shared", "group", "task")
 # The `task_layers.kind` of an adapted block, by band.
 LAYER_KINDS = {"shared": "shared_adapter", "group": "group_adapter", "task": "adapter"}
 
@@ -78,15 +90,27 @@ class ProgressiveConfig:
     """Options of progressive adaptation; the bands are fixed per base by its first task."""
 
     # Reduction factor: an adapter on a C-channel output is max(1, C // reduction) wide.
-    reduction: int = 16
+    reduction: int = option(
+        16, "adapter/fusion/progressive: bottleneck width = channels / reduction (default 16).",
+        minimum=1)
     # Non-linearity between down and up projection: "relu" or "gelu".
     activation: str = "relu"
     # Fraction of the blocks, from the input, whose adapters and norms all tasks share.
-    shared_fraction: float = 0.75
+    shared_fraction: float = option(
+        0.75, "progressive: fraction of the blocks (from the input) shared by all tasks (default 0.75; fixed by the base's first progressive task).",
+        minimum=0, maximum=1)
     # Fraction of the blocks, from the output, that are task-specific (at least one block).
-    task_fraction: float = 0.125
-    # The similarity group the task belongs to (set by `group train` or when joining).
-    group: str = ""
+    task_fraction: float = option(
+        0.125, "progressive: fraction of the blocks (from the output) that are task-specific (default 0.125; fixed by the base's first progressive task).",
+        minimum=0, maximum=1)
+    # The similarity group: "auto" or "" (join the most similar group, or open one), "new", or a
+    # group's name; once planned, the name of the group the task belongs to.
+    group: str = option(
+        "", "progressive: auto (join the most similar group or open one; default), new, or the name of a group to join.", joint=False)
+    # Mean signature similarity a task needs to join a group when its group is "auto".
+    join_threshold: float = option(
+        0.5, "progressive: mean signature similarity needed to join a group with --group auto (default 0.5).",
+        minimum=-1, maximum=1, joint=False)
     # Bands the task trained itself; the others it read frozen from shared artifacts.
     train_bands: tuple[str, ...] = ("task",)
 
@@ -108,6 +132,10 @@ class ProgressiveConfig:
                               f"{self.shared_fraction} + {self.task_fraction}")
         if not isinstance(self.group, str):
             raise MethodError(f"progressive: group must be a name, got {self.group!r}")
+        threshold = check_number("progressive", "join_threshold", self.join_threshold)
+        if not -1 <= threshold <= 1:
+            raise MethodError(f"progressive: join_threshold must be in [-1, 1], got {threshold!r}")
+        fix("join_threshold", threshold)
         bands = tuple(self.train_bands) if isinstance(self.train_bands, (list, tuple)) else None
         if bands is None or not bands or any(b not in BANDS for b in bands) or "task" not in bands:
             raise MethodError("progressive: train_bands must list bands out of "
@@ -116,8 +144,7 @@ class ProgressiveConfig:
 
     def bands_key(self) -> dict[str, Any]:
         """The options every task reading the same shared artifacts must agree on."""
-        return {"reduction": self.reduction, "activation": self.activation,
-                "shared_fraction": self.shared_fraction, "task_fraction": self.task_fraction}
+        return {key: getattr(self, key) for key in BAND_KEYS}
 
 
 def band_sizes(blocks: int, shared_fraction: float, task_fraction: float) -> tuple[int, int, int]:
@@ -155,6 +182,27 @@ class Progressive(Method):
     name = "progressive"
     Config = ProgressiveConfig
     mergeable = False
+    uses_signature = True  # a new task joins the group whose signatures it matches best
+
+    # ------------------------------------------------------------------------------ planning
+    def plan(self, planning: Planning) -> Plan:
+        """Which shared bands the new task reads frozen and which it trains (see joining)."""
+        return plan_join(self, planning)
+
+    def plan_group(self, planning: GroupPlanning) -> GroupPlan:
+        """Groups by similarity, one model per task with shared and group bands tied."""
+        return plan_group(self, planning)
+
+    def shared_outputs(self, model: nn.Module, base_sha256: str) -> list[SharedWrite]:
+        """The shared and group bands this task trained, one shared artifact each."""
+        return [trained_band(self, model, band, base_sha256)
+                for band in self.config.train_bands if band != "task"]
+
+    def describe(self) -> dict[str, Any]:
+        return {"group": self.config.group}
+
+    def read_shared(self, blob: bytes) -> Dependency:
+        return band_dependency(blob)
 
     # ----------------------------------------------------------------------------- structure
     def attach(self, model: nn.Module, head: frozenset[str], dependencies: Sequence[Dependency],

@@ -3,8 +3,7 @@
 A shared artifact holds one band of progressive adapters (`Progressive.band_tensors`: `module/`
 adapters and `set/` norm layers) with metadata naming the band, the group (for a group band), the
 band options (`ProgressiveConfig.bands_key`) and the base. Tasks pin it by sha256 with the pin
-kind of its band (`PIN_KINDS`). Nothing here touches the registry: the manager hands in tasks and
-bytes.
+kind of its band (`PIN_KINDS`). Nothing here touches the registry: the task layer hands in earlier tasks and bytes.
 """
 
 from __future__ import annotations
@@ -13,20 +12,24 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from registry.entities import Task
 from taps_cl import serialization
 from taps_cl.errors import TapsError
-from taps_cl.methods.base import Dependency
-from taps_cl.methods.progressive.method import ProgressiveConfig
+from taps_cl.methods.base import Dependency, EarlierTask, SharedWrite
 
+# The ModuleDict attribute holding a progressive task's adapters on the model.
+PROGRESSIVE_ATTR = "taps_progressive"
+# The bands of blocks, from the input: shared by all tasks, by a similarity group, the task's own.
+BANDS = ("shared", "group", "task")
+# The options every task reading the same shared artifacts must agree on.
+BAND_KEYS = ("reduction", "activation", "shared_fraction", "task_fraction")
 # task_dependencies.kind of a pin on a shared artifact, by band.
 PIN_KINDS = {"shared": "progressive_shared", "group": "progressive_group"}
 BANDS_OF_PINS = {kind: band for band, kind in PIN_KINDS.items()}
 
 
-def band_blob(config: ProgressiveConfig, band: str, group: str, tensors: dict[str, Tensor],
+def band_blob(config: Any, band: str, group: str, tensors: dict[str, Tensor],
               base_sha256: str) -> bytes:
     """The bytes of a shared artifact holding one band (`group` only means something for "group")."""
     if band not in PIN_KINDS:
@@ -99,7 +102,7 @@ class Sharing:
         return {**options, **theirs}
 
 
-def sharing_of(tasks: Sequence[Task]) -> Sharing:
+def sharing_of(tasks: Sequence[EarlierTask]) -> Sharing:
     """The shared band and groups of a base's ready tasks (in sequence order).
 
     The shared band is the one the first progressive task pins. Tasks that pin another one (two
@@ -110,15 +113,24 @@ def sharing_of(tasks: Sequence[Task]) -> Sharing:
     members: dict[str, list[str]] = {}
     group_sha: dict[str, str] = {}
     for task in tasks:
-        if task.method != "progressive" or task.status != "ready":
+        if task.method != "progressive":
             continue
-        pins = {BANDS_OF_PINS.get(pin.kind): pin.sha256 for pin in task.depends_on}
+        pins = {BANDS_OF_PINS.get(kind): sha256 for kind, sha256 in task.pins}
         if shared is None and pins.get("shared"):
             shared = pins["shared"]
-            config = ProgressiveConfig(**task.method_config).bands_key()
-        group = task.method_config.get("group", "")
+            config = {key: task.config[key] for key in BAND_KEYS}
+        group = task.config.get("group", "")
         if group and pins.get("group") and pins.get("shared") == shared:
             group_sha.setdefault(group, pins["group"])
             members.setdefault(group, []).append(task.name)
     groups = {name: SimilarityGroup(name, group_sha[name], tuple(names)) for name, names in members.items()}
     return Sharing(shared, config, groups)
+
+
+def trained_band(learner: Any, model: nn.Module, band: str, base_sha256: str) -> SharedWrite:
+    """A band a progressive task trained (`learner`, its Progressive method), as a new shared
+    artifact and as the dependency its stored model reads."""
+    config = learner.config
+    blob = band_blob(config, band, config.group, learner.band_tensors(model, band), base_sha256)
+    tensors = serialization.from_bytes(blob)
+    return SharedWrite(blob, PIN_KINDS[band], serialization.numel(tensors), band_dependency(blob))

@@ -1,0 +1,67 @@
+"""`taps-cl gc` and `taps-cl demo`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import click
+
+from taps_cl.cli.render import (
+    Context,
+    accuracy_text,
+    budget_text,
+    pass_ctx,
+    progress,
+)
+from taps_cl.errors import TapsError
+
+
+@click.command("gc")
+@click.option("--yes", is_flag=True, help="Remove the files (default: only list them).")
+@pass_ctx
+def gc_cmd(c: Context, yes: bool) -> None:
+    """List (and with --yes remove) artifact files no row references and stale temp files."""
+    if yes:
+        files, freed = c.manager.remove_garbage()
+    else:
+        files, freed = c.manager.find_garbage(), 0
+    total = sum(f.bytes for f in files)
+    data = {"files": [asdict(f) for f in files], "bytes": total, "removed": yes,
+            "bytes_freed": freed}
+
+    def text() -> None:
+        for f in files:
+            click.echo(f"{f.path}  {f.bytes:,} bytes  ({f.reason})")
+        if not files:
+            click.echo("no garbage: every artifact file is referenced")
+        elif yes:
+            click.echo(f"removed {len(files)} file(s), {freed:,} bytes")
+        else:
+            click.echo(f"{len(files)} file(s), {total:,} bytes; `taps-cl gc --yes` removes them")
+
+    c.emit(data, text)
+
+
+# ----------------------------------------------------------------------- demo
+@click.command("demo")
+@click.option("--quick", is_flag=True, help="A smaller run (for smoke tests).")
+@pass_ctx
+def demo_cmd(c: Context, quick: bool) -> None:
+    """Offline demo: real ImageNet base, three real tasks, budget and verified accuracy."""
+    from taps_cl import demo
+
+    # With --json the progress lines go to stderr so stdout stays one JSON document.
+    demo.run(c.manager, quick=quick, progress=progress(),
+             say=(lambda msg: click.echo(msg, err=True)) if c.json else click.echo)
+    budget = c.manager.budget(demo.BASE_NAME)
+    accuracy = c.manager.accuracy(demo.BASE_NAME, verify=True)
+
+    def text() -> None:
+        click.echo("")
+        budget_text(budget)
+        click.echo("")
+        accuracy_text(accuracy)
+
+    c.emit({"budget": budget.to_json(), "accuracy": accuracy.to_json()}, text)
+    if accuracy.reason:
+        raise TapsError(accuracy.reason)

@@ -1,0 +1,52 @@
+"""`taps-cl restore` and `taps-cl predict`: a task's model as a file, or its predictions."""
+
+from __future__ import annotations
+
+import click
+
+from taps_cl.cli.render import (
+    Context,
+    pass_ctx,
+)
+
+
+@click.command("restore")
+@click.argument("name")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Output .safetensors file with the plain model's state dict.")
+@pass_ctx
+def restore_cmd(c: Context, name: str, out: str) -> None:
+    """Write task NAME's model as a plain timm/torchvision state dict."""
+    path = c.manager.restore_to_file(name, out)
+    t = c.manager.get_task(name)
+    base = c.manager.get_base(t.base)
+    c.emit({"name": name, "out": str(path), "model": base.model_spec,
+            "num_classes": t.num_classes},
+           lambda: click.echo(f"wrote {path}: load it into {_constructor(base.model_spec)}"
+                              f"('{base.architecture}', num_classes={t.num_classes})"
+                              f" with load_state_dict(strict=True)"))
+
+
+def _constructor(model_spec: str) -> str:
+    return "torchvision.models.get_model" if model_spec.startswith("torchvision:") else \
+        "timm.create_model"
+
+
+@click.command("predict")
+@click.argument("name")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--top", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda, cuda:N or mps.")
+@pass_ctx
+def predict_cmd(c: Context, name: str, images: tuple[str, ...], top: int, device: str) -> None:
+    """Top classes with probabilities for each IMAGE."""
+    preds = c.manager.predict(name, list(images), top_k=top, device=device)
+    data = [{"image": img, "top": [{"class": k, "probability": p} for k, p in pred]}
+            for img, pred in zip(images, preds)]
+
+    def text() -> None:
+        for img, pred in zip(images, preds):
+            click.echo(f"{img}: " + ", ".join(f"{k} {100 * p:.1f}%" for k, p in pred))
+
+    c.emit(data, text)
