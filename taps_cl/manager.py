@@ -164,10 +164,10 @@ class Manager:
         train together (taps_cl.training.distributed); rank 0 records and returns the result,
         the others return None.
         """
-        from taps_cl.tasks.adding import TaskAdder, TaskRequest
+        from taps_cl.tasks.adding import TaskAdder, TaskRequest, split_options
         from taps_cl.training.distributed import joined
 
-        train_cfg, run, own = _split_options(options, TaskRequest)
+        train_cfg, run, own = split_options(options, TaskRequest)
         request = TaskRequest(name=name, base=base, data_spec=data_spec, method=method,
                               method_options={**(method_options or {}), **own}, **run)
         with joined(train_cfg.device) as (ranks, rank_device):  # a no-op in a single process
@@ -193,13 +193,14 @@ class Manager:
         shared and group adapters are stored once, as shared artifacts every member pins.
         `options` as for `add_task` (no class subset).
         """
+        from taps_cl.tasks.adding import split_options
         from taps_cl.tasks.grouping import GroupRequest, GroupTrainer
         from taps_cl.training.distributed import under_torchrun
 
         if under_torchrun():
             raise TapsError("group train runs in one process; under torchrun every rank would "
                             "train and record the group again")
-        train_cfg, run, own = _split_options(options, GroupRequest)
+        train_cfg, run, own = split_options(options, GroupRequest)
         request = GroupRequest(base=base, tasks=tuple(tasks), groups=groups, method=method,
                                method_options={**(method_options or {}), **own}, **run)
         return GroupTrainer(self._writable(), self.models).train(request, train_cfg,
@@ -388,85 +389,11 @@ class Manager:
         and compared with every task — nothing is recorded. Signatures made with another recipe
         are refused with one line.
         """
-        from taps_cl.analysis import similarity
+        from taps_cl.tasks.planning import similarity_report
 
-        b = self.only_base(base)
-        names: list[str] = []
-        signatures: list[Any] = []
-        recipes: list[dict[str, Any]] = []
-        missing: list[tuple[str, str]] = []
-        for task in self.registry.list_tasks(b.name, ready_only=True):
-            if task.signature is None:
-                missing.append((task.name, "no signature recorded (added before signatures "
-                                           "were stored)"))
-                continue
-            blob = self.registry.read_artifact(task.signature)
-            recipes.append(similarity.signature_recipe(blob))
-            signatures.append(similarity.signature_from_bytes(blob))
-            names.append(task.name)
-        candidate = None
-        if data is not None:
-            candidate, recipe = self._candidate_signature(b, data, classes, img_size,
-                                                          max_train, seed)
-            recipes.append(recipe)
-        similarity.check_comparable(recipes, [*names, "the candidate"])
-        full = similarity.cosine_matrix(
-            signatures + ([candidate] if candidate is not None else []))
-        n = len(names)
-        matrix = full[:n, :n]
-        spec_text = None
-        if data is not None:
-            spec_text = data if classes is None else f"{data} (classes {classes})"
-        return reports.SimilarityReport(
-            base_name=b.name, tasks=tuple(names),
-            matrix=tuple(tuple(float(v) for v in row) for row in matrix),
-            groups=tuple(similarity.cluster(matrix)), threshold=similarity.DEFAULT_THRESHOLD,
-            without_signature=tuple(missing), candidate=spec_text,
-            candidate_row=(tuple(float(v) for v in full[n, :n]) if candidate is not None
-                           else None),
-        )
-
-    def _candidate_signature(
-        self, b: BaseModel, spec: str, classes: Optional[str], img_size: Optional[int],
-        max_train: Optional[int], seed: int,
-    ) -> tuple[Any, dict[str, Any]]:
-        """The signature (and its recipe) of data not (yet) in the registry, as an add computes it."""
-        from taps_cl.analysis import similarity
-        from taps_cl.data import specs as task_data
-        from taps_cl.models import backbones
-        from taps_cl.models.compose import example_input
-
-        loaded = task_data.load_task_data(
-            task_data.DataSpec.parse(spec, classes=classes), b.data_config, img_size=img_size,
-            seed=seed, max_train=max_train, max_test=1)
-        head = frozenset(b.head_keys)
-        model = backbones.build_task_model(
-            backbones.ModelSpec.parse(b.model_spec), self.models.base_state(b),
-            len(loaded.class_names), head)
-        signature = similarity.task_signature(
-            model, head, loaded.train, example=example_input(b.data_config, img_size))
-        meta = similarity.signature_meta(model)
-        return signature, {key: meta.get(key) for key in ("recipe", "config", "blocks")}
-
-
-# Request fields add_task/group_train take as their own parameters, not as options.
-_GIVEN_EXPLICITLY = ("name", "base", "data_spec", "method", "method_options", "tasks", "groups")
-
-
-def _split_options(options: dict[str, Any], request: type) -> tuple[Any, dict[str, Any],
-                                                                 dict[str, Any]]:
-    """(TrainConfig, run options of `request`, the method's options) out of keyword options."""
-    import dataclasses
-
-    from taps_cl.training.fit import TrainConfig
-
-    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
-    # The request's own fields that a caller passes by keyword (run options, class subset).
-    run_keys = {f.name for f in dataclasses.fields(request)} - set(_GIVEN_EXPLICITLY)
-    train = {k: v for k, v in options.items() if k in train_keys and v is not None}
-    run = {k: v for k, v in options.items() if k in run_keys and v is not None}
-    own = {k: v for k, v in options.items() if k not in train_keys and k not in run_keys}
-    return TrainConfig(**train), run, own
+        return similarity_report(self.registry, self.models, self.only_base(base), data,
+                                 classes=classes, img_size=img_size, max_train=max_train,
+                                 seed=seed)
 
 
 def _exists(lookup: Callable[[str], Any], name: str) -> Any:

@@ -59,9 +59,9 @@ class Recorded(Dataset):
 
 
 def run_fit(out: Path, method_name: str = "taps") -> None:
+    from taps_cl.methods.catalog import get_method
     from taps_cl.models import backbones
     from taps_cl.training.distributed import joined
-    from taps_cl.methods.catalog import get_method
     from taps_cl.training.fit import TrainConfig, fit
 
     spec = backbones.ModelSpec.parse("timm:test_resnet")

@@ -13,10 +13,10 @@ from torchvision.models import mobilenet_v3_small, resnet18
 
 from taps_cl.errors import MethodError
 from taps_cl.methods.base import Dependency
+from taps_cl.methods.blocks import backbone_blocks, trace_blocks
 from taps_cl.methods.catalog import METHODS, get_method
 from taps_cl.methods.layers import norm_layers
 from taps_cl.methods.merging import build_composed
-from taps_cl.methods.blocks import backbone_blocks, trace_blocks
 from tests.test_methods import (
     ARCHS,
     CLASSES,

@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import save_file
 
 from taps_cl.cli import app as cli_module
-from taps_cl.models.backbones import create_model
 from taps_cl.cli.app import main
+from taps_cl.models.backbones import create_model
 
 DB_FILE = "registry.db"
 MODEL = "timm:test_resnet"

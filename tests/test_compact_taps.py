@@ -14,20 +14,13 @@ from torch.nn.utils import parametrize
 from torch.utils.data import TensorDataset
 
 from taps_cl import serialization
-from taps_cl.models import backbones
 from taps_cl.errors import MethodError
 from taps_cl.methods.catalog import get_method
+from taps_cl.methods.gates import LowRankTapsGate, TapsGate, gate_of, gated_layers
 from taps_cl.methods.layers import adaptable_layers, norm_layers
 from taps_cl.methods.merging import merge_state
-from taps_cl.methods.taps import (
-    BUDGET_LAM_FLOOR,
-    BUDGET_RATE,
-    FACTOR_LR_SCALE,
-    LowRankTapsGate,
-    TapsGate,
-    gate_of,
-    gated_layers,
-)
+from taps_cl.methods.taps import BUDGET_LAM_FLOOR, BUDGET_RATE, FACTOR_LR_SCALE
+from taps_cl.models import backbones
 from taps_cl.training.fit import TrainConfig, fit
 from tests.test_methods import CLASSES, IMG, make_base, make_timm, task_model
 

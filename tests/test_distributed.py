@@ -14,8 +14,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from taps_cl.training import distributed
 from taps_cl.manager import Manager
+from taps_cl.training import distributed
 from tests.conftest import make_imagefolder
 from tests.test_cli import run
 

@@ -12,9 +12,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from taps_cl.errors import DataError, MethodError
-from taps_cl.training.evaluate import EvalResult, evaluate, logits
 from taps_cl.methods.catalog import get_method
 from taps_cl.methods.linear import Linear
+from taps_cl.training.evaluate import EvalResult, evaluate, logits
 from taps_cl.training.fit import FitResult, TrainConfig, fit
 
 IMG = 32

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import click
 
 from registry.entities import Task
-from taps_cl import reports
+from taps_cl.analysis import reports
 from taps_cl.manager import Manager
 
 # Set by the root command so that main() knows whether to show tracebacks.

@@ -6,6 +6,7 @@ from typing import Optional
 
 import click
 
+from taps_cl.analysis import plots
 from taps_cl.cli.render import (
     SUMMARY_ABOVE,
     TABLE_ROWS,
@@ -17,7 +18,6 @@ from taps_cl.cli.render import (
     similarity_text,
     table,
 )
-from taps_cl.analysis import plots
 from taps_cl.errors import TapsError
 
 

@@ -9,24 +9,21 @@ concurrent adds land in the order they became ready and every column is complete
 
 from __future__ import annotations
 
-import _thread
+import dataclasses
 import logging
 import os
 import random
-import signal
 import socket
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from registry import AlreadyExists, NotFound, Registry, RunLost
 from registry.entities import BaseModel, EarlierCell, LayerEntry, SharedPin, Task
-from registry.runs import HEARTBEAT_INTERVAL_SECONDS
 from taps_cl import serialization
 from taps_cl.data import specs as data
 from taps_cl.errors import TapsError
@@ -35,8 +32,9 @@ from taps_cl.methods.catalog import get_method
 from taps_cl.methods.options import option
 from taps_cl.models import backbones
 from taps_cl.models.compose import example_input, task_model
-from taps_cl.tasks.rebuilding import TaskModels
 from taps_cl.tasks.planning import planning, task_signature
+from taps_cl.tasks.rebuilding import TaskModels
+from taps_cl.tasks.runs import Heartbeat, signals_deferred
 from taps_cl.tasks.verification import (
     RECORD_KEY,
     ProbeCheck,
@@ -55,7 +53,6 @@ log = logging.getLogger(__name__)
 PROBE_SIZE = 32  # test inputs kept per task to prove later additions did not change it
 MERGE_ATOL = 1e-5  # restored vs trained model on the probe batch, when stored tensors are exact
 RECHECK_SAMPLE = 8  # earlier tasks whose probes an add re-checks (a bounded, seeded sample)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -105,71 +102,25 @@ class TaskRequest(RunOptions):
     method_options: Optional[dict[str, Any]] = None
 
 
+# Request fields add_task/group_train take as their own parameters, not as options.
+_GIVEN_EXPLICITLY = ("name", "base", "data_spec", "method", "method_options", "tasks", "groups")
+
+
+def split_options(options: dict[str, Any], request: type) -> tuple[Any, dict[str, Any],
+                                                                 dict[str, Any]]:
+    """(TrainConfig, run options of `request`, the method's options) out of keyword options."""
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    # The request's own fields that a caller passes by keyword (run options, class subset).
+    run_keys = {f.name for f in dataclasses.fields(request)} - set(_GIVEN_EXPLICITLY)
+    train = {k: v for k, v in options.items() if k in train_keys and v is not None}
+    run = {k: v for k, v in options.items() if k in run_keys and v is not None}
+    own = {k: v for k, v in options.items() if k not in train_keys and k not in run_keys}
+    return TrainConfig(**train), run, own
+
+
 def configured_method(method: str, options: dict[str, Any], epochs: int) -> Method:
     """The method `method` with the user's `options`, fitted to a run of `epochs` epochs."""
     return get_method(method, **options).for_epochs(epochs, set(options))
-
-
-class Heartbeat:
-    """Marks a run alive in the registry every few seconds from a daemon thread.
-
-    When the run's row is gone (`task remove --force`), a run in the main thread is interrupted
-    at once instead of training on for nothing; `lost` tells the caller why.
-    """
-
-    def __init__(self, registry: Registry, run_token: str) -> None:
-        self._registry, self._token = registry, run_token
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="taps-cl-heartbeat", daemon=True)
-        self._interrupt = threading.current_thread() is threading.main_thread()
-        self.lost = False
-
-    def __enter__(self) -> Heartbeat:
-        self._sigint: Any = None
-        if self._interrupt and not callable(signal.getsignal(signal.SIGINT)):
-            # interrupt_main() raises KeyboardInterrupt only where SIGINT has a Python handler; a
-            # background job (`cmd &` in a script) starts with SIGINT ignored.
-            self._sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        if self._sigint is not None:
-            signal.signal(signal.SIGINT, self._sigint)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_INTERVAL_SECONDS):
-            try:
-                self._registry.heartbeat_task(self._token)
-                self._registry.get_task_by_token(self._token)
-            except NotFound:
-                self.lost = True
-                if self._interrupt and not self._stop.is_set():
-                    _thread.interrupt_main()
-                return
-            except Exception as exc:  # a missed beat must not kill the run
-                log.warning("heartbeat failed: %s", exc)
-
-
-def signals_deferred(call: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, int]:
-    """`call(*args, **kwargs)` with SIGINT and SIGTERM held back until it returns.
-
-    Returns its result and the signal that arrived meanwhile (0: none), for the caller to act on
-    where it can clean up. Outside the main thread (no signal handlers there) it just calls.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return call(*args, **kwargs), 0
-    arrived: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda signum, _frame: arrived.append(signum))
-                for sig in held}
-    try:
-        return call(*args, **kwargs), (arrived[0] if arrived else 0)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 class TaskAdder:

@@ -26,15 +26,10 @@ from taps_cl.errors import TapsError
 from taps_cl.methods.base import GroupPlan, GroupPlanning
 from taps_cl.models import backbones
 from taps_cl.models.compose import example_input
-from taps_cl.tasks.adding import (
-    Heartbeat,
-    RunOptions,
-    TaskAdder,
-    TaskAddResult,
-    configured_method,
-)
+from taps_cl.tasks.adding import RunOptions, TaskAdder, TaskAddResult, configured_method
 from taps_cl.tasks.planning import planning, task_signature
 from taps_cl.tasks.rebuilding import TaskModels
+from taps_cl.tasks.runs import Heartbeat
 from taps_cl.tasks.verification import sha256_of
 from taps_cl.training.device import resolve_device
 from taps_cl.training.fit import FitResult, Member, TrainConfig, fit_tied

@@ -15,7 +15,7 @@ import torch
 
 from registry import Registry
 from registry.entities import BaseModel, Task
-from taps_cl.analysis import similarity
+from taps_cl.analysis import reports, similarity
 from taps_cl.data.specs import TaskData
 from taps_cl.methods.base import EarlierTask, Planning
 from taps_cl.models import backbones
@@ -71,3 +71,67 @@ def planning(registry: Registry, base: BaseModel, name: str, given: Mapping[str,
 
     return Planning(task=name, base=base.name, base_sha256=base.sha256, given=dict(given),
                     signature=signature, similarity=similar, earlier=earlier, read=read)
+
+
+def similarity_report(
+    registry: Registry, models: TaskModels, b: BaseModel, data: Optional[str], *,
+    classes: Optional[str] = None, img_size: Optional[int] = None,
+    max_train: Optional[int] = None, seed: int = 0,
+) -> reports.SimilarityReport:
+    """The cosine similarity of `b`'s ready tasks' stored signatures (and of a candidate's, with
+    `data`); see `Manager.similarity`."""
+    names: list[str] = []
+    signatures: list[Any] = []
+    recipes: list[dict[str, Any]] = []
+    missing: list[tuple[str, str]] = []
+    for task in registry.list_tasks(b.name, ready_only=True):
+        if task.signature is None:
+            missing.append((task.name, "no signature recorded (added before signatures "
+                                       "were stored)"))
+            continue
+        blob = registry.read_artifact(task.signature)
+        recipes.append(similarity.signature_recipe(blob))
+        signatures.append(similarity.signature_from_bytes(blob))
+        names.append(task.name)
+    candidate = None
+    if data is not None:
+        candidate, recipe = _candidate_signature(registry, models, b, data, classes, img_size,
+                                                 max_train, seed)
+        recipes.append(recipe)
+    similarity.check_comparable(recipes, [*names, "the candidate"])
+    full = similarity.cosine_matrix(
+        signatures + ([candidate] if candidate is not None else []))
+    n = len(names)
+    matrix = full[:n, :n]
+    spec_text = None
+    if data is not None:
+        spec_text = data if classes is None else f"{data} (classes {classes})"
+    return reports.SimilarityReport(
+        base_name=b.name, tasks=tuple(names),
+        matrix=tuple(tuple(float(v) for v in row) for row in matrix),
+        groups=tuple(similarity.cluster(matrix)), threshold=similarity.DEFAULT_THRESHOLD,
+        without_signature=tuple(missing), candidate=spec_text,
+        candidate_row=(tuple(float(v) for v in full[n, :n]) if candidate is not None
+                       else None),
+    )
+
+
+def _candidate_signature(
+    registry: Registry, models: TaskModels, b: BaseModel, spec: str, classes: Optional[str],
+    img_size: Optional[int], max_train: Optional[int], seed: int,
+) -> tuple[Any, dict[str, Any]]:
+    """The signature (and its recipe) of data not (yet) in the registry, as an add computes it."""
+    from taps_cl.data import specs as task_data
+    from taps_cl.models.compose import example_input
+
+    loaded = task_data.load_task_data(
+        task_data.DataSpec.parse(spec, classes=classes), b.data_config, img_size=img_size,
+        seed=seed, max_train=max_train, max_test=1)
+    head = frozenset(b.head_keys)
+    model = backbones.build_task_model(
+        backbones.ModelSpec.parse(b.model_spec), models.base_state(b),
+        len(loaded.class_names), head)
+    signature = similarity.task_signature(
+        model, head, loaded.train, example=example_input(b.data_config, img_size))
+    meta = similarity.signature_meta(model)
+    return signature, {key: meta.get(key) for key in ("recipe", "config", "blocks")}

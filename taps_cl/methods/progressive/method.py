@@ -36,16 +36,16 @@ from torch import Tensor, nn
 
 from taps_cl.errors import MethodError
 from taps_cl.methods.base import (
-    GroupPlan,
-    GroupPlanning,
-    Plan,
-    Planning,
-    SharedWrite,
     MODULE_PREFIX,
     SET_PREFIX,
     Dependency,
+    GroupPlan,
+    GroupPlanning,
     LayerRecord,
     Method,
+    Plan,
+    Planning,
+    SharedWrite,
     TaskState,
 )
 from taps_cl.methods.blocks import (
@@ -59,15 +59,6 @@ from taps_cl.methods.blocks import (
     trace_blocks,
 )
 from taps_cl.methods.catalog import register
-from taps_cl.methods.progressive.grouping import plan_group
-from taps_cl.methods.progressive.joining import plan_join
-from taps_cl.methods.progressive.sharing import (
-    BANDS,
-    BAND_KEYS,
-    PROGRESSIVE_ATTR,
-    band_dependency,
-    trained_band,
-)
 from taps_cl.methods.layers import (
     block_params,
     cpu_copy,
@@ -78,6 +69,15 @@ from taps_cl.methods.layers import (
     trainable,
 )
 from taps_cl.methods.options import check_choice, check_number, option
+from taps_cl.methods.progressive.grouping import plan_group
+from taps_cl.methods.progressive.joining import plan_join
+from taps_cl.methods.progressive.sharing import (
+    BAND_KEYS,
+    BANDS,
+    PROGRESSIVE_ATTR,
+    band_dependency,
+    trained_band,
+)
 
 logger = logging.getLogger(__name__)
 
