@@ -94,11 +94,10 @@ parameters and bytes per task and for base + all tasks, train time as a ratio to
 the learning-rate selection, notes, and the targets, each met or missed with its numbers;
 --json-out writes the same figures (or, with --plan, the plan) as one JSON document.
 
-Run it from the repository root: benchmarks/ is a package of the source tree (not installed),
-split by concern — protocol.py (base, tasks, data, sizes), rows.py (what each row is and
-records), training.py (the learning rate chosen on validation, then the runs), progressive.py
-(the progressive rows), peft_lora.py (the LoRA baseline), plan.py (--plan), targets.py and
-report.py (the report and the JSON result); this file is the entry point.
+Run it from the repository root (benchmarks/ is a package of the source tree, not installed).
+Modules: protocol.py (base, tasks, data, sizes), rows.py (what each row is and records),
+training.py (the learning rate chosen on validation, then the runs), progressive.py, peft_lora.py
+(the LoRA baseline), plan.py (--plan), targets.py and report.py (report and JSON result).
 """
 
 from __future__ import annotations

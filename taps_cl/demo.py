@@ -5,11 +5,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from registry import NotFound
 from taps_cl.errors import TapsError
-from taps_cl.manager import Manager
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ def demo_tasks(home: Path, quick: bool) -> list[dict]:
     ]
 
 
-def run(manager: Manager, *, quick: bool = False, progress: bool = False,
+def run(manager: Any, *, quick: bool = False, progress: bool = False,
         say: Callable[[str], None] = log.info) -> None:
     """Register Lite0 (once) and add the demo tasks that are not registered yet."""
     try:

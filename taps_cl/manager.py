@@ -296,12 +296,12 @@ class Manager:
         """Check every artifact, recorded fact and probe of a base's (or every, or the named) task.
 
         `workers` processes check the tasks in parallel (None: automatic, see
-        `Verifier.verify`); a script that verifies with workers needs an
+        `taps_cl.tasks.verify_pool.verify`); a script that verifies with workers needs an
         ``if __name__ == "__main__":`` guard, as with any spawned process.
         """
-        from taps_cl.tasks.verification import Verifier
+        from taps_cl.tasks.verify_pool import verify
 
-        return Verifier(self.models).verify(base, tasks, workers=workers, progress=progress)
+        return verify(self.models, base, tasks, workers=workers, progress=progress)
 
     # ----------------------------------------------------------------- garbage
     def find_garbage(self) -> list[GarbageFile]:

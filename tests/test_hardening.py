@@ -19,7 +19,7 @@ from sqlalchemy import text
 from taps_cl import serialization
 from taps_cl.errors import TapsError
 from taps_cl.manager import Manager
-from taps_cl.tasks.verification import probe_indices
+from taps_cl.tasks.probes import probe_indices
 from tests.test_cli import assert_one_line_error, run
 
 FAST = dict(epochs=1, batch_size=16, img_size=32, seed=0)

@@ -16,7 +16,7 @@ from registry import NotFound
 from taps_cl.errors import TapsError
 from taps_cl.manager import Manager
 from taps_cl.tasks import verify_pool
-from taps_cl.tasks.rebuilding import PROBE_ATOL
+from taps_cl.tasks.probes import PROBE_ATOL
 from tests import pool_jobs
 from tests.test_cli import assert_one_line_error, run
 

@@ -8,8 +8,18 @@ from typing import Any, Optional
 import click
 
 from taps_cl.cli import options
-from taps_cl.cli.launch import launched
-from taps_cl.cli.render import Context, fmt, pass_ctx, pct, progress, task_json
+from taps_cl.cli.launch import launch
+from taps_cl.cli.render import (
+    Context,
+    fmt,
+    launched_output,
+    pass_ctx,
+    pct,
+    progress,
+    task_json,
+)
+from taps_cl.cli.state import ARGS, STATE
+from taps_cl.errors import TapsError
 from taps_cl.tasks.adding import RunOptions
 from taps_cl.training.fit import TrainConfig
 
@@ -33,7 +43,11 @@ def task_add(c: Context, name: str, base: str, data_spec: str, classes: Optional
              method: str, **given: Any) -> None:
     """Train task NAME on the frozen base and record only what it needs."""
     nproc = given.pop("nproc")
-    if nproc is not None and launched(nproc, given["device"], given["batch_size"]):
+    run = None if nproc is None else launch(nproc, given["device"], given["batch_size"], ARGS)
+    if run is not None:
+        launched_output(run, STATE["debug"])
+        if run.error is not None:
+            raise TapsError(run.error)
         return
     chosen = options.chosen_options(method, given)
     result = c.manager.add_task(name, base, data_spec, method=method, classes=classes,

@@ -13,8 +13,10 @@ import click
 from registry import RegistryError
 from taps_cl.cli import bases, db, groups, maintenance, models, reports, tasks
 from taps_cl.cli.adding import task_add
-from taps_cl.cli.render import ARGS, STATE, Context
+from taps_cl.cli.render import Context
+from taps_cl.cli.state import ARGS, STATE
 from taps_cl.errors import TapsError, first_line
+from taps_cl.manager import Manager
 
 log = logging.getLogger("taps_cl")
 
@@ -37,7 +39,7 @@ def cli(ctx: click.Context, home: Optional[str], db_url: Optional[str],
     STATE["debug"] = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    ctx.obj = Context(home, db_url, as_json, artifacts_url)
+    ctx.obj = Context(Manager(home, db_url, artifacts_url), as_json)
     ctx.call_on_close(ctx.obj.manager.close)
 
 

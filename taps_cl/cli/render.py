@@ -13,12 +13,6 @@ import click
 
 from registry.entities import Task
 from taps_cl.analysis import reports
-from taps_cl.manager import Manager
-
-# Set by the root command so that main() knows whether to show tracebacks.
-STATE = {"debug": False}
-# The arguments main() runs, which `task add --nproc N` hands on to the processes it starts.
-ARGS: list[str] = []
 
 # Rows a human table shows when no --limit is given (--json always lists every row).
 TABLE_ROWS = 50
@@ -29,9 +23,8 @@ SUMMARY_ABOVE = 20
 class Context:
     """What every command gets: the manager and the output mode."""
 
-    def __init__(self, home: Optional[str], db_url: Optional[str], as_json: bool,
-                 artifacts_url: Optional[str] = None) -> None:
-        self.manager = Manager(home, db_url, artifacts_url)
+    def __init__(self, manager: Any, as_json: bool) -> None:
+        self.manager = manager  # the taps_cl.manager.Manager every command calls
         self.json = as_json
 
     def emit(self, data: Any, text: Callable[[], None]) -> None:
@@ -193,3 +186,14 @@ def task_json(t: Task, accuracy: Optional[float]) -> dict[str, Any]:
             "status": t.status, "num_classes": t.num_classes, "task_params": t.task_params,
             "active_layers": t.active_layers, "total_layers": t.total_layers,
             "test_accuracy": accuracy}
+
+
+def launched_output(run: Any, debug: bool) -> None:
+    """What the processes of `task add --nproc N` printed: rank 0's output, and the others'
+    errors where the run failed or with --debug."""
+    click.echo(run.stdout, nl=False)
+    if run.returncode == 0 or debug:
+        for text in run.rank_stderr.values():
+            click.echo(text, err=True, nl=False)
+    if debug:
+        click.echo(run.torchrun_stderr, err=True, nl=False)

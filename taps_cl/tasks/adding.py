@@ -33,16 +33,10 @@ from taps_cl.methods.options import option
 from taps_cl.models import backbones
 from taps_cl.models.compose import example_input, task_model
 from taps_cl.tasks.planning import planning, task_signature
+from taps_cl.tasks.probes import PROBE_SIZE, probe_indices
 from taps_cl.tasks.rebuilding import TaskModels
 from taps_cl.tasks.runs import Heartbeat, signals_deferred
-from taps_cl.tasks.verification import (
-    RECORD_KEY,
-    ProbeCheck,
-    Verifier,
-    probe_indices,
-    sha256_of,
-    task_record,
-)
+from taps_cl.tasks.verification import RECORD_KEY, ProbeCheck, Verifier, sha256_of, task_record
 from taps_cl.training import evaluate
 from taps_cl.training.device import resolve_device
 from taps_cl.training.distributed import active_group
@@ -50,7 +44,6 @@ from taps_cl.training.fit import TrainConfig, fit
 
 log = logging.getLogger(__name__)
 
-PROBE_SIZE = 32  # test inputs kept per task to prove later additions did not change it
 MERGE_ATOL = 1e-5  # restored vs trained model on the probe batch, when stored tensors are exact
 RECHECK_SAMPLE = 8  # earlier tasks whose probes an add re-checks (a bounded, seeded sample)
 

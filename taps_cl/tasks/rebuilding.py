@@ -24,30 +24,11 @@ from taps_cl.methods.base import Dependency
 from taps_cl.methods.catalog import get_method
 from taps_cl.models.compose import task_model
 from taps_cl.models.files import write_atomic
+from taps_cl.tasks.probes import PROBE_ATOL, PROBE_RTOL, logit_scale, probe_drift
 from taps_cl.training import evaluate
 from taps_cl.training.device import resolve_device
 
 log = logging.getLogger(__name__)
-
-# Largest probe-logit drift still counted as "unchanged": PROBE_ATOL + PROBE_RTOL × the largest
-# stored |logit|. The relative part absorbs float32 rounding that differs with the order of a
-# convolution's sums — another thread count (verify's worker processes), another CPU — which on
-# Lite0 reaches 1e-5 for logits of a few units; a changed weight moves logits far more.
-PROBE_ATOL = 1e-5
-PROBE_RTOL = 1e-5
-
-
-def probe_drift(model: nn.Module, probe: dict[str, torch.Tensor]) -> float:
-    """Largest |logit − stored logit| of `model` on a stored probe batch (computed on the CPU)."""
-    if probe["logits"].numel() == 0:
-        return 0.0
-    return float((evaluate.logits(model, probe["inputs"]) - probe["logits"]).abs().max())
-
-
-def logit_scale(probe: dict[str, torch.Tensor]) -> float:
-    """The largest stored |logit| of a probe batch (0 for an empty one)."""
-    logits = probe["logits"]
-    return float(logits.abs().max()) if logits.numel() else 0.0
 
 
 class TaskModels:

@@ -12,28 +12,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
-from tqdm import tqdm
+from torch import nn
 
 from registry import RegistryError
 from registry.entities import BaseModel, Evaluation, LayerEntry, Task
 from taps_cl import serialization
 from taps_cl.errors import TapsError, first_line
-from taps_cl.tasks.rebuilding import PROBE_ATOL, PROBE_RTOL, TaskModels, logit_scale, probe_drift
+from taps_cl.tasks.probes import PROBE_ATOL, PROBE_RTOL, logit_scale, probe_drift
 
 log = logging.getLogger(__name__)
 
 RECORD_KEY = "record"  # metadata key of the task record in the task artifact
 ACCURACY_ATOL = 1e-9  # recorded accuracies are copied, never recomputed: they must match exactly
-# Automatic worker count: below this many ready tasks, checking in this process is faster than
-# starting worker processes (each imports torch and timm before its first check). Measured with
-# benchmarks/scale.py --lite0-verify 32 on 2 cores: 14 tasks/s in one process, 5 with the pool.
-AUTO_MIN_TASKS = 64
 
 
 @dataclass(frozen=True)
@@ -121,10 +116,21 @@ def record_mismatches(
     return wrong
 
 
+class TaskSource(Protocol):
+    """What a Verifier reads tasks through (`taps_cl.tasks.rebuilding.TaskModels`)."""
+
+    registry: Any
+
+    def model(self, task: Task, base: Optional[BaseModel] = None,
+              tensors: Optional[dict[str, torch.Tensor]] = None) -> nn.Module: ...
+
+    def trust_base(self, base: BaseModel, state: dict[str, torch.Tensor]) -> None: ...
+
+
 class Verifier:
     """Checks bases and tasks of one registry against their files (see the module docstring)."""
 
-    def __init__(self, models: TaskModels) -> None:
+    def __init__(self, models: TaskSource) -> None:
         self.models = models
         self.registry = models.registry
 
@@ -214,82 +220,6 @@ class Verifier:
             return ProbeCheck(task.name, drift, False, "; ".join(problems))
         return ProbeCheck(task.name, drift, True)
 
-    def verify(
-        self, base: Optional[str] = None, tasks: Optional[Sequence[str]] = None, *,
-        workers: Optional[int] = None, progress: bool = False,
-    ) -> list[ProbeCheck]:
-        """Check every base (or one) and its tasks (or the named ones), in sequence order.
-
-        Each base is read and hashed once. With more than one worker the ready tasks are checked
-        in that many processes (`verify_pool`); None picks min(cores, tasks), in this process
-        below AUTO_MIN_TASKS tasks. Named tasks limit the check to them and their bases; an
-        unknown name is NotFound. `progress` shows a bar on stderr.
-        """
-        if workers is not None and workers < 1:
-            raise TapsError(f"workers must be at least 1, got {workers}")
-        reg = self.registry
-        bases = [reg.get_base(base)] if base else reg.list_bases()
-        if tasks is None:
-            listed = [(b, reg.list_tasks(b.name)) for b in bases]
-        else:  # only the named rows are read (a base may hold thousands)
-            named = [reg.get_task(name) for name in dict.fromkeys(tasks)]  # NotFound if unknown
-            for task in named:
-                if base is not None and task.base != base:
-                    raise TapsError(f"task {task.name!r} belongs to base {task.base!r}, "
-                                    f"not {base!r}")
-            order = {b.name: i for i, b in enumerate(bases)}
-            named.sort(key=lambda t: (order[t.base], t.position is None, t.position or 0))
-            listed = [(b, its) for b in bases
-                      if (its := [t for t in named if t.base == b.name])]
-        checks: list[Optional[ProbeCheck]] = []
-        jobs: list[tuple[int, Task, BaseModel, list[Evaluation]]] = []
-        for b, its in listed:
-            error = self.check_base(b)
-            if error is not None:
-                checks.append(ProbeCheck(f"base:{b.name}", None, False, error))
-                continue
-            about = evaluations_by_task(reg.list_evaluations(
-                b.name, tasks=None if tasks is None else [t.name for t in its]))
-            for task in its:
-                jobs.append((len(checks), task, b, about.get(task.name, [])))
-                checks.append(None)
-        size = pool_size(workers, sum(1 for job in jobs if job[1].status == "ready"))
-        pooled = [job for job in jobs if size > 1 and job[1].status == "ready"]
-        bar = tqdm(total=len(jobs), disable=not progress, desc="verify", unit="task",
-                   dynamic_ncols=True)
-        try:
-            for slot, task, b, about_task in jobs:
-                if size == 1 or task.status != "ready":  # nothing to rebuild: no worker needed
-                    checks[slot] = safe_check(self, task, b, about_task)
-                    bar.update()
-            if pooled:
-                from taps_cl.tasks import verify_pool  # imports this module
-
-                found = verify_pool.check_tasks([job[1:] for job in pooled], self.models, size,
-                                                on_done=bar.update)
-                for job, check in zip(pooled, found, strict=True):
-                    checks[job[0]] = check
-        finally:
-            bar.close()
-        return [c for c in checks if c is not None]
-
-
-def pool_size(workers: Optional[int], ready: int) -> int:
-    """How many worker processes check `ready` tasks (1: in this process, no pool)."""
-    if workers is None:
-        if ready < AUTO_MIN_TASKS:
-            return 1
-        workers = available_cpus()
-    return max(1, min(workers, ready))
-
-
-def available_cpus() -> int:
-    """The cores this process may run on (its affinity mask, e.g. a container's share)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
 
 def evaluations_by_task(evaluations: Iterable[Evaluation]) -> dict[str, list[Evaluation]]:
     """Each task's evaluations: its own rows and the cells recorded after it.
@@ -317,9 +247,3 @@ def safe_check(
                           f"unexpected {type(exc).__name__}: {first_line(exc)}")
 
 
-def probe_indices(labels: torch.Tensor, n: int, seed: int) -> list[int]:
-    """Sorted positions of a seeded, class-stratified sample of `n` items (every class when n
-    allows; see `taps_cl.data.sampling.stratified_sample`)."""
-    from taps_cl.data.sampling import stratified_sample
-
-    return stratified_sample(labels.cpu().numpy(), n, seed).tolist()

@@ -1,4 +1,4 @@
-"""Probe checks of many tasks in a pool of worker processes (`Verifier.verify(workers=N)`).
+"""Verifying a registry: every base and task, the tasks checked in a pool of worker processes.
 
 The parent reads and hashes each base once; the checked tensors reach the workers packed into one
 shared-memory buffer per dtype (torch.multiprocessing shares a tensor's storage instead of
@@ -28,12 +28,18 @@ from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.multiprocessing  # registers the reductions that share tensors between processes
+from tqdm import tqdm
 
 from registry import Registry
 from registry.entities import BaseModel, Evaluation, Task
-from taps_cl.errors import first_line
+from taps_cl.errors import TapsError, first_line
 from taps_cl.tasks.rebuilding import TaskModels
-from taps_cl.tasks.verification import ProbeCheck, Verifier, available_cpus, safe_check
+from taps_cl.tasks.verification import (
+    ProbeCheck,
+    Verifier,
+    evaluations_by_task,
+    safe_check,
+)
 
 log = logging.getLogger(__name__)
 
@@ -189,3 +195,84 @@ def run_pool(
                 finish(i, failed(jobs[i], "worker processes die before checking anything"))
             pending.clear()
     return [results[i] for i in range(len(jobs))]
+
+
+# Automatic worker count: below this many ready tasks, checking in this process is faster than
+# starting worker processes (each imports torch and timm before its first check). Measured with
+# benchmarks/scale.py --lite0-verify 32 on 2 cores: 14 tasks/s in one process, 5 with the pool.
+AUTO_MIN_TASKS = 64
+
+
+def pool_size(workers: Optional[int], ready: int) -> int:
+    """How many worker processes check `ready` tasks (1: in this process, no pool)."""
+    if workers is None:
+        if ready < AUTO_MIN_TASKS:
+            return 1
+        workers = available_cpus()
+    return max(1, min(workers, ready))
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (its affinity mask, e.g. a container's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def verify(
+    models: TaskModels, base: Optional[str] = None, tasks: Optional[Sequence[str]] = None, *,
+    workers: Optional[int] = None, progress: bool = False,
+) -> list[ProbeCheck]:
+    """Check every base (or one) and its tasks (or the named ones), in sequence order.
+
+    Each base is read and hashed once. With more than one worker the ready tasks are checked
+    in that many processes (`check_tasks`); None picks min(cores, tasks), in this process
+    below AUTO_MIN_TASKS tasks. Named tasks limit the check to them and their bases; an
+    unknown name is NotFound. `progress` shows a bar on stderr.
+    """
+    if workers is not None and workers < 1:
+        raise TapsError(f"workers must be at least 1, got {workers}")
+    reg = models.registry
+    verifier = Verifier(models)
+    bases = [reg.get_base(base)] if base else reg.list_bases()
+    if tasks is None:
+        listed = [(b, reg.list_tasks(b.name)) for b in bases]
+    else:  # only the named rows are read (a base may hold thousands)
+        named = [reg.get_task(name) for name in dict.fromkeys(tasks)]  # NotFound if unknown
+        for task in named:
+            if base is not None and task.base != base:
+                raise TapsError(f"task {task.name!r} belongs to base {task.base!r}, "
+                                f"not {base!r}")
+        order = {b.name: i for i, b in enumerate(bases)}
+        named.sort(key=lambda t: (order[t.base], t.position is None, t.position or 0))
+        listed = [(b, its) for b in bases
+                  if (its := [t for t in named if t.base == b.name])]
+    checks: list[Optional[ProbeCheck]] = []
+    jobs: list[tuple[int, Task, BaseModel, list[Evaluation]]] = []
+    for b, its in listed:
+        error = verifier.check_base(b)
+        if error is not None:
+            checks.append(ProbeCheck(f"base:{b.name}", None, False, error))
+            continue
+        about = evaluations_by_task(reg.list_evaluations(
+            b.name, tasks=None if tasks is None else [t.name for t in its]))
+        for task in its:
+            jobs.append((len(checks), task, b, about.get(task.name, [])))
+            checks.append(None)
+    size = pool_size(workers, sum(1 for job in jobs if job[1].status == "ready"))
+    pooled = [job for job in jobs if size > 1 and job[1].status == "ready"]
+    bar = tqdm(total=len(jobs), disable=not progress, desc="verify", unit="task",
+               dynamic_ncols=True)
+    try:
+        for slot, task, b, about_task in jobs:
+            if size == 1 or task.status != "ready":  # nothing to rebuild: no worker needed
+                checks[slot] = safe_check(verifier, task, b, about_task)
+                bar.update()
+        if pooled:
+            found = check_tasks([job[1:] for job in pooled], models, size, on_done=bar.update)
+            for job, check in zip(pooled, found, strict=True):
+                checks[job[0]] = check
+    finally:
+        bar.close()
+    return [c for c in checks if c is not None]
