@@ -17,8 +17,8 @@ from benchmarks.protocol import VAL_FRACTION, Bench, TaskDef
 from benchmarks.rows import PROGRESSIVE_GROUP, Row, RowSpec, Run, SharedBand, record_task
 from registry import RegistryError
 from taps_cl.manager import Manager
-from taps_cl.tasks.adding import TaskAddResult
 from taps_cl.tasks.grouping import GroupResult
+from taps_cl.tasks.recording import TaskAddResult
 
 
 def train_progressive(

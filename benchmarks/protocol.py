@@ -27,7 +27,7 @@ from taps_cl.data.letters import render_letters
 from taps_cl.demo import FASHION_DIR, lite0_weights
 from taps_cl.methods.base import Dependency, Method
 from taps_cl.models import backbones
-from taps_cl.models.compose import example_input
+from taps_cl.models.backbones import example_input
 from taps_cl.models.weights import read_weights
 from taps_cl.training.fit import TrainConfig
 

@@ -18,7 +18,7 @@ from benchmarks.peft_lora import LoraOptions, PeftLora
 from benchmarks.protocol import Bench, TaskDef, plural
 from taps_cl.methods.base import Method
 from taps_cl.methods.progressive.sharing import BANDS
-from taps_cl.tasks.adding import configured_method
+from taps_cl.tasks.requests import configured_method
 
 
 @dataclass(frozen=True)

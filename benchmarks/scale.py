@@ -21,7 +21,7 @@ How. The registry grows in one home: N = 10, then 90 more tasks to N = 100, and 
 the measured adds and one real add before the first of them (not measured: it warms up data
 loading, training and re-checking), the tasks are synthetic: the base with a random linear
 head, recorded through exactly the path a real add takes after training — `Registry.begin_task`,
-then `TaskAdder.record_trained` (evaluation on 6 random images, probe batch, content-addressed
+then `Recorder.record_trained` (evaluation on 6 random images, probe batch, content-addressed
 artifacts, `finish_task`) — with no training and, by default, no re-check of earlier tasks
 (--synthetic-recheck). Building time is printed per size. The home is a temporary directory
 unless --home keeps it (a kept home grows further on the next run). Torch computes with every

@@ -75,12 +75,12 @@ class Synthesizer:
         from taps_cl.data import specs as data
         from taps_cl.methods.catalog import get_method
         from taps_cl.models import backbones
-        from taps_cl.tasks.adding import TaskAdder
+        from taps_cl.tasks.recording import Recorder
 
         self.registry = manager.registry
         self.base = manager.get_base(base)
         self.img_size = img_size
-        self.adder = TaskAdder(manager.registry, manager.models)
+        self.adder = Recorder(manager.registry, manager.models)
         self.learner = get_method(METHOD)
         self.head = frozenset(self.base.head_keys)
         torch.manual_seed(0)

@@ -11,7 +11,7 @@ __all__ = ["Manager", "load_file", "open_registry", "restore", "__version__"]
 def __getattr__(name: str) -> Any:
     # Lazy, so `import taps_cl.errors` (and the CLI's --help) need not import torch.
     if name in ("Manager", "open_registry", "restore"):
-        from taps_cl import manager
+        import taps_cl.manager as manager
 
         return getattr(manager, name)
     if name == "load_file":

@@ -23,9 +23,9 @@ from taps_cl.errors import TapsError, first_line
 if TYPE_CHECKING:  # these import torch: loaded where first used (see the module docstring)
     from torch import nn
 
-    from taps_cl.tasks.adding import TaskAddResult
     from taps_cl.tasks.grouping import GroupResult
     from taps_cl.tasks.rebuilding import TaskModels
+    from taps_cl.tasks.recording import TaskAddResult
     from taps_cl.tasks.verification import ProbeCheck
     from taps_cl.training import evaluate
 
@@ -99,7 +99,7 @@ class Manager:
         self, name: str, model: str, weights: Optional[str] = None, pretrained: bool = False
     ) -> BaseModel:
         """Build the backbone, load its weights and store them once as the frozen base."""
-        from taps_cl import serialization
+        import taps_cl.serialization as serialization
         from taps_cl.models import backbones
         from taps_cl.models.weights import read_weights
 
@@ -164,7 +164,8 @@ class Manager:
         train together (taps_cl.training.distributed); rank 0 records and returns the result,
         the others return None.
         """
-        from taps_cl.tasks.adding import TaskAdder, TaskRequest, split_options
+        from taps_cl.tasks.adding import TaskAdder
+        from taps_cl.tasks.requests import TaskRequest, split_options
         from taps_cl.training.distributed import joined
 
         train_cfg, run, own = split_options(options, TaskRequest)
@@ -193,8 +194,8 @@ class Manager:
         shared and group adapters are stored once, as shared artifacts every member pins.
         `options` as for `add_task` (no class subset).
         """
-        from taps_cl.tasks.adding import split_options
-        from taps_cl.tasks.grouping import GroupRequest, GroupTrainer
+        from taps_cl.tasks.grouping import GroupTrainer
+        from taps_cl.tasks.requests import GroupRequest, split_options
         from taps_cl.training.distributed import under_torchrun
 
         if under_torchrun():
@@ -432,7 +433,7 @@ def __getattr__(name: str) -> Any:
 
         return ProbeCheck
     if name == "TaskAddResult":
-        from taps_cl.tasks.adding import TaskAddResult
+        from taps_cl.tasks.recording import TaskAddResult
 
         return TaskAddResult
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -408,13 +408,12 @@ def test_max_train_and_max_test_subsample_stratified(tmp_path):
     assert len(load_task_data(f"idx:{folder}", CFG, img_size=7, max_train=1000).train) == 180
 
 
-
 @pytest.mark.parametrize("counts, n", [
-    ([50, 50, 50, 50], 32),  # scikit-learn's split: every share is at least one
-    ([100, 100, 2], 3),  # a share below one: scikit-learn would give the small class nothing
-    ([5, 1, 7], 4),  # a class with one item (scikit-learn refuses it)
+    ([50, 50, 50, 50], 32),  # equal shares
+    ([100, 100, 2], 3),  # a share below one still gets its one item
+    ([5, 1, 7], 4),  # a class with one item
     ([9, 9, 9, 9, 9], 3),  # fewer items than classes: the largest shares, lowest labels first
-    ([3, 3], 5),  # the rest would hold less than one item per class
+    ([3, 3], 5),
 ])
 def test_stratified_sample_is_seeded_proportional_and_covers_every_class(counts, n):
     labels = np.repeat(np.arange(len(counts)) * 7, counts)  # class-sorted, labels not 0..k-1
@@ -429,6 +428,14 @@ def test_stratified_sample_is_seeded_proportional_and_covers_every_class(counts,
         assert np.all(got <= 1) and got[: n].tolist() == [1] * n
     seeds = {tuple(stratified_sample(labels, n, seed=s)) for s in range(5)}
     assert len(seeds) > 1  # the draw within each class follows the seed
+
+
+def test_stratified_sample_draws_what_stored_tasks_were_measured_on():
+    # A stored task's accuracy was measured on its max_test subset: re-evaluating it must draw
+    # the same items, so these draws may not change.
+    labels = np.repeat(np.arange(3), [6, 4, 2])
+    assert stratified_sample(labels, 5, seed=(0, 2)).tolist() == [2, 5, 7, 9, 11]
+    assert stratified_sample(labels, 7, seed=0).tolist() == [2, 3, 4, 5, 7, 9, 10]
 
 
 def test_stratified_sample_edges():
@@ -446,6 +453,7 @@ def test_carve_keeps_singletons_in_train_and_gives_val_one_of_each_other_class()
     assert np.bincount(labels[train]).tolist() == [1, 1, 36]
     assert carve_validation(labels, 0.0, seed=0)[1].tolist() == []
     assert np.array_equal(val, carve_validation(labels, 0.1, seed=(0, 1))[1])
+
 
 @pytest.mark.parametrize(
     "kwargs", [{"val_fraction": 1.0}, {"val_fraction": -0.1}, {"max_train": 0}, {"max_test": 0},

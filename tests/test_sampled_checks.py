@@ -15,7 +15,7 @@ from sqlalchemy import text
 from registry import Registry
 from registry.entities import EarlierCell
 from taps_cl.manager import Manager
-from taps_cl.tasks.adding import recheck_sample
+from taps_cl.tasks.recording import recheck_sample
 from tests.conftest import make_imagefolder
 from tests.test_cli import assert_one_line_error, run
 from tests.test_registry import add_base, begin, finish

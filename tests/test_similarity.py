@@ -18,7 +18,7 @@ from taps_cl.data import specs as data
 from taps_cl.errors import MethodError, TapsError
 from taps_cl.manager import Manager
 from taps_cl.models import backbones
-from taps_cl.models.compose import example_input
+from taps_cl.models.backbones import example_input
 from tests.conftest import make_imagefolder
 from tests.test_cli import assert_one_line_error, run
 

@@ -10,12 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from registry.entities import BaseModel, Evaluation, SharedUse, Task, TaskSummary
-
-if TYPE_CHECKING:  # only the shape is needed here; verification imports torch
-    from taps_cl.tasks.verification import ProbeCheck
 
 # An unchanged model on the same data makes the same predictions: its accuracy, a ratio of
 # counts, is then the same float. Anything beyond rounding noise is a contradiction.
@@ -23,6 +20,17 @@ CONSISTENCY_ATOL = 1e-9
 
 
 # ----------------------------------------------------------------------- budget
+@dataclass(frozen=True)
+class ProbeCheck:
+    """One task (or base) checked against its files (taps_cl.tasks.verification): recorded facts
+    and probe logits."""
+
+    task: str
+    max_drift: Optional[float]  # None when the task could not be rebuilt at all
+    ok: bool
+    error: Optional[str] = None
+
+
 @dataclass(frozen=True)
 class BudgetRow:
     """One ready task's stored size."""

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from taps_cl import serialization
+import taps_cl.serialization as serialization
 from taps_cl.errors import MethodError, TapsError
 from taps_cl.methods.blocks import BlockSite, Bottleneck, hook_blocks, trace_blocks
 from taps_cl.methods.layers import freeze

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import click
 
-from taps_cl.cli import options
+import taps_cl.cli.options as options
 from taps_cl.cli.launch import launch
 from taps_cl.cli.render import (
     Context,
@@ -20,7 +20,7 @@ from taps_cl.cli.render import (
 )
 from taps_cl.cli.state import ARGS, STATE
 from taps_cl.errors import TapsError
-from taps_cl.tasks.adding import RunOptions
+from taps_cl.tasks.requests import RunOptions
 from taps_cl.training.fit import TrainConfig
 
 

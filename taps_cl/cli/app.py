@@ -11,10 +11,16 @@ from typing import Optional
 import click
 
 from registry import RegistryError
-from taps_cl.cli import bases, db, groups, maintenance, models, reports, tasks
 from taps_cl.cli.adding import task_add
+from taps_cl.cli.bases import base_group
+from taps_cl.cli.db import db_group
+from taps_cl.cli.groups import group_group
+from taps_cl.cli.maintenance import demo_cmd, gc_cmd
+from taps_cl.cli.models import predict_cmd, restore_cmd
 from taps_cl.cli.render import Context
+from taps_cl.cli.reports import report_group
 from taps_cl.cli.state import ARGS, STATE
+from taps_cl.cli.tasks import task_group
 from taps_cl.errors import TapsError, first_line
 from taps_cl.manager import Manager
 
@@ -43,11 +49,10 @@ def cli(ctx: click.Context, home: Optional[str], db_url: Optional[str],
     ctx.call_on_close(ctx.obj.manager.close)
 
 
-for command in (db.db_group, bases.base_group, tasks.task_group, groups.group_group,
-                reports.report_group, models.restore_cmd, models.predict_cmd, maintenance.gc_cmd,
-                maintenance.demo_cmd):
+for command in (db_group, base_group, task_group, group_group, report_group, restore_cmd,
+                predict_cmd, gc_cmd, demo_cmd):
     cli.add_command(command)
-tasks.task_group.add_command(task_add)
+task_group.add_command(task_add)
 
 
 def _interrupt(signum: int, _frame: object) -> None:

@@ -6,9 +6,9 @@ from typing import Any, Optional
 
 import click
 
-from taps_cl.cli import options
+import taps_cl.cli.options as options
 from taps_cl.cli.render import Context, pass_ctx, pct, progress, task_json
-from taps_cl.tasks.adding import RunOptions
+from taps_cl.tasks.requests import RunOptions
 from taps_cl.training.fit import TrainConfig
 
 

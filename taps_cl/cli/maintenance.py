@@ -48,7 +48,7 @@ def gc_cmd(c: Context, yes: bool) -> None:
 @pass_ctx
 def demo_cmd(c: Context, quick: bool) -> None:
     """Offline demo: real ImageNet base, three real tasks, budget and verified accuracy."""
-    from taps_cl import demo
+    import taps_cl.demo as demo
 
     # With --json the progress lines go to stderr so stdout stays one JSON document.
     demo.run(c.manager, quick=quick, progress=progress(),

@@ -21,16 +21,16 @@ def stratified_sample(labels: Sequence[int] | np.ndarray, n: int, seed: Seed) ->
     """Sorted positions of `n` items drawn per class in proportion to the class's size.
 
     Every class gets at least one item when n allows (n ≥ the number of classes); otherwise the
-    n items go to the classes whose proportional share is largest. Each class gets its share
-    rounded down, plus one more for the classes with the largest remainders. All positions are
-    returned when n ≥ len(labels).
+    n items go to the classes whose proportional share is largest (lower labels first on ties).
+    Each class gets its share rounded down, the classes whose shares were cut most one more, and
+    its items are the first of a seeded permutation of its positions. All positions are returned
+    when n ≥ len(labels); the result is the same for the same labels and seed.
 
-    scikit-learn's stratified split (`train_test_split(..., stratify=labels)`) draws the sample
-    when it can keep these promises: every class has two items or more, the rest holds at least
-    one item of each class, and every class's share rounded down is at least one (it would give
-    a class whose share is below one nothing, although n allows one). Otherwise the same
-    allocation is computed here, with each class's items drawn from a seeded permutation. The
-    result is the same for the same labels and seed.
+    These draws are part of what a task records: its accuracy was measured on the max_test
+    subset drawn here, so re-evaluating a stored task must draw the same items. scikit-learn's
+    stratified split (`train_test_split(..., stratify=...)`) is therefore not used: it draws
+    other items, gives a class whose share is below one nothing although n allows one, and
+    refuses a class with one item.
     """
     labels = np.asarray(labels)
     total = len(labels)
@@ -39,17 +39,7 @@ def stratified_sample(labels: Sequence[int] | np.ndarray, n: int, seed: Seed) ->
     if n <= 0:
         return np.empty(0, dtype=np.int64)
     classes, counts = np.unique(labels, return_counts=True)
-    entropy = np.random.SeedSequence(seed)
-    # scikit-learn's allocation starts from floor(count / total * n), computed as it does here.
-    shares = np.floor(counts / counts.sum() * n)
-    if counts.min() >= 2 and total - n >= len(classes) and shares.min() >= 1:
-        from sklearn.model_selection import train_test_split
-
-        state = int(entropy.generate_state(1)[0])
-        chosen, _ = train_test_split(np.arange(total), train_size=n, stratify=labels,
-                                     random_state=state)
-        return np.sort(chosen)
-    rng = np.random.default_rng(entropy)
+    rng = np.random.default_rng(seed)
     take = _allocation(counts, n)
     picks = [rng.permutation(np.flatnonzero(labels == c))[:k]
              for c, k in zip(classes, take, strict=True)]

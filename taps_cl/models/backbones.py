@@ -399,3 +399,9 @@ def data_config(model: nn.Module, spec: ModelSpec | str) -> dict:
 def count_params(model: nn.Module, exclude: frozenset[str] = frozenset()) -> int:
     """Numbers in the model's parameters (not buffers), leaving out the keys in `exclude`."""
     return sum(p.numel() for name, p in model.named_parameters() if name not in exclude)
+
+
+def example_input(data_config: dict, img_size: int | None) -> torch.Tensor:
+    """A zero batch of one image at the task's input size (composed methods read shapes off it)."""
+    size = img_size or int(data_config["input_size"][-1])
+    return torch.zeros(1, 3, size, size)

@@ -16,6 +16,7 @@ from registry.entities import BaseModel
 from taps_cl.methods.base import Dependency, Method
 from taps_cl.methods.merging import build_composed, merge_state
 from taps_cl.models import backbones
+from taps_cl.models.backbones import example_input
 
 
 def plain_model(
@@ -29,12 +30,6 @@ def plain_model(
                                    num_classes=num_classes)
     backbones.apply_weights(model, merged)
     return model.eval()
-
-
-def example_input(data_config: dict, img_size: Optional[int]) -> torch.Tensor:
-    """A zero batch of one image at the task's input size (composed methods read shapes off it)."""
-    size = img_size or int(data_config["input_size"][-1])
-    return torch.zeros(1, 3, size, size)
 
 
 def task_model(

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from torch import nn
 
-from taps_cl import serialization
+import taps_cl.serialization as serialization
 from taps_cl.errors import TapsError
 from taps_cl.methods.base import Dependency
 from taps_cl.methods.catalog import get_method
 from taps_cl.models import backbones
-from taps_cl.models.compose import example_input
+from taps_cl.models.backbones import example_input
 
 
 def load_file(path: str | os.PathLike[str]) -> nn.Module:

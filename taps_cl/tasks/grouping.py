@@ -4,7 +4,7 @@ The tasks' signatures (taps_cl.analysis.similarity) are compared and clustered (
 the similarity threshold); the method plans the rest (`Method.plan_group`: its configuration of
 each task and one model per task, sharing modules). `fit_tied`, the one training loop, trains them
 together; then the shared artifacts the models trained are stored once each, and every member is
-recorded through the same path as `task add` (`TaskAdder.record_trained`). All or nothing: a
+recorded through the same path as `task add` (`Recorder.record_trained`). All or nothing: a
 failure leaves none of the new tasks behind.
 """
 
@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from registry import Registry, RunLost
 from registry.entities import BaseModel, SharedPin, Task
@@ -25,28 +25,17 @@ from taps_cl.data import specs as data
 from taps_cl.errors import TapsError
 from taps_cl.methods.base import GroupPlan, GroupPlanning
 from taps_cl.models import backbones
-from taps_cl.models.compose import example_input
-from taps_cl.tasks.adding import RunOptions, TaskAdder, TaskAddResult, configured_method
+from taps_cl.models.backbones import example_input
 from taps_cl.tasks.planning import planning, task_signature
 from taps_cl.tasks.rebuilding import TaskModels
+from taps_cl.tasks.recording import Recorder, TaskAddResult
+from taps_cl.tasks.requests import GroupRequest, configured_method
 from taps_cl.tasks.runs import Heartbeat
 from taps_cl.tasks.verification import sha256_of
 from taps_cl.training.device import resolve_device
 from taps_cl.training.fit import FitResult, Member, TrainConfig, fit_tied
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class GroupRequest(RunOptions):
-    """What `group train` was asked: new tasks (name, data spec) on one base."""
-
-    base: str
-    tasks: tuple[tuple[str, str], ...]  # (name, data spec) of each new task
-    # The method that trains them together (one that implements `Method.plan_group`).
-    method: str = "progressive"
-    groups: Optional[int] = None  # number of similarity groups (None: automatic)
-    method_options: Optional[dict[str, Any]] = None  # the method's options
 
 
 @dataclass(frozen=True)
@@ -65,7 +54,7 @@ class GroupTrainer:
     def __init__(self, registry: Registry, models: TaskModels) -> None:
         self.registry = registry
         self.models = models
-        self.adder = TaskAdder(registry, models)
+        self.recorder = Recorder(registry, models)
 
     def train(self, request: GroupRequest, train_cfg: TrainConfig,
               progress: bool = False) -> GroupResult:
@@ -79,7 +68,7 @@ class GroupTrainer:
         if not names:
             raise TapsError("group train: give at least one --task NAME=SPEC")
         for name in names:
-            self.adder.check_name_free(name)
+            self.recorder.check_name_free(name)
         options = dict(request.method_options or {})
         learner = configured_method(request.method, options, train_cfg.epochs)
         resolve_device(train_cfg.device)
@@ -162,7 +151,7 @@ class GroupTrainer:
                     write = written.setdefault(sha, write)
                     pins.append(SharedPin(sha, write.kind, write.blob, write.num_params))
                     deps.append(write.dependency)
-                results.append(self.adder.record_trained(
+                results.append(self.recorder.record_trained(
                     task, base, method, model, d, deps, [],
                     train_seconds=seconds / len(started), device=train_cfg.device,
                     seed=train_cfg.seed, history=fit.history,

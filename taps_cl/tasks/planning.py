@@ -19,7 +19,7 @@ from taps_cl.analysis import reports, similarity
 from taps_cl.data.specs import TaskData
 from taps_cl.methods.base import EarlierTask, Planning
 from taps_cl.models import backbones
-from taps_cl.models.compose import example_input
+from taps_cl.models.backbones import example_input
 from taps_cl.tasks.rebuilding import TaskModels
 
 
@@ -122,7 +122,7 @@ def _candidate_signature(
 ) -> tuple[Any, dict[str, Any]]:
     """The signature (and its recipe) of data not (yet) in the registry, as an add computes it."""
     from taps_cl.data import specs as task_data
-    from taps_cl.models.compose import example_input
+    from taps_cl.models.backbones import example_input
 
     loaded = task_data.load_task_data(
         task_data.DataSpec.parse(spec, classes=classes), b.data_config, img_size=img_size,

@@ -15,9 +15,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+import taps_cl.serialization as serialization
 from registry import NotFound, Registry
 from registry.entities import BaseModel, Task
-from taps_cl import serialization
 from taps_cl.data import specs as data
 from taps_cl.errors import TapsError
 from taps_cl.methods.base import Dependency

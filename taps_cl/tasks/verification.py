@@ -13,15 +13,15 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 import torch
 from torch import nn
 
+import taps_cl.serialization as serialization
 from registry import RegistryError
 from registry.entities import BaseModel, Evaluation, LayerEntry, Task
-from taps_cl import serialization
+from taps_cl.analysis.reports import ProbeCheck
 from taps_cl.errors import TapsError, first_line
 from taps_cl.tasks.probes import PROBE_ATOL, PROBE_RTOL, logit_scale, probe_drift
 
@@ -29,16 +29,6 @@ log = logging.getLogger(__name__)
 
 RECORD_KEY = "record"  # metadata key of the task record in the task artifact
 ACCURACY_ATOL = 1e-9  # recorded accuracies are copied, never recomputed: they must match exactly
-
-
-@dataclass(frozen=True)
-class ProbeCheck:
-    """One task (or base) checked against its files: recorded facts and probe logits."""
-
-    task: str
-    max_drift: Optional[float]  # None when the task could not be rebuilt at all
-    ok: bool
-    error: Optional[str] = None
 
 
 def task_record(

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from taps_cl import serialization
+import taps_cl.serialization as serialization
 from taps_cl.errors import TapsError
 from taps_cl.methods.base import Dependency, EarlierTask, SharedWrite
 
