@@ -41,9 +41,9 @@ TARGET_ADAPTER, TARGET_FUSION = 0.06, 0.05
 TARGET_PROGRESSIVE_SIZE, TARGET_PROGRESSIVE_GAP = 0.7, -0.5
 # The report's heading of each group.
 HEADINGS = {
-    "compact": "Targets (issue 9), from this run; rows with several seeds enter with their means:",
-    "composed": "Targets (issue 10), stored sizes from this run:",
-    "progressive": "Targets (issue 11), from this run; rows with several seeds enter with their "
+    "compact": "Targets of compact TAPS, from this run; rows with several seeds enter with their means:",
+    "composed": "Targets of adapters and fusion, stored sizes from this run:",
+    "progressive": "Targets of progressive adaptation, from this run; rows with several seeds enter with their "
                    "means:",
 }
 

@@ -1,4 +1,4 @@
-"""Concurrent writers on one team registry (issue 12): four `taps-cl task add` at once.
+"""Concurrent writers on one team registry: four `taps-cl task add` at once.
 
 Each repetition registers a fresh base (`timm:test_resnet`, tiny, random init) and starts four
 real `taps-cl task add` processes on it at the same moment (linear probes, one epoch on small

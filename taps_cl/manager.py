@@ -376,7 +376,7 @@ class Manager:
         b = self.only_base(base)
         return reports.layer_map(self.registry.list_tasks(b.name, ready_only=True))
 
-    # --------------------------------------------------- similarity (issue 11)
+    # -------------------------------------------------------------------- similarity
     def similarity(
         self, base: Optional[str] = None, data: Optional[str] = None, *,
         classes: Optional[str] = None, img_size: Optional[int] = None,

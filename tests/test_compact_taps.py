@@ -1,4 +1,4 @@
-"""Compact TAPS (DESIGN §4a): low-rank gated deltas, the stored-size penalty, a budget, rounding."""
+"""Compact TAPS: low-rank gated deltas, the stored-size penalty, a budget, rounding."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def restored(arch: str, base_state: dict, tensors: dict, head: frozenset[str]) -
 
 
 def expect_factorised(module: nn.Module, rank: int, min_params: int) -> bool:
-    """The rule of DESIGN §4a, written out independently of the implementation."""
+    """The rule of taps_cl/methods/taps.py, written out independently of the implementation."""
     w = module.weight
     out, rest = w.shape[0], w[0].numel()
     return (getattr(module, "groups", 1) == 1 and w.numel() >= min_params

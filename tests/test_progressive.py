@@ -1,4 +1,4 @@
-"""Progressive adaptation end to end (issue 11, DESIGN §5b): shared, group and task bands,
+"""Progressive adaptation end to end: shared, group and task bands,
 joining without rewriting, `group train`, budget, lifecycle, errors, signatures, determinism."""
 
 from __future__ import annotations

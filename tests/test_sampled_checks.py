@@ -1,4 +1,4 @@
-"""Issue 13: an add re-checks a bounded sample of earlier tasks; the cells in between are derived.
+"""An add re-checks a bounded sample of earlier tasks; the cells in between are derived.
 
 The guarantee stays: a changed probe still shows as CHANGED (and stays so in derived cells), a
 tampered task still fails `--verify` whether or not an add sampled it, and the hash chain shows

@@ -20,7 +20,7 @@ from taps_cl.analysis import reports
 from tests.servers import cli_home, db_option
 from tests.test_cli import run
 
-# DESIGN §6: `task list --json` keys (keys may be added, never renamed).
+# The `task list --json` keys (docs/commands.md) (keys may be added, never renamed).
 TASK_LIST_KEYS = {"name", "base", "method", "position", "status", "num_classes", "task_params",
                   "active_layers", "total_layers", "test_accuracy"}
 

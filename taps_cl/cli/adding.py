@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any, Optional
 
@@ -63,18 +64,18 @@ def task_add(c: Context, name: str, base: str, data_spec: str, classes: Optional
     if group is not None:
         data["group"] = group
 
-    def text() -> None:
+    def text() -> Iterator[str]:
         kind = t.method if group is None else f"{t.method}, group {group}"
-        click.echo(f"task {t.name} ({kind}) on {t.base}, position {t.position}: "
+        yield (f"task {t.name} ({kind}) on {t.base}, position {t.position}: "
                    f"test accuracy {pct(result.test_accuracy)}%, "
                    f"{t.active_layers}/{t.total_layers} layers active, "
                    f"{t.task_params:,} task-specific parameters")
         if result.probe_checks:
-            click.echo(f"  re-checked {len(result.probe_checks)} earlier task(s) "
+            yield (f"  re-checked {len(result.probe_checks)} earlier task(s) "
                        "(a sample; `report accuracy --verify` checks every one):")
         for p in result.probe_checks:
             state = "unchanged" if p.ok else f"CHANGED ({p.error or 'logits moved'})"
-            click.echo(f"  earlier task {p.task}: probe logits {state} "
+            yield (f"  earlier task {p.task}: probe logits {state} "
                        f"(max drift {fmt(p.max_drift)})")
 
     c.emit(data, text)

@@ -17,7 +17,7 @@ from taps_cl.cli.db import db_group
 from taps_cl.cli.groups import group_group
 from taps_cl.cli.maintenance import demo_cmd, gc_cmd
 from taps_cl.cli.models import predict_cmd, restore_cmd
-from taps_cl.cli.render import Context
+from taps_cl.cli.render import Context, say
 from taps_cl.cli.reports import report_group
 from taps_cl.cli.state import ARGS, STATE
 from taps_cl.cli.tasks import task_group
@@ -82,22 +82,22 @@ def _run(argv: Optional[list[str]]) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except (click.Abort, KeyboardInterrupt):
-        click.echo("Aborted.", err=True)
+        say("Aborted.", err=True)
         sys.exit(130)
     except (TapsError, RegistryError) as exc:
         if STATE["debug"]:
             raise
-        click.echo(f"Error: {first_line(exc)}", err=True)
+        say(f"Error: {first_line(exc)}", err=True)
         sys.exit(1)
     except OSError as exc:  # a file the user named or pointed us to: say which and why
         if STATE["debug"]:
             raise
         where = f" {exc.filename}" if exc.filename else ""
-        click.echo(f"Error: cannot use{where}: {exc.strerror or first_line(exc)}", err=True)
+        say(f"Error: cannot use{where}: {exc.strerror or first_line(exc)}", err=True)
         sys.exit(1)
     except Exception as exc:  # a bug: still one line unless --debug
         if STATE["debug"]:
             raise
-        click.echo(f"Error: unexpected {type(exc).__name__}: {first_line(exc)} (run with --debug "
-                   f"for the traceback)", err=True)
+        say(f"Error: unexpected {type(exc).__name__}: {first_line(exc)} (run with --debug for "
+            "the traceback)", err=True)
         sys.exit(1)

@@ -9,6 +9,7 @@ import click
 from registry.entities import BaseModel
 from taps_cl.cli.render import (
     Context,
+    line,
     pass_ctx,
     table,
 )
@@ -38,7 +39,7 @@ def base_add(c: Context, name: str, model: str, weights: Optional[str], pretrain
     if weights and pretrained:
         raise click.UsageError("give either --weights or --pretrained, not both")
     b = c.manager.add_base(name, model, weights=weights, pretrained=pretrained)
-    c.emit(_base_json(b), lambda: click.echo(
+    c.emit(_base_json(b), lambda: line(
         f"base {b.name}: {b.model_spec}, {b.num_params:,} parameters without the head, "
         f"sha256 {b.sha256[:12]}…"))
 
@@ -60,4 +61,4 @@ def base_list(c: Context) -> None:
 def base_show(c: Context, name: str) -> None:
     """Show one base model."""
     data = _base_json(c.manager.get_base(name))
-    c.emit(data, lambda: [click.echo(f"{k}: {v}") for k, v in data.items()])
+    c.emit(data, lambda: [f"{k}: {v}" for k, v in data.items()])

@@ -9,6 +9,7 @@ from registry.binding import recorded_url
 from registry.transactions import DB_FILENAME
 from taps_cl.cli.render import (
     Context,
+    line,
     pass_ctx,
 )
 
@@ -34,7 +35,7 @@ def db_current(c: Context) -> None:
     finally:
         engine.dispose()
     c.emit({"current": current, "head": head, "up_to_date": current == head, "artifacts": store},
-           lambda: click.echo(f"current: {current or '(none)'}  head: {head}"
+           lambda: line(f"current: {current or '(none)'}  head: {head}"
                               + ("" if current == head else "  → run `taps-cl db upgrade`")
                               + (f"\nartifacts: {store}" if store else "")))
 
@@ -49,5 +50,5 @@ def db_upgrade(c: Context) -> None:
     finally:
         engine.dispose()
     c.emit({"from": before, "to": after, "backup": str(backup) if backup else None},
-           lambda: click.echo(f"upgraded {before or '(empty)'} → {after}"
+           lambda: line(f"upgraded {before or '(empty)'} → {after}"
                               + (f"; backup at {backup}" if backup else "")))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import click
@@ -53,13 +54,13 @@ def group_train(c: Context, base: str, tasks: list[tuple[str, str]], groups: Opt
             "groups": result.groups,
             "similarity": {"tasks": result.tasks, "matrix": result.matrix}}
 
-    def text() -> None:
+    def text() -> Iterator[str]:
         for r in result.results:
             t = r.task
-            click.echo(f"task {t.name} ({t.method}, group {t.method_config.get('group')}) on "
+            yield (f"task {t.name} ({t.method}, group {t.method_config.get('group')}) on "
                        f"{t.base}, position {t.position}: test accuracy "
                        f"{pct(r.test_accuracy)}%, {t.task_params:,} task-specific parameters")
         for name, members in result.groups.items():
-            click.echo(f"group {name}: {', '.join(members)}")
+            yield f"group {name}: {', '.join(members)}"
 
     c.emit(data, text)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from collections.abc import Iterator
+
 import click
 
 from taps_cl.cli.render import (
@@ -12,6 +14,7 @@ from taps_cl.cli.render import (
     budget_text,
     pass_ctx,
     progress,
+    say,
 )
 from taps_cl.errors import TapsError
 
@@ -29,15 +32,15 @@ def gc_cmd(c: Context, yes: bool) -> None:
     data = {"files": [asdict(f) for f in files], "bytes": total, "removed": yes,
             "bytes_freed": freed}
 
-    def text() -> None:
+    def text() -> Iterator[str]:
         for f in files:
-            click.echo(f"{f.path}  {f.bytes:,} bytes  ({f.reason})")
+            yield f"{f.path}  {f.bytes:,} bytes  ({f.reason})"
         if not files:
-            click.echo("no garbage: every artifact file is referenced")
+            yield "no garbage: every artifact file is referenced"
         elif yes:
-            click.echo(f"removed {len(files)} file(s), {freed:,} bytes")
+            yield f"removed {len(files)} file(s), {freed:,} bytes"
         else:
-            click.echo(f"{len(files)} file(s), {total:,} bytes; `taps-cl gc --yes` removes them")
+            yield f"{len(files)} file(s), {total:,} bytes; `taps-cl gc --yes` removes them"
 
     c.emit(data, text)
 
@@ -52,15 +55,15 @@ def demo_cmd(c: Context, quick: bool) -> None:
 
     # With --json the progress lines go to stderr so stdout stays one JSON document.
     demo.run(c.manager, quick=quick, progress=progress(),
-             say=(lambda msg: click.echo(msg, err=True)) if c.json else click.echo)
+             say=(lambda msg: say(msg, err=True)) if c.json else say)
     budget = c.manager.budget(demo.BASE_NAME)
     accuracy = c.manager.accuracy(demo.BASE_NAME, verify=True)
 
-    def text() -> None:
-        click.echo("")
-        budget_text(budget)
-        click.echo("")
-        accuracy_text(accuracy)
+    def text() -> Iterator[str]:
+        yield ""
+        yield from budget_text(budget)
+        yield ""
+        yield from accuracy_text(accuracy)
 
     c.emit({"budget": budget.to_json(), "accuracy": accuracy.to_json()}, text)
     if accuracy.reason:

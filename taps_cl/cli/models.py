@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import click
 
 from taps_cl.cli.render import (
     Context,
+    line,
     pass_ctx,
 )
 
@@ -22,7 +25,7 @@ def restore_cmd(c: Context, name: str, out: str) -> None:
     base = c.manager.get_base(t.base)
     c.emit({"name": name, "out": str(path), "model": base.model_spec,
             "num_classes": t.num_classes},
-           lambda: click.echo(f"wrote {path}: load it into {_constructor(base.model_spec)}"
+           lambda: line(f"wrote {path}: load it into {_constructor(base.model_spec)}"
                               f"('{base.architecture}', num_classes={t.num_classes})"
                               f" with load_state_dict(strict=True)"))
 
@@ -45,8 +48,8 @@ def predict_cmd(c: Context, name: str, images: tuple[str, ...], top: int, device
     data = [{"image": img, "top": [{"class": k, "probability": p} for k, p in pred]}
             for img, pred in zip(images, preds)]
 
-    def text() -> None:
+    def text() -> Iterator[str]:
         for img, pred in zip(images, preds):
-            click.echo(f"{img}: " + ", ".join(f"{k} {100 * p:.1f}%" for k, p in pred))
+            yield f"{img}: " + ", ".join(f"{k} {100 * p:.1f}%" for k, p in pred)
 
     c.emit(data, text)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Optional
 
 import click
@@ -27,8 +27,8 @@ class Context:
         self.manager = manager  # the taps_cl.manager.Manager every command calls
         self.json = as_json
 
-    def emit(self, data: Any, text: Callable[[], None]) -> None:
-        """One JSON document on stdout with --json, else the human rendering."""
+    def emit(self, data: Any, text: Callable[[], Iterable[str]]) -> None:
+        """One JSON document on stdout with --json, else the lines `text()` renders."""
         if self.json:
             # allow_nan=False: the document must parse with any JSON reader (jq, JavaScript).
             # Indented on a terminal; compact into a pipe or file, where Python's C encoder
@@ -36,23 +36,34 @@ class Context:
             indent = 2 if sys.stdout.isatty() else None
             click.echo(json.dumps(data, indent=indent, default=str, allow_nan=False))
         else:
-            text()
+            say(*text())
 
 
 pass_ctx = click.make_pass_decorator(Context)
+
+
+def line(text: str) -> list[str]:
+    """A rendering of one line."""
+    return [text]
+
+
+def say(*lines: str, err: bool = False) -> None:
+    """Print lines (on stderr with `err`): every line the command line prints goes through here."""
+    for line in lines:
+        click.echo(line, err=err)
 
 
 def progress() -> bool:
     return sys.stderr.isatty()
 
 
-def table(headers: list[str], rows: list[list[Any]]) -> None:
+def table(headers: list[str], rows: list[list[Any]]) -> Iterator[str]:
     cells = [[fmt(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
-    click.echo("  ".join("-" * w for w in widths))
+    yield "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()
+    yield "  ".join("-" * w for w in widths)
     for row in cells:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+        yield "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip()
 
 
 def fmt(value: Any) -> str:
@@ -71,29 +82,29 @@ def pct(value: Optional[float]) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def more(count: int, hint: str) -> None:
+def more(count: int, hint: str) -> Iterator[str]:
     """The line under a table that was cut: how many rows are not shown, and how to see them."""
     if count > 0:
-        click.echo(f"… {count:,} more ({hint})")
+        yield f"… {count:,} more ({hint})"
 
 
-def budget_text(rep: reports.BudgetReport, limit: Optional[int] = None) -> None:
-    click.echo(f"base {rep.base_name} ({rep.base_model}): {rep.base_params:,} parameters, "
+def budget_text(rep: reports.BudgetReport, limit: Optional[int] = None) -> Iterator[str]:
+    yield (f"base {rep.base_name} ({rep.base_model}): {rep.base_params:,} parameters, "
                f"{rep.base_bytes:,} bytes")
     if limit is None:
         limit = len(rep.tasks) if len(rep.tasks) <= TABLE_ROWS else TABLE_ROWS
-    table(["task", "method", "layers", "params", "bytes", "× base", "budget", "reads"],
+    yield from table(["task", "method", "layers", "params", "bytes", "× base", "budget", "reads"],
            [[t.name, t.method, f"{t.active_layers}/{t.total_layers}", t.task_params, t.bytes,
              ratio(t.ratio_to_base),
              "-" if t.budget is None else f"{t.budget:.3f} (used {ratio(t.budget_used)})",
              ",".join(t.depends_on) or "-"]
             for t in rep.tasks[:limit]])
-    more(len(rep.tasks) - limit, "use --limit/--json")
+    yield from more(len(rep.tasks) - limit, "use --limit/--json")
     for use in rep.shared:
-        click.echo(f"shared {use.sha256[:12]}… ({', '.join(use.kinds)}): {use.num_params:,} "
+        yield (f"shared {use.sha256[:12]}… ({', '.join(use.kinds)}): {use.num_params:,} "
                    f"parameters, {use.bytes:,} bytes, counted once; read by "
                    f"{', '.join(use.tasks)}")
-    click.echo(f"total: {rep.total_params:,} parameters ({rep.total_bytes:,} bytes) = "
+    yield (f"total: {rep.total_params:,} parameters ({rep.total_bytes:,} bytes) = "
                f"{ratio(rep.ratio_to_base)}× base; {len(rep.tasks)} fine-tuned models: "
                f"{rep.finetune_total_params:,}; linear probes: {rep.linear_total_params:,}")
 
@@ -101,8 +112,9 @@ def budget_text(rep: reports.BudgetReport, limit: Optional[int] = None) -> None:
 def ratio(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.3f}"
 
+
 def accuracy_text(rep: reports.AccuracyReport, full: bool = False, limit: int = 10,
-                   summary: bool = False) -> None:
+                   summary: bool = False) -> Iterator[str]:
     names = list(rep.tasks)
     if not summary and (full or len(names) <= SUMMARY_ABOVE):
         rows = []
@@ -111,74 +123,74 @@ def accuracy_text(rep: reports.AccuracyReport, full: bool = False, limit: int = 
                 "-" if k is None else f"CHANGED {pct(v)}" if k == "changed"
                 else pct(v) + {"probe": "*", "derived": "~"}.get(k, "")
                 for v, k in zip(row, kinds)])
-        table(["task \\ after"] + names, rows)
-        click.echo("* probe-checked when recorded: logits on the stored probe batch unchanged, "
+        yield from table(["task \\ after"] + names, rows)
+        yield ("* probe-checked when recorded: logits on the stored probe batch unchanged, "
                    "so the accuracy is the measured one")
         if any(k == "derived" for row in rep.cells for k in row):
-            click.echo("~ derived: not re-checked by that add, which wrote only its own rows; "
+            yield ("~ derived: not re-checked by that add, which wrote only its own rows; "
                        "the task is the same model as at its last record")
     else:
-        accuracy_summary(rep, limit)
-    click.echo(f"average accuracy {pct(rep.average_accuracy)}%, "
+        yield from accuracy_summary(rep, limit)
+    yield (f"average accuracy {pct(rep.average_accuracy)}%, "
                f"forgetting {pct(rep.forgetting)} points, BWT {pct(rep.bwt)} points"
                + ("" if rep.complete else " (final column incomplete)"))
     for cell in rep.changed:
-        click.echo(f"WARNING: probe logits changed for {cell}")
+        yield f"WARNING: probe logits changed for {cell}"
     for line in rep.contradictions:
-        click.echo(f"WARNING: {line}")
+        yield f"WARNING: {line}"
     for line in rep.chain_problems:
-        click.echo(f"WARNING: hash chain broken at {line}")
+        yield f"WARNING: hash chain broken at {line}"
     for line in rep.reevaluate_skipped:
-        click.echo(f"not re-evaluated: {line}")
+        yield f"not re-evaluated: {line}"
     if rep.verify_seconds is not None:
         rate = rep.verify_tasks_per_s
-        click.echo(f"verify: {len(rep.verified_tasks)} tasks checked in "
+        yield (f"verify: {len(rep.verified_tasks)} tasks checked in "
                    f"{rep.verify_seconds:.1f} s ({'-' if rate is None else f'{rate:.2f}'} "
                    "tasks/s)")
     # "verified" is printed only for a report whose every check and every number agree.
     if rep.verified:
-        click.echo(f"verified: interference-free — every artifact matches its sha256, every "
+        yield (f"verified: interference-free — every artifact matches its sha256, every "
                    f"recorded fact its artifact, every task's probe logits are unchanged "
                    f"(max drift {rep.max_logit_drift:.3g}) and every cell agrees with them")
     elif rep.verified is False:
-        click.echo(f"NOT verified: {len(rep.problems)} problem(s); the figures above are not "
+        yield (f"NOT verified: {len(rep.problems)} problem(s); the figures above are not "
                    "confirmed")
 
 
-def accuracy_summary(rep: reports.AccuracyReport, limit: int) -> None:
+def accuracy_summary(rep: reports.AccuracyReport, limit: int) -> Iterator[str]:
     """The matrix of a long sequence in a few lines: counts, and the tasks that lost most."""
     kinds: dict[str, int] = {}
     for kind in rep.final_cells:
         kinds[kind or "none"] = kinds.get(kind or "none", 0) + 1
     how = ", ".join(f"{count:,} {kind}" for kind, count in sorted(kinds.items()))
-    click.echo(f"{len(rep.tasks):,} tasks; {rep.stored_cells:,} stored cells; final column: {how}")
+    yield f"{len(rep.tasks):,} tasks; {rep.stored_cells:,} stored cells; final column: {how}"
     diagonal = {name: next((v for j, v, _ in records if j == i), None)
                 for i, (name, records) in enumerate(zip(rep.tasks, rep.recorded))}
     rows = [(name, diagonal[name], final, kind)
             for name, final, kind in zip(rep.tasks, rep.final, rep.final_cells)]
     lost = sorted(rows, key=lambda r: -((r[1] or 0) - (r[2] or 0)))[:limit]
-    click.echo(f"the {len(lost)} task(s) that lost most since they were added "
+    yield (f"the {len(lost)} task(s) that lost most since they were added "
                "(the full matrix: --full, --json or --plot):")
-    table(["task", "when added", "now", "known by"],
+    yield from table(["task", "when added", "now", "known by"],
            [[name, pct(added), pct(now), kind or "-"] for name, added, now, kind in lost])
 
 
-def similarity_text(rep: reports.SimilarityReport) -> None:
+def similarity_text(rep: reports.SimilarityReport) -> Iterator[str]:
     if rep.tasks:
-        table(["task \\ task", "group"] + list(rep.tasks),
+        yield from table(["task \\ task", "group"] + list(rep.tasks),
                [[name, group] + [f"{v:.2f}" for v in row]
                 for name, group, row in zip(rep.tasks, rep.groups, rep.matrix)])
-        click.echo(f"groups: average linkage on 1 − cosine, merged below distance "
+        yield (f"groups: average linkage on 1 − cosine, merged below distance "
                    f"{rep.threshold:g}")
     else:
-        click.echo(f"base {rep.base_name}: no task has a signature")
+        yield f"base {rep.base_name}: no task has a signature"
     if rep.candidate is not None:
-        click.echo(f"candidate {rep.candidate}: "
+        yield (f"candidate {rep.candidate}: "
                    + (", ".join(f"{name} {v:.2f}" for name, v in
                                 zip(rep.tasks, rep.candidate_row or ())) or "no task to compare")
                    + (f"; most similar: {rep.closest}" if rep.closest else ""))
     for name, reason in rep.without_signature:
-        click.echo(f"left out: {name}: {reason}")
+        yield f"left out: {name}: {reason}"
 
 
 def task_json(t: Task, accuracy: Optional[float]) -> dict[str, Any]:

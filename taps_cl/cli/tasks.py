@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any, Optional
 
@@ -12,6 +13,7 @@ from registry.entities import TaskSummary
 from taps_cl.cli.render import (
     TABLE_ROWS,
     Context,
+    line,
     more,
     pass_ctx,
     pct,
@@ -35,7 +37,7 @@ def task_group() -> None:
 def task_remove(c: Context, name: str, force: bool) -> None:
     """Discard a task left unfinished by a killed run (ready tasks cannot be removed)."""
     c.manager.remove_task(name, force=force)
-    c.emit({"removed": name}, lambda: click.echo(f"removed unfinished task {name}"))
+    c.emit({"removed": name}, lambda: line(f"removed unfinished task {name}"))
 
 
 @task_group.command("delete")
@@ -45,7 +47,7 @@ def task_delete(c: Context, name: str) -> None:
     """Delete a ready task and its artifacts no other row uses (refused while others read it)."""
     removed = c.manager.delete_task(name)
     c.emit({"deleted": name, "artifacts_removed": removed},
-           lambda: click.echo(f"deleted task {name} ({len(removed)} artifact file(s) removed)"))
+           lambda: line(f"deleted task {name} ({len(removed)} artifact file(s) removed)"))
 
 
 def _summary_json(t: TaskSummary) -> dict[str, Any]:
@@ -69,14 +71,15 @@ def task_list(c: Context, base: Optional[str], limit: Optional[int], offset: int
     summaries = c.manager.task_summaries(base, limit=limit, offset=offset)
     rows = [_summary_json(t) for t in summaries]
 
-    def text() -> None:
-        table(["#", "name", "base", "method", "status", "classes", "task params", "layers",
-                "test acc %"],
-               [[r["position"], r["name"], r["base"], r["method"], r["status"],
+    def text() -> Iterator[str]:
+        yield from table(["#", "name", "base", "method", "status", "classes", "task params",
+                          "layers", "test acc %"],
+                         [[r["position"], r["name"], r["base"], r["method"], r["status"],
                  r["num_classes"], r["task_params"], f"{r['active_layers']}/{r['total_layers']}",
                  pct(r["test_accuracy"])] for r in rows])
         if limit is not None and len(rows) == limit:  # maybe cut: say how many are left
-            more(c.manager.count_tasks(base) - offset - len(rows), "use --limit/--offset/--json")
+            yield from more(c.manager.count_tasks(base) - offset - len(rows),
+                            "use --limit/--offset/--json")
 
     c.emit(rows, text)
 
@@ -100,23 +103,23 @@ def task_show(c: Context, name: str, all_layers: bool) -> None:
                 artifact=t.artifact.sha256 if t.artifact else None,
                 layers=[asdict(layer) for layer in t.layers])
 
-    def text() -> None:
-        click.echo(f"task {t.name}: {t.method} on {t.base} (position {t.position}, {t.status})")
-        click.echo(f"  classes ({t.num_classes}): {', '.join(t.class_names)}")
-        click.echo(f"  test accuracy {pct(data['test_accuracy'])}%, "
+    def text() -> Iterator[str]:
+        yield f"task {t.name}: {t.method} on {t.base} (position {t.position}, {t.status})"
+        yield f"  classes ({t.num_classes}): {', '.join(t.class_names)}"
+        yield (f"  test accuracy {pct(data['test_accuracy'])}%, "
                    f"{t.task_params:,} task-specific parameters, "
                    f"{t.active_layers}/{t.total_layers} layers active")
-        click.echo(f"  config: {json.dumps(t.method_config)}")
+        yield f"  config: {json.dumps(t.method_config)}"
         for pin in t.depends_on:
-            click.echo(f"  reads: {pin.task} (pinned artifact {pin.sha256[:12]}…, {pin.kind})")
+            yield f"  reads: {pin.task} (pinned artifact {pin.sha256[:12]}…, {pin.kind})"
         if data["dependents"]:
-            click.echo(f"  read by: {', '.join(data['dependents'])}")
+            yield f"  read by: {', '.join(data['dependents'])}"
         if budget is not None:
-            click.echo(f"  budget: at most {budget:.3f}× base given, {data['budget_used']:.3f}× "
+            yield (f"  budget: at most {budget:.3f}× base given, {data['budget_used']:.3f}× "
                        "used")
         shown = [layer for layer in t.layers if all_layers or layer.active]
-        click.echo(f"  {'all' if all_layers else 'active'} layers:")
-        table(["layer", "kind", "score", "active", "base params", "task params"],
+        yield f"  {'all' if all_layers else 'active'} layers:"
+        yield from table(["layer", "kind", "score", "active", "base params", "task params"],
                [[lay.name, lay.kind, lay.score, lay.active, lay.base_params, lay.task_params]
                 for lay in shown])
 
@@ -134,5 +137,5 @@ def task_eval(c: Context, name: str, data_spec: Optional[str], max_test: Optiona
               device: str) -> None:
     """Measure the restored task model's test accuracy."""
     r = c.manager.evaluate_task(name, data_spec, max_test=max_test, device=device)
-    c.emit({"name": name, **asdict(r)}, lambda: click.echo(
+    c.emit({"name": name, **asdict(r)}, lambda: line(
         f"{name}: accuracy {pct(r.accuracy)}% on {r.num_samples} images (loss {r.loss:.4f})"))

@@ -1,4 +1,4 @@
-"""Bottleneck adapters (Pfeiffer et al., EACL 2021), as in DESIGN §5a.
+"""Bottleneck adapters (Pfeiffer et al., EACL 2021) on every block of the backbone.
 
 Every block of the backbone gets an adapter on its output h: h ↦ h + U·act(D·h), with D a down
 projection to max(1, C // reduction) channels and U the up projection back to C. U is zero at

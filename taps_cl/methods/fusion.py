@@ -1,4 +1,4 @@
-"""AdapterFusion (Pfeiffer et al., EACL 2021), as in DESIGN §5a, over earlier adapter tasks.
+"""AdapterFusion (Pfeiffer et al., EACL 2021) over earlier adapter tasks.
 
 At every block (the blocks of `adapter.backbone_blocks`) with output h, the frozen adapters of the
 fused tasks — and, with `own_adapter`, a new zero-initialised adapter of this task — give
@@ -9,7 +9,7 @@ position:
 
 with query and key projections Wq, Wk to d = max(1, C // key_reduction) channels (Linear on the
 last dimension, or 1×1 convs on NCHW maps, as the adapters) and a per-channel value scale v, one at
-start (the identity: the paper's Wv reduced to its diagonal, DESIGN §5a) and pulled towards it by
+start (the identity: the paper's Wv reduced to its diagonal) and pulled towards it by
 value_reg·Σ‖1 − v‖². The fused adapters never change; the task trains the fusion layers, its own
 adapter, the norm layers and the head, and stores only those.
 

@@ -1,4 +1,4 @@
-"""TAPS — Task Adaptive Parameter Sharing (Wallingford et al., CVPR 2022), as in DESIGN §4 and §4a.
+"""TAPS — Task Adaptive Parameter Sharing (Wallingford et al., CVPR 2022), with a compact mode.
 
 Every adaptable layer l (each Conv2d/Linear of the backbone, not the new head) gets a task delta
 ΔW_l, zero at start, and a scalar score s_l. The effective weight is W_l + 1[s_l ≥ τ]·ΔW_l; the
@@ -63,7 +63,7 @@ STORE_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-# Factor learning rate as a multiple of the task lr when `factor_lr` is None. DESIGN §4a, Lite0:
+# Factor learning rate as a multiple of the task lr when `factor_lr` is None. Measured on Lite0:
 # rank-4 factors under-fit at the deltas' lr 1e-3 (60.9 %, train accuracy 66 %) and reached
 # full-delta accuracy at 5e-3–1e-2 (77.7–82.3 % against 80.3–81.8 %).
 FACTOR_LR_SCALE = 5.0
@@ -85,7 +85,7 @@ LAM_MAX = 1e4
 
 @dataclass(frozen=True)
 class TapsConfig:
-    """Options of TAPS; defaults follow DESIGN §4 (compact mode, §4a, is off by default)."""
+    """Options of TAPS; compact mode (`rank` > 0, a `budget`, 16-bit storage) is off by default."""
 
     # Weight λ of the sparsity penalty λ·Σ w_l·|s_l| (0 keeps every gate on); with a budget, the
     # floor that dual ascent raises λ from.

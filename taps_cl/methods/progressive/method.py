@@ -1,4 +1,4 @@
-"""Progressive task-specific adaptation (Gangwar et al., 2025), as in DESIGN §5b.
+"""Progressive task-specific adaptation (Gangwar et al., 2025); docs/architecture.md tells the rules.
 
 Every block of the backbone (the blocks of `adapter.backbone_blocks`) gets a zero-initialised
 bottleneck adapter on its output, h ↦ h + U·act(D·h), as in adapter.py. The blocks fall into three

@@ -1,0 +1,78 @@
+"""Options are declared once: a config field declared with `option()` is a command-line flag of
+`task add` (and of `group train` for methods that train together) and a keyword of the Python API."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from taps_cl.cli.app import cli
+from taps_cl.cli.options import flag_name
+from taps_cl.methods.base import Method
+from taps_cl.methods.catalog import load_builtin
+from taps_cl.methods.options import declared_options
+from taps_cl.tasks.requests import RunOptions, TaskRequest, split_options
+from taps_cl.training.fit import TrainConfig
+from tests.test_cli import assert_one_line_error, run
+
+
+def help_of(*command: str) -> str:
+    result = CliRunner().invoke(cli, [*command, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def flags(text: str) -> set[str]:
+    return set(re.findall(r"(--[a-z][a-z0-9-]+)", text))
+
+
+def test_every_declared_option_is_a_task_add_flag_with_its_help():
+    text = help_of("task", "add")
+    shown = flags(text)
+    declared = [(f, spec) for cls in load_builtin().values()
+                for f, spec in declared_options(cls.Config)]
+    declared += declared_options(TrainConfig) + declared_options(RunOptions)
+    assert declared
+    for field, spec in declared:
+        flag = spec["flag"] or flag_name(field.name)
+        assert flag in shown, flag
+        assert spec["help"].split()[0] in text
+
+
+def test_group_train_offers_only_the_options_of_methods_that_train_together():
+    shown = flags(help_of("group", "train"))
+    joint = {name: cls for name, cls in load_builtin().items()
+             if cls.plan_group is not Method.plan_group}
+    assert joint
+    for cls in joint.values():
+        for field, spec in declared_options(cls.Config):
+            assert (flag_name(field.name) in shown) == spec["joint"], field.name
+    assert "--lam" not in shown  # a TAPS option: TAPS does not train tasks together
+    assert "--classes" not in shown
+
+
+def test_a_flag_of_another_method_is_refused_naming_its_methods(tmp_path, capsys):
+    code, _, err = run(capsys, "--home", str(tmp_path), "task", "add", "t", "--base", "b",
+                       "--data", "digits", "--method", "linear", "--rank", "4")
+    assert code == 1
+    assert_one_line_error(err, r"--rank applies to --method taps, not linear")
+
+
+def test_keywords_are_sorted_by_their_declarations():
+    train, run, own = split_options(
+        {"epochs": 2, "lr": 0.5, "img_size": 48, "recheck": 0, "classes": "0,1", "lam": 0.3,
+         "max_test": None}, TaskRequest)
+    assert train == TrainConfig(epochs=2, lr=0.5)
+    assert run == {"img_size": 48, "recheck": 0, "classes": "0,1"}
+    assert own == {"lam": 0.3}
+
+
+def test_an_unknown_keyword_names_the_method_s_options(tmp_path):
+    from taps_cl.errors import MethodError
+    from taps_cl.manager import Manager
+
+    with Manager(tmp_path / "home") as m, pytest.raises(MethodError, match="no option 'lamda'"):
+        m.add_base("b", "timm:test_resnet")
+        m.add_task("t", "b", "digits", method="taps", lamda=1.0, epochs=1)
