@@ -169,7 +169,7 @@ def head_revision() -> str:
     return head
 
 
-def probe_sqlite(path: Path) -> Optional[set[str]]:
+def inspect_sqlite(path: Path) -> Optional[set[str]]:
     """Table names of an existing SQLite file, read without changing it; None if missing or empty.
 
     Connecting with the engine would create a missing file and switch an existing one to WAL,
@@ -253,7 +253,7 @@ def _tables(engine: Engine) -> Optional[set[str]]:
     """Table names; None for a SQLite file that does not exist yet or has 0 bytes."""
     path = sqlite_path(engine.url)
     if path is not None:
-        return probe_sqlite(path)
+        return inspect_sqlite(path)
     try:
         return set(inspect(engine).get_table_names())
     except (DatabaseError, OperationalError) as exc:
@@ -395,7 +395,7 @@ __all__ = [
     "location",
     "make_engine",
     "migrations_dir",
-    "probe_sqlite",
+    "inspect_sqlite",
     "sqlite_path",
     "sqlite_url",
     "upgrade",

@@ -19,7 +19,7 @@ from taps_cl.cli.render import (
     progress,
     task_json,
 )
-from taps_cl.cli.state import ARGS, STATE
+from taps_cl.cli.state import STATE
 from taps_cl.errors import TapsError
 from taps_cl.tasks.requests import RunOptions
 from taps_cl.training.fit import TrainConfig
@@ -44,7 +44,7 @@ def task_add(c: Context, name: str, base: str, data_spec: str, classes: Optional
              method: str, **given: Any) -> None:
     """Train task NAME on the frozen base and record only what it needs."""
     nproc = given.pop("nproc")
-    run = None if nproc is None else launch(nproc, given["device"], given["batch_size"], ARGS)
+    run = None if nproc is None else launch(nproc, given["device"], given["batch_size"], c.args)
     if run is not None:
         launched_output(run, STATE["debug"])
         if run.error is not None:

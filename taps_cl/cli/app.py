@@ -19,7 +19,7 @@ from taps_cl.cli.maintenance import demo_cmd, gc_cmd
 from taps_cl.cli.models import predict_cmd, restore_cmd
 from taps_cl.cli.render import Context, say
 from taps_cl.cli.reports import report_group
-from taps_cl.cli.state import ARGS, STATE
+from taps_cl.cli.state import STATE
 from taps_cl.cli.tasks import task_group
 from taps_cl.errors import TapsError, first_line
 from taps_cl.manager import Manager
@@ -45,7 +45,9 @@ def cli(ctx: click.Context, home: Optional[str], db_url: Optional[str],
     STATE["debug"] = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    ctx.obj = Context(Manager(home, db_url, artifacts_url), as_json)
+    # main() hands over the command line it runs (`task add --nproc` passes it on).
+    args = ctx.obj if isinstance(ctx.obj, list) else sys.argv[1:]
+    ctx.obj = Context(Manager(home, db_url, artifacts_url), as_json, args)
     ctx.call_on_close(ctx.obj.manager.close)
 
 
@@ -73,9 +75,9 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 def _run(argv: Optional[list[str]]) -> None:
-    ARGS[:] = sys.argv[1:] if argv is None else argv
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        cli.main(args=argv, prog_name="taps-cl", standalone_mode=False)
+        cli.main(args=args, prog_name="taps-cl", standalone_mode=False, obj=args)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Optional
 
 import click
@@ -23,9 +23,10 @@ SUMMARY_ABOVE = 20
 class Context:
     """What every command gets: the manager and the output mode."""
 
-    def __init__(self, manager: Any, as_json: bool) -> None:
+    def __init__(self, manager: Any, as_json: bool, args: Sequence[str] = ()) -> None:
         self.manager = manager  # the taps_cl.manager.Manager every command calls
         self.json = as_json
+        self.args = list(args)  # the command line being run
 
     def emit(self, data: Any, text: Callable[[], Iterable[str]]) -> None:
         """One JSON document on stdout with --json, else the lines `text()` renders."""
