@@ -11,10 +11,9 @@ from typing import Optional
 import click
 
 from registry import RegistryError
-from taps_cl.cli.adding import task_add
 from taps_cl.cli.bases import base_group
 from taps_cl.cli.db import db_group
-from taps_cl.cli.groups import group_group
+from taps_cl.cli.lazy import LazyGroup
 from taps_cl.cli.maintenance import demo_cmd, gc_cmd
 from taps_cl.cli.models import predict_cmd, restore_cmd
 from taps_cl.cli.render import Context, say
@@ -27,7 +26,8 @@ from taps_cl.manager import Manager
 log = logging.getLogger("taps_cl")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, lazy={"group": "taps_cl.cli.groups:group_group"},
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", envvar="TAPS_CL_HOME", type=click.Path(file_okay=False),
               help="Directory with registry.db and artifacts/ (default ./.taps-cl).")
 @click.option("--db", "db_url", envvar="TAPS_CL_DB", help="SQLAlchemy database URL.")
@@ -44,17 +44,17 @@ def cli(ctx: click.Context, home: Optional[str], db_url: Optional[str],
     """taps-cl: add tasks to one frozen backbone, query budgets and accuracy, restore models."""
     STATE["debug"] = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
     # main() hands over the command line it runs (`task add --nproc` passes it on).
     args = ctx.obj if isinstance(ctx.obj, list) else sys.argv[1:]
     ctx.obj = Context(Manager(home, db_url, artifacts_url), as_json, args)
     ctx.call_on_close(ctx.obj.manager.close)
 
 
-for command in (db_group, base_group, task_group, group_group, report_group, restore_cmd,
-                predict_cmd, gc_cmd, demo_cmd):
+for command in (db_group, base_group, task_group, report_group, restore_cmd, predict_cmd,
+                gc_cmd, demo_cmd):
     cli.add_command(command)
-task_group.add_command(task_add)
 
 
 def _interrupt(signum: int, _frame: object) -> None:

@@ -103,7 +103,8 @@ def report_layers(c: Context, base: Optional[str], plot: Optional[str]) -> None:
               help="A candidate data set (imagefolder:PATH | idx:DIR | digits | …) to compare "
                    "with the tasks before adding it; nothing is recorded.")
 @click.option("--classes", help="Class subset of --data, e.g. 0,1,2 or names.")
-@click.option("--img-size", type=click.IntRange(8), help="Input size of --data (default: the base's).")
+@click.option("--img-size", type=click.IntRange(8),
+              help="Input size of --data (default: the base's).")
 @click.option("--max-train", type=click.IntRange(1), help="Subsample the training set of --data.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a heatmap PNG.")
 @pass_ctx

@@ -10,6 +10,7 @@ from typing import Any, Optional
 import click
 
 from registry.entities import TaskSummary
+from taps_cl.cli.lazy import LazyGroup
 from taps_cl.cli.render import (
     TABLE_ROWS,
     Context,
@@ -22,7 +23,7 @@ from taps_cl.cli.render import (
 )
 
 
-@click.group("task")
+@click.group("task", cls=LazyGroup, lazy={"add": "taps_cl.cli.adding:task_add"})
 def task_group() -> None:
     """Add, list, show and evaluate tasks."""
 
