@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import click
@@ -74,30 +74,30 @@ def config_options(owner: type, *, skip: Iterable[str] = ()) -> Callable[[Any], 
                  for f, spec in declared_options(owner) if f.name not in left_out)
 
 
-def method_owners(joint: bool = False) -> dict[str, list[str]]:
-    """Each method option's name → the methods declaring it (`joint`: only options of methods
-    that can train several tasks together)."""
-    owners: dict[str, list[str]] = {}
+def _method_declarations(joint: bool) -> Iterator[tuple[str, type, Any, dict[str, Any]]]:
+    """(method, its Config, field, declaration) of every declared method option (`joint`: only
+    those of methods that can train several tasks together, and that mean something there)."""
     for name, cls in load_builtin().items():
         if joint and cls.plan_group is Method.plan_group:  # cannot train tasks together
             continue
         for f, spec in declared_options(cls.Config):
-            if joint and not spec["joint"]:
-                continue
-            owners.setdefault(f.name, []).append(name)
+            if not joint or spec["joint"]:
+                yield name, cls.Config, f, spec
+
+
+def method_owners(joint: bool = False) -> dict[str, list[str]]:
+    """Each method option's name → the methods declaring it."""
+    owners: dict[str, list[str]] = {}
+    for name, _, f, _ in _method_declarations(joint):
+        owners.setdefault(f.name, []).append(name)
     return owners
 
 
 def method_options(joint: bool = False) -> Callable[[Any], Any]:
     """A flag for every declared option of every method (the first declaration's help)."""
     seen: dict[str, Callable[[Any], Any]] = {}
-    for name, cls in load_builtin().items():
-        if joint and cls.plan_group is Method.plan_group:  # cannot train tasks together
-            continue
-        for f, spec in declared_options(cls.Config):
-            if joint and not spec["joint"]:
-                continue
-            seen.setdefault(f.name, click_option(cls.Config, f, spec, show_default=False))
+    for _, config, f, spec in _method_declarations(joint):
+        seen.setdefault(f.name, click_option(config, f, spec, show_default=False))
     return apply(seen.values())
 
 

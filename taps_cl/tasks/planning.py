@@ -29,14 +29,21 @@ def task_signature(models: TaskModels, base: BaseModel, task_data: TaskData,
     loss has no gradient to compare)."""
     if len(task_data.class_names) < 2:
         return None
+    signature, meta = _signature(models, base, task_data, img_size)
+    meta = {**meta, "task": name, "base_sha256": base.sha256}
+    return signature, similarity.signature_to_bytes(signature, meta)
+
+
+def _signature(models: TaskModels, base: BaseModel, task_data: TaskData,
+               img_size: Optional[int]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A signature of `task_data` on `base` (a fresh copy with a new head), and its recipe."""
     head = frozenset(base.head_keys)
     model = backbones.build_task_model(
         backbones.ModelSpec.parse(base.model_spec), models.base_state(base),
         len(task_data.class_names), head)
     signature = similarity.task_signature(
         model, head, task_data.train, example=example_input(base.data_config, img_size))
-    meta = {**similarity.signature_meta(model), "task": name, "base_sha256": base.sha256}
-    return signature, similarity.signature_to_bytes(signature, meta)
+    return signature, similarity.signature_meta(model)
 
 
 def earlier_task(task: Task) -> EarlierTask:
@@ -122,16 +129,9 @@ def _candidate_signature(
 ) -> tuple[Any, dict[str, Any]]:
     """The signature (and its recipe) of data not (yet) in the registry, as an add computes it."""
     from taps_cl.data import specs as task_data
-    from taps_cl.models.backbones import example_input
 
     loaded = task_data.load_task_data(
         task_data.DataSpec.parse(spec, classes=classes), b.data_config, img_size=img_size,
         seed=seed, max_train=max_train, max_test=1)
-    head = frozenset(b.head_keys)
-    model = backbones.build_task_model(
-        backbones.ModelSpec.parse(b.model_spec), models.base_state(b),
-        len(loaded.class_names), head)
-    signature = similarity.task_signature(
-        model, head, loaded.train, example=example_input(b.data_config, img_size))
-    meta = similarity.signature_meta(model)
+    signature, meta = _signature(models, b, loaded, img_size)
     return signature, {key: meta.get(key) for key in ("recipe", "config", "blocks")}

@@ -11,12 +11,39 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from taps_cl.errors import MethodError
 from taps_cl.methods.base import Method
 from taps_cl.methods.catalog import get_method
-from taps_cl.methods.options import option
-from taps_cl.training.fit import TrainConfig
+from taps_cl.methods.options import check_number, option
+from taps_cl.training.fit import TrainConfig, at_most
 
 RECHECK_SAMPLE = 8  # earlier tasks whose probes an add re-checks (a bounded, seeded sample)
+
+# Upper bounds of the run's counts (see training/fit.py for the training ones). A larger value
+# cannot be meant and would fail only after the task's row was recorded, out of memory.
+# Input size: 4096 px is 16× a 256-px backbone's input; one such image is 3·4096² floats (200 MB).
+MAX_IMG_SIZE = 4096
+# One training step's input, batch_size·3·size² floats, is at most 2^30 floats (4 GiB; the
+# evaluation batch is twice as large): e.g. batch 32 up to 3344 px, 4096 px up to batch 21.
+MAX_BATCH_FLOATS = 2**30
+# Images a subsample may ask for: beyond any data set that fits a machine (ImageNet-21k holds
+# 14 million); a larger cap means "all of them" anyway.
+MAX_IMAGES = 1_000_000_000
+# Earlier tasks an add re-checks: each is a model rebuilt from its files, about a second; a
+# million is days of checking (and more tasks than a registry has: `report accuracy --verify`
+# checks every one).
+MAX_RECHECK = 1_000_000
+
+
+def check_input_batch(batch_size: int, img_size: int) -> None:
+    """MethodError unless one step's input, batch_size images of 3×img_size² floats, fits in
+    MAX_BATCH_FLOATS."""
+    floats = batch_size * 3 * img_size * img_size
+    if floats > MAX_BATCH_FLOATS:
+        raise MethodError(
+            f"a batch of {batch_size} images at {img_size} px is {floats * 4 / 2**30:.1f} GiB of "
+            f"input (at most {MAX_BATCH_FLOATS * 4 // 2**30} GiB): use a smaller --batch-size "
+            "or --img-size")
 
 
 @dataclass(frozen=True)
@@ -24,10 +51,13 @@ class RunOptions:
     """What a run reads of its data and re-checks; shared by `task add` and `group train`."""
 
     # Input size (default: the base's).
-    img_size: Optional[int] = option(None, "Input size (default: the base's).", minimum=8)
+    img_size: Optional[int] = option(None, "Input size (default: the base's).", minimum=8,
+                                     maximum=MAX_IMG_SIZE)
     # Subsample each training set / test set to this many images (class-stratified).
-    max_train: Optional[int] = option(None, "Subsample each training set.", minimum=1)
-    max_test: Optional[int] = option(None, "Subsample each test set.", minimum=1)
+    max_train: Optional[int] = option(None, "Subsample each training set.", minimum=1,
+                                      maximum=MAX_IMAGES)
+    max_test: Optional[int] = option(None, "Subsample each test set.", minimum=1,
+                                     maximum=MAX_IMAGES)
     # Share of the training data held out for validation (model selection), where the data
     # brings no validation split of its own.
     val_fraction: float = option(0.1, "Share of the training data held out for validation.",
@@ -36,7 +66,26 @@ class RunOptions:
     # number, the add cannot change them; `report accuracy --verify` checks them all.
     recheck: int = option(RECHECK_SAMPLE, "Earlier tasks whose probes are re-checked (default 8: "
                           "the latest, any it reads, a seeded sample of the rest; `report "
-                          "accuracy --verify` checks all).", minimum=0)
+                          "accuracy --verify` checks all).", minimum=0, maximum=MAX_RECHECK)
+
+    def __post_init__(self) -> None:
+        """The declared bounds, for callers of the Python API (the command line checks them
+        before the request is built)."""
+        def fix(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        for name, low, high in (("img_size", 8, MAX_IMG_SIZE), ("max_train", 1, MAX_IMAGES),
+                                ("max_test", 1, MAX_IMAGES)):
+            value = getattr(self, name)
+            if value is not None:
+                fix(name, check_number("run", name, value, minimum=low, integer=True))
+                at_most("run", name, value, high)
+        fraction = check_number("run", "val_fraction", self.val_fraction)
+        if not 0 < fraction < 1:
+            raise MethodError(f"run: val_fraction must be > 0 and < 1, got {fraction!r}")
+        fix("val_fraction", fraction)
+        fix("recheck", check_number("run", "recheck", self.recheck, minimum=0, integer=True))
+        at_most("run", "recheck", self.recheck, MAX_RECHECK)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,7 +126,10 @@ def split_options(options: dict[str, Any], request: type) -> tuple[Any, dict[str
     train = {k: v for k, v in options.items() if k in train_keys and v is not None}
     run = {k: v for k, v in options.items() if k in run_keys and v is not None}
     own = {k: v for k, v in options.items() if k not in train_keys and k not in run_keys}
-    return TrainConfig(**train), run, own
+    train_cfg = TrainConfig(**train)
+    if run.get("img_size") is not None:  # the base's own size is checked once it is known
+        check_input_batch(train_cfg.batch_size, run["img_size"])
+    return train_cfg, run, own
 
 
 def configured_method(method: str, options: dict[str, Any], epochs: int) -> Method:

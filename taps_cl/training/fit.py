@@ -26,15 +26,37 @@ logger = logging.getLogger(__name__)
 OPTIMIZERS = ("adamw", "sgd")
 SGD_MOMENTUM = 0.9
 
+# Upper bounds of the counts a run is given. A count beyond them cannot be what the user meant,
+# and the run would die of memory (or overflow) only after its row was recorded: the command line
+# refuses them as usage errors (the declarations' maximum) and TrainConfig in __post_init__.
+# Epochs: the loop keeps a list and a history row per epoch and a cosine schedule over
+# epochs × steps; 100,000 passes is far past any useful run (the benchmark uses 3) and still
+# a few MB of bookkeeping.
+MAX_EPOCHS = 100_000
+# Samples per step, over all processes: the benchmark uses 32. With a 224-px base one step's
+# input at the cap is 4096·3·224² floats (2.5 GB; evaluation takes batches twice as large);
+# every batch must also fit `MAX_BATCH_FLOATS` at the run's input size (tasks/requests.py).
+MAX_BATCH_SIZE = 4096
+# Seeds: torch's generators take at most 2^64 - 1 and the loop seeds member i with seed + i;
+# numpy's legacy seeds stop at 2^32 - 1, the bound every tool agrees on.
+MAX_SEED = 2**32 - 1
+
+
+def at_most(owner: str, field: str, value: int | float, maximum: int | float) -> None:
+    """MethodError unless `value` (already checked by check_number) is at most `maximum`."""
+    if value > maximum:
+        raise MethodError(f"{owner}: {field} must be <= {maximum}, got {value!r}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train one task (the method's own options live in its Config)."""
 
     # Passes over the training set.
-    epochs: int = option(3, "Passes over the training set.", minimum=1)
+    epochs: int = option(3, "Passes over the training set.", minimum=1, maximum=MAX_EPOCHS)
     # Samples per optimisation step.
-    batch_size: int = option(32, "Samples per optimisation step.", minimum=1)
+    batch_size: int = option(32, "Samples per optimisation step.", minimum=1,
+                             maximum=MAX_BATCH_SIZE)
     # Peak learning rate of the cosine schedule (TAPS scores use their own score_lr).
     lr: float = option(
         1e-3, "Peak learning rate of the cosine schedule.", minimum=0, open_minimum=True)
@@ -43,7 +65,8 @@ class TrainConfig:
     # Weight decay of the trained parameters (decoupled for AdamW).
     weight_decay: float = option(0.0, "Weight decay of the trained parameters.", minimum=0)
     # Seeds torch's RNG (head init done before fit is not affected) and the data order.
-    seed: int = option(0, "Seeds the data split, the data order and the initialisation.")
+    seed: int = option(0, "Seeds the data split, the data order and the initialisation.",
+                       minimum=0, maximum=MAX_SEED)
     # "auto" (CUDA when available, else CPU), or a torch device such as "cpu", "cuda:0".
     device: str = option(
         "auto", "Where training runs: auto, cpu, cuda, cuda:N or mps (checks run on the CPU).")
@@ -58,12 +81,15 @@ class TrainConfig:
             object.__setattr__(self, name, value)
 
         fix("epochs", check_number("train", "epochs", self.epochs, minimum=1, integer=True))
+        at_most("train", "epochs", self.epochs, MAX_EPOCHS)
         fix("batch_size",
             check_number("train", "batch_size", self.batch_size, minimum=1, integer=True))
+        at_most("train", "batch_size", self.batch_size, MAX_BATCH_SIZE)
         fix("lr", check_number("train", "lr", self.lr, positive=True))
         fix("optimizer", check_choice("train", "optimizer", self.optimizer, OPTIMIZERS))
         fix("weight_decay", check_number("train", "weight_decay", self.weight_decay, minimum=0))
-        fix("seed", check_number("train", "seed", self.seed, integer=True))
+        fix("seed", check_number("train", "seed", self.seed, minimum=0, integer=True))
+        at_most("train", "seed", self.seed, MAX_SEED)
         fix("num_workers",
             check_number("train", "num_workers", self.num_workers, minimum=0, integer=True))
         fix("processes",
