@@ -90,8 +90,8 @@ def row_specs(args: argparse.Namespace) -> list[RowSpec]:
           for key, label in ((PROGRESSIVE_GROUP, progressive_label(True, args)),
                              (PROGRESSIVE, progressive_label(False, args)))],
     ]
-    if len(args.task_names) < 2:  # nothing earlier to fuse
-        rows = [r for r in rows if r.kind != "fusion"]
+    if len(args.task_names) < 2:  # nothing earlier to fuse, nothing to train as a group
+        rows = [r for r in rows if r.kind != "fusion" and r.key != PROGRESSIVE_GROUP]
     return rows
 
 

@@ -21,6 +21,7 @@ from taps_cl.cli.app import main
 from taps_cl.errors import TapsError
 from taps_cl.manager import Manager
 from taps_cl.methods.progressive.sharing import new_group_name, sharing_of
+from taps_cl.tasks.planning import earlier_task
 from tests.conftest import make_imagefolder
 from tests.test_cli import assert_one_line_error, run
 
@@ -556,9 +557,10 @@ def test_a_reused_name_does_not_merge_into_the_deleted_opener_s_group(incrementa
         assert new.method_config["group"] == "p1-2"
         assert pins(new)[GROUP] != pins(p3)[GROUP] and pins(new)[SHARED] == pins(p3)[SHARED]
         # `group train` names groups the same way; "new" and "auto" are not group names.
-        result = m.group_train("b", [("new", specs[0])], **FAST)
-        assert result.groups == {"new-2": ["new"]}
-        groups = sharing_of(m.registry.list_tasks("b", ready_only=True)).groups
+        result = m.group_train("b", [("new", specs[0]), ("auto", specs[2])], groups=2, **FAST)
+        assert result.groups == {"new-2": ["new"], "auto-2": ["auto"]}
+        groups = sharing_of([earlier_task(t)
+                             for t in m.registry.list_tasks("b", ready_only=True)]).groups
         assert "p3" in groups["p1"].members and "p1" not in groups["p1"].members
         assert groups["p1"].group_sha256 == pins(p3)[GROUP]
         assert groups["p1-2"].members == ("p1",) and groups["new-2"].members == ("new",)

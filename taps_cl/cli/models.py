@@ -11,23 +11,36 @@ from taps_cl.cli.render import (
     line,
     pass_ctx,
 )
+from taps_cl.methods.catalog import get_method
 
 
 @click.command("restore")
 @click.argument("name")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
-              help="Output .safetensors file with the plain model's state dict.")
+              help="Output .safetensors file: the plain model's state dict, or a composed "
+                   "model's tensors for taps_cl.load_file.")
 @pass_ctx
 def restore_cmd(c: Context, name: str, out: str) -> None:
-    """Write task NAME's model as a plain timm/torchvision state dict."""
+    """Write task NAME's model to a file, and say how to load it.
+
+    A mergeable method's task folds into a plain timm/torchvision state dict; a composed one
+    (modules attached to the backbone: adapter, fusion, progressive) keeps keys no plain model
+    has, and is loaded back with taps_cl.load_file.
+    """
     path = c.manager.restore_to_file(name, out)
     t = c.manager.get_task(name)
     base = c.manager.get_base(t.base)
-    c.emit({"name": name, "out": str(path), "model": base.model_spec,
-            "num_classes": t.num_classes},
-           lambda: line(f"wrote {path}: load it into {_constructor(base.model_spec)}"
-                              f"('{base.architecture}', num_classes={t.num_classes})"
-                              f" with load_state_dict(strict=True)"))
+    plain = get_method(t.method, **t.method_config).mergeable
+    load_with = _constructor(base.model_spec) if plain else "taps_cl.load_file"
+    data = {"name": name, "out": str(path), "model": base.model_spec,
+            "num_classes": t.num_classes, "load_with": load_with}
+    if plain:
+        how = (f"load it into {load_with}('{base.architecture}', num_classes={t.num_classes}) "
+               "with load_state_dict(strict=True)")
+    else:
+        how = (f"load it with {load_with}({str(path)!r}) (a {t.method} model: modules attached "
+               f"to {base.architecture}, not a plain state dict)")
+    c.emit(data, lambda: line(f"wrote {path}: {how}"))
 
 
 def _constructor(model_spec: str) -> str:

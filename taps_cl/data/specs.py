@@ -34,6 +34,13 @@ _INTERPOLATION = {
 # The max_test subset must not depend on the training seed: every run is scored on the same images.
 _TEST_SEED = 0
 _RESIZE_CHUNK = 1024
+# Resizing works in float: a chunk holds at most this many floats (256 MiB), however large the
+# images (1024 images at the 4096-px cap would be 68 GB).
+_RESIZE_FLOATS = 2**26
+# In-memory sources (idx, digits) are resized once into one uint8 tensor per split, a byte a
+# number: a task's splits may take at most this much (all of Fashion-MNIST at 224 px: 3.3 GiB).
+# Beyond it the run would fail out of memory, so it is refused before anything is recorded.
+MAX_IN_MEMORY_BYTES = 8 * 2**30
 # Image files are decoded once when their dataset is built; the resized pixels are kept in memory
 # up to this many bytes per dataset (beyond it, items are decoded again each time they are read).
 DECODED_CACHE_BYTES = 512 * 1024 * 1024
@@ -138,17 +145,19 @@ class Preprocess:
 
     def resize(self, images: Tensor) -> Tensor:
         """uint8 [N,C,H,W] → uint8 [N,C,S,S]; chunked so 60k images never need one float copy."""
-        n, c, _, _ = images.shape
+        n, c, h, w = images.shape
         if images.shape[-2:] == (self.size, self.size):
             return images.contiguous()
         out = torch.empty((n, c, self.size, self.size), dtype=torch.uint8)
         smooth = self.mode in ("bilinear", "bicubic")
-        for start in range(0, n, _RESIZE_CHUNK):
-            chunk = images[start:start + _RESIZE_CHUNK].float()
+        # Each image is resized on its own: the chunk size does not change a pixel.
+        step = max(1, min(_RESIZE_CHUNK, _RESIZE_FLOATS // (c * max(h * w, self.size ** 2))))
+        for start in range(0, n, step):
+            chunk = images[start:start + step].float()
             kwargs = {"align_corners": False, "antialias": True} if smooth else {}
             chunk = F.interpolate(chunk, size=(self.size, self.size), mode=self.mode, **kwargs)
             # Bicubic overshoots; clamp and round like PIL so file and in-memory paths agree.
-            out[start:start + _RESIZE_CHUNK] = chunk.clamp_(0, 255).round_().to(torch.uint8)
+            out[start:start + step] = chunk.clamp_(0, 255).round_().to(torch.uint8)
         return out
 
     def normalise(self, image: Tensor) -> Tensor:
@@ -291,6 +300,19 @@ class TaskData:
         return len(self.class_names)
 
 
+def _check_in_memory(spec: DataSpec, size: int,
+                     chosen: list[tuple[Split, np.ndarray]]) -> None:
+    """DataError when the resized images of in-memory splits would exceed MAX_IN_MEMORY_BYTES."""
+    images = [(split.images.shape[1], len(positions)) for split, positions in chosen
+              if split.images is not None]
+    need = sum(channels * count for channels, count in images) * size * size
+    if need > MAX_IN_MEMORY_BYTES:
+        raise DataError(
+            f"{spec}: {sum(count for _, count in images)} images at {size} px would take "
+            f"{need / 2**30:.1f} GiB in memory (at most {MAX_IN_MEMORY_BYTES // 2**30} GiB); use "
+            "a smaller --img-size, or fewer images with --max-train and --max-test")
+
+
 def _build_dataset(
     split: Split, indices: np.ndarray, labels: np.ndarray, preprocess: Preprocess
 ) -> Dataset:
@@ -386,6 +408,8 @@ def load_task_data(
         keep = stratified_sample(te_y, max_test, _TEST_SEED)
         te_pos, te_y = te_pos[keep], te_y[keep]
 
+    _check_in_memory(spec, preprocess.size,
+                     [(train, tr_pos), (val, va_pos), (test, te_pos)])
     data = TaskData(
         train=_build_dataset(train, tr_pos, tr_y, preprocess),
         val=_build_dataset(val, va_pos, va_y, preprocess),

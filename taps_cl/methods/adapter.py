@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from taps_cl.errors import MethodError
 from taps_cl.methods.base import MODULE_PREFIX, Dependency, LayerRecord, Method, TaskState
 from taps_cl.methods.blocks import (
+    MAX_REDUCTION,
     ACTIVATIONS,
     Bottleneck,
     attached,
@@ -56,13 +57,14 @@ class AdapterConfig:
     # Reduction factor: an adapter on a C-channel output is max(1, C // reduction) wide.
     reduction: int = option(
         16, "adapter/fusion/progressive: bottleneck width = channels / reduction (default 16).",
-        minimum=1)
+        minimum=1, maximum=MAX_REDUCTION)
     # Non-linearity between down and up projection: "relu" (the paper's) or "gelu".
     activation: str = "relu"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reduction", check_number(
-            "adapter", "reduction", self.reduction, minimum=1, integer=True))
+            "adapter", "reduction", self.reduction, minimum=1, maximum=MAX_REDUCTION,
+            integer=True))
         object.__setattr__(self, "activation", check_choice(
             "adapter", "activation", self.activation, tuple(ACTIVATIONS)))
 

@@ -27,6 +27,10 @@ from torch import Tensor, nn
 from taps_cl.errors import MethodError
 from taps_cl.methods.layers import norm_layers
 
+# Largest reduction: an adapter is max(1, channels // reduction) wide, so past the widest block
+# of any backbone (a few thousand channels) every adapter is one channel wide already; a larger
+# number means nothing and is refused like any count out of range.
+MAX_REDUCTION = 65536
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 

@@ -35,6 +35,7 @@ from taps_cl.errors import MethodError
 from taps_cl.methods.adapter import ADAPTERS_ATTR, AdapterConfig
 from taps_cl.methods.base import MODULE_PREFIX, Dependency, LayerRecord, Method, TaskState
 from taps_cl.methods.blocks import (
+    MAX_REDUCTION,
     ACTIVATIONS,
     BlockSite,
     Bottleneck,
@@ -82,7 +83,7 @@ class FusionConfig:
     # Reduction factor of the own adapter (as `adapter --reduction`).
     reduction: int = option(
         16, "adapter/fusion/progressive: bottleneck width = channels / reduction (default 16).",
-        minimum=1)
+        minimum=1, maximum=MAX_REDUCTION)
     # Non-linearity of the own adapter: "relu" or "gelu".
     activation: str = "relu"
     # Query/key width d = max(1, C // key_reduction). 32 keeps a Lite0 fusion task's own tensors
@@ -100,7 +101,7 @@ class FusionConfig:
             raise MethodError(
                 f"fusion: own_adapter must be true or false, got {self.own_adapter!r}")
         fix("reduction", check_number("fusion", "reduction", self.reduction, minimum=1,
-                                      integer=True))
+                                      maximum=MAX_REDUCTION, integer=True))
         fix("activation", check_choice("fusion", "activation", self.activation,
                                        tuple(ACTIVATIONS)))
         fix("key_reduction", check_number("fusion", "key_reduction", self.key_reduction,

@@ -21,6 +21,7 @@ def check_number(
     value: Any,
     *,
     minimum: float | None = None,
+    maximum: float | None = None,
     positive: bool = False,
     integer: bool = False,
 ) -> float | int:
@@ -45,6 +46,8 @@ def check_number(
         raise MethodError(f"{method}: {field} must be > 0, got {value!r}")
     if minimum is not None and value < minimum:
         raise MethodError(f"{method}: {field} must be >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise MethodError(f"{method}: {field} must be <= {maximum}, got {value!r}")
     return int(value) if integer else float(value)
 
 

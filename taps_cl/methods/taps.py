@@ -81,6 +81,12 @@ BUDGET_RATE = 0.1
 BUDGET_LAM_FLOOR = 0.01
 # λ's ceiling: keeps the penalty finite (with SGD, λ scales a score's step directly).
 LAM_MAX = 1e4
+# Count options past these mean nothing (no weight has more rows than MAX_RANK, none more numbers
+# than MAX_FACTOR_MIN_PARAMS); refused like any count out of range. A warm-up is at most the
+# longest run (training.fit.MAX_EPOCHS).
+MAX_RANK = 65536
+MAX_FACTOR_MIN_PARAMS = 2**40
+MAX_EPOCHS = 100_000
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,8 @@ class TapsConfig:
         1e-2, "TAPS learning rate of the gate scores.",
         minimum=0, open_minimum=True)
     # Epochs trained before the penalty starts; validation only picks epochs after the warm-up.
-    warmup_epochs: int = option(1, "TAPS epochs before the penalty.", minimum=0)
+    warmup_epochs: int = option(1, "TAPS epochs before the penalty.", minimum=0,
+                                maximum=MAX_EPOCHS)
     # Penalty weights w_l: "layers" = 1/L (as in the paper), "params" = the layer's share of the
     # numbers all layers would store if active (factors for factorised layers, else the weight).
     penalty: str = option(
@@ -108,12 +115,12 @@ class TapsConfig:
     # Rank R of factorised deltas ΔW = B·A (conv weight seen as out × in·k·k); 0 = full deltas.
     rank: int = option(
         0, "TAPS low-rank deltas ΔW = B·A of this rank on large layers (0 = full deltas).",
-        minimum=0)
+        minimum=0, maximum=MAX_RANK)
     # A layer is factorised only if groups == 1, its weight has at least this many numbers and
     # R·(out + in·k·k) < its size: small and depthwise layers keep (cheaper) full deltas.
     factor_min_params: int = option(
         20000, "TAPS: factorise only layers with at least this many weights.",
-        minimum=0)
+        minimum=0, maximum=MAX_FACTOR_MIN_PARAMS)
     # Learning rate of the factors A and B; None = FACTOR_LR_SCALE × the task learning rate.
     factor_lr: float | None = option(
         None, "TAPS learning rate of the factors (default 5 × --lr).",
@@ -121,7 +128,8 @@ class TapsConfig:
     # Most the task may store, as a fraction of the base's parameters (backbone without its
     # head): active deltas/factors + norm parameters and statistics + head. None = no limit.
     budget: float | None = option(
-        None, "TAPS: store at most this fraction of the base's parameters (norms, head included); λ is raised during training until the task fits.",
+        None, "TAPS: store at most this fraction of the base's parameters (norms, head "
+        "included); λ is raised during training until the task fits.",
         minimum=0, open_minimum=True)
     # Type the deltas/factors are stored in: "float32", "bfloat16" or "float16".
     store_dtype: str = option(
@@ -142,11 +150,14 @@ class TapsConfig:
         fix("score_init", check_number("taps", "score_init", self.score_init, minimum=0))
         fix("score_lr", check_number("taps", "score_lr", self.score_lr, positive=True))
         fix("warmup_epochs",
-            check_number("taps", "warmup_epochs", self.warmup_epochs, minimum=0, integer=True))
+            check_number("taps", "warmup_epochs", self.warmup_epochs, minimum=0,
+                         maximum=MAX_EPOCHS, integer=True))
         fix("penalty", check_choice("taps", "penalty", self.penalty, PENALTIES))
-        fix("rank", check_number("taps", "rank", self.rank, minimum=0, integer=True))
+        fix("rank", check_number("taps", "rank", self.rank, minimum=0, maximum=MAX_RANK,
+                                 integer=True))
         fix("factor_min_params",
             check_number("taps", "factor_min_params", self.factor_min_params, minimum=0,
+                         maximum=MAX_FACTOR_MIN_PARAMS,
                          integer=True))
         if self.factor_lr is not None:
             fix("factor_lr", check_number("taps", "factor_lr", self.factor_lr, positive=True))

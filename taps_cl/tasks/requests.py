@@ -14,8 +14,8 @@ from typing import Any, Optional
 from taps_cl.errors import MethodError
 from taps_cl.methods.base import Method
 from taps_cl.methods.catalog import get_method
-from taps_cl.methods.options import check_number, option
-from taps_cl.training.fit import TrainConfig, at_most
+from taps_cl.methods.options import check_number, declared_options, option
+from taps_cl.training.fit import TrainConfig
 
 RECHECK_SAMPLE = 8  # earlier tasks whose probes an add re-checks (a bounded, seeded sample)
 
@@ -74,18 +74,16 @@ class RunOptions:
         def fix(name: str, value: object) -> None:
             object.__setattr__(self, name, value)
 
-        for name, low, high in (("img_size", 8, MAX_IMG_SIZE), ("max_train", 1, MAX_IMAGES),
-                                ("max_test", 1, MAX_IMAGES)):
-            value = getattr(self, name)
+        bounds = {f.name: spec for f, spec in declared_options(RunOptions)}
+        for name in ("img_size", "max_train", "max_test", "recheck"):  # counts; None: not given
+            value, spec = getattr(self, name), bounds[name]
             if value is not None:
-                fix(name, check_number("run", name, value, minimum=low, integer=True))
-                at_most("run", name, value, high)
+                fix(name, check_number("run", name, value, minimum=spec["minimum"],
+                                       maximum=spec["maximum"], integer=True))
         fraction = check_number("run", "val_fraction", self.val_fraction)
         if not 0 < fraction < 1:
             raise MethodError(f"run: val_fraction must be > 0 and < 1, got {fraction!r}")
         fix("val_fraction", fraction)
-        fix("recheck", check_number("run", "recheck", self.recheck, minimum=0, integer=True))
-        at_most("run", "recheck", self.recheck, MAX_RECHECK)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,8 +125,10 @@ def split_options(options: dict[str, Any], request: type) -> tuple[Any, dict[str
     run = {k: v for k, v in options.items() if k in run_keys and v is not None}
     own = {k: v for k, v in options.items() if k not in train_keys and k not in run_keys}
     train_cfg = TrainConfig(**train)
-    if run.get("img_size") is not None:  # the base's own size is checked once it is known
-        check_input_batch(train_cfg.batch_size, run["img_size"])
+    checked = RunOptions(**{k: v for k, v in run.items()
+                            if k in {f.name for f in dataclasses.fields(RunOptions)}})
+    if checked.img_size is not None:  # the base's own size is checked once the base is known
+        check_input_batch(train_cfg.batch_size, checked.img_size)
     return train_cfg, run, own
 
 

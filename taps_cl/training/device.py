@@ -1,4 +1,5 @@
-"""Which torch device training runs on; every number the registry compares is computed on the CPU."""
+"""Which torch device training runs on (every number the registry compares is computed on the
+CPU)."""
 
 from __future__ import annotations
 

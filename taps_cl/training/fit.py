@@ -42,11 +42,6 @@ MAX_BATCH_SIZE = 4096
 MAX_SEED = 2**32 - 1
 
 
-def at_most(owner: str, field: str, value: int | float, maximum: int | float) -> None:
-    """MethodError unless `value` (already checked by check_number) is at most `maximum`."""
-    if value > maximum:
-        raise MethodError(f"{owner}: {field} must be <= {maximum}, got {value!r}")
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -80,16 +75,15 @@ class TrainConfig:
         def fix(name: str, value: object) -> None:
             object.__setattr__(self, name, value)
 
-        fix("epochs", check_number("train", "epochs", self.epochs, minimum=1, integer=True))
-        at_most("train", "epochs", self.epochs, MAX_EPOCHS)
-        fix("batch_size",
-            check_number("train", "batch_size", self.batch_size, minimum=1, integer=True))
-        at_most("train", "batch_size", self.batch_size, MAX_BATCH_SIZE)
+        fix("epochs", check_number("train", "epochs", self.epochs, minimum=1,
+                                   maximum=MAX_EPOCHS, integer=True))
+        fix("batch_size", check_number("train", "batch_size", self.batch_size, minimum=1,
+                                       maximum=MAX_BATCH_SIZE, integer=True))
         fix("lr", check_number("train", "lr", self.lr, positive=True))
         fix("optimizer", check_choice("train", "optimizer", self.optimizer, OPTIMIZERS))
         fix("weight_decay", check_number("train", "weight_decay", self.weight_decay, minimum=0))
-        fix("seed", check_number("train", "seed", self.seed, minimum=0, integer=True))
-        at_most("train", "seed", self.seed, MAX_SEED)
+        fix("seed", check_number("train", "seed", self.seed, minimum=0, maximum=MAX_SEED,
+                                 integer=True))
         fix("num_workers",
             check_number("train", "num_workers", self.num_workers, minimum=0, integer=True))
         fix("processes",

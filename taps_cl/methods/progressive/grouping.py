@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def plan_group(learner: Any, planning: GroupPlanning) -> GroupPlan:
-    """Groups, configured methods and tied models of the new tasks (rule in the module docstring)."""
+    """Groups, configured methods and tied models of the new tasks (see the module docstring)."""
     names = list(planning.names)
     context = planning.planning
     sharing = sharing_of(context.earlier(learner.name))

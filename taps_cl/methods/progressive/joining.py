@@ -26,8 +26,8 @@ from taps_cl.methods.progressive.sharing import (
 
 log = logging.getLogger(__name__)
 
-# `--group` values that choose rather than name a group ("" is what an unset option holds).
-AUTO, NEW = ("", "auto"), "new"
+# `--group` values that choose rather than name a group (`sharing.GROUP_WORDS`).
+AUTO, NEW = "auto", "new"
 
 
 def plan_join(learner: Method, planning: Planning) -> Plan:
@@ -36,7 +36,7 @@ def plan_join(learner: Method, planning: Planning) -> Plan:
     sharing = sharing_of(planning.earlier(learner.name))
     choice = config.group
     if sharing.shared_sha256 is None:
-        if choice not in (*AUTO, NEW):
+        if choice not in (AUTO, NEW):
             raise TapsError(f"there is no group {choice!r}: base {planning.base!r} has no "
                             "progressive task yet (use --group auto or new)")
         group = new_group_name(planning.task, ())
@@ -45,9 +45,9 @@ def plan_join(learner: Method, planning: Planning) -> Plan:
     sharing.band_options(planning.base, dict(planning.given))
     reads = [_read(planning, sharing.shared_sha256, "shared")]
     scores = (group_similarity(sharing, planning)
-              if choice in AUTO and planning.signature is not None else {})
+              if choice == AUTO and planning.signature is not None else {})
     joined: Optional[str]
-    if choice in AUTO:
+    if choice == AUTO:
         best = max(scores, key=scores.__getitem__, default=None)
         joined = best if best is not None and scores[best] >= config.join_threshold else None
         log.info("progressive: mean similarity to groups %s; %s", scores,

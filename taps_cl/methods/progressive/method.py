@@ -1,4 +1,4 @@
-"""Progressive task-specific adaptation (Gangwar et al., 2025); docs/architecture.md tells the rules.
+"""Progressive task-specific adaptation (Gangwar et al., 2025); docs/architecture.md has the rules.
 
 Every block of the backbone (the blocks of `adapter.backbone_blocks`) gets a zero-initialised
 bottleneck adapter on its output, h ↦ h + U·act(D·h), as in adapter.py. The blocks fall into three
@@ -49,6 +49,7 @@ from taps_cl.methods.base import (
     TaskState,
 )
 from taps_cl.methods.blocks import (
+    MAX_REDUCTION,
     ACTIVATIONS,
     BlockSite,
     Bottleneck,
@@ -92,24 +93,29 @@ class ProgressiveConfig:
     # Reduction factor: an adapter on a C-channel output is max(1, C // reduction) wide.
     reduction: int = option(
         16, "adapter/fusion/progressive: bottleneck width = channels / reduction (default 16).",
-        minimum=1)
+        minimum=1, maximum=MAX_REDUCTION)
     # Non-linearity between down and up projection: "relu" or "gelu".
     activation: str = "relu"
     # Fraction of the blocks, from the input, whose adapters and norms all tasks share.
     shared_fraction: float = option(
-        0.75, "progressive: fraction of the blocks (from the input) shared by all tasks (default 0.75; fixed by the base's first progressive task).",
+        0.75, "progressive: fraction of the blocks (from the input) shared by all tasks "
+        "(default 0.75; fixed by the base's first progressive task).",
         minimum=0, maximum=1)
     # Fraction of the blocks, from the output, that are task-specific (at least one block).
     task_fraction: float = option(
-        0.125, "progressive: fraction of the blocks (from the output) that are task-specific (default 0.125; fixed by the base's first progressive task).",
+        0.125, "progressive: fraction of the blocks (from the output) that are task-specific "
+        "(default 0.125; fixed by the base's first progressive task).",
         minimum=0, maximum=1)
-    # The similarity group: "auto" or "" (join the most similar group, or open one), "new", or a
-    # group's name; once planned, the name of the group the task belongs to.
+    # The similarity group: "auto" (join the most similar group, or open one), "new", or a
+    # group's name; once planned, the name of the group the task belongs to (stored configs
+    # always hold that name, so the default is never stored).
     group: str = option(
-        "", "progressive: auto (join the most similar group or open one; default), new, or the name of a group to join.", joint=False)
+        "auto", "progressive: auto (join the most similar group or open one; default), new, "
+        "or the name of a group to join.", joint=False)
     # Mean signature similarity a task needs to join a group when its group is "auto".
     join_threshold: float = option(
-        0.5, "progressive: mean signature similarity needed to join a group with --group auto (default 0.5).",
+        0.5, "progressive: mean signature similarity needed to join a group with --group "
+        "auto (default 0.5).",
         minimum=-1, maximum=1, joint=False)
     # Bands the task trained itself; the others it read frozen from shared artifacts.
     train_bands: tuple[str, ...] = ("task",)
@@ -119,7 +125,7 @@ class ProgressiveConfig:
             object.__setattr__(self, name, value)
 
         fix("reduction", check_number("progressive", "reduction", self.reduction, minimum=1,
-                                      integer=True))
+                                      maximum=MAX_REDUCTION, integer=True))
         fix("activation", check_choice("progressive", "activation", self.activation,
                                        tuple(ACTIVATIONS)))
         for field in ("shared_fraction", "task_fraction"):
@@ -132,6 +138,9 @@ class ProgressiveConfig:
                               f"{self.shared_fraction} + {self.task_fraction}")
         if not isinstance(self.group, str):
             raise MethodError(f"progressive: group must be a name, got {self.group!r}")
+        if not self.group.strip():  # given empty: not "auto" (the default), not a group's name
+            raise MethodError(f"progressive: group must be auto, new or a group's name, got "
+                              f"{self.group!r}")
         threshold = check_number("progressive", "join_threshold", self.join_threshold)
         if not -1 <= threshold <= 1:
             raise MethodError(f"progressive: join_threshold must be in [-1, 1], got {threshold!r}")
@@ -177,7 +186,8 @@ def norm_bands(model: nn.Module, bands: dict[str, str]) -> dict[str, str]:
 
 @register
 class Progressive(Method):
-    """Adapters and norms shared by all tasks early, by a similarity group in the middle, own late."""
+    """Adapters and norms shared by all tasks early, by a similarity group in the middle, own
+    late."""
 
     name = "progressive"
     Config = ProgressiveConfig
