@@ -3,6 +3,9 @@
 Artifact files are written before the transaction that records them; a transaction that fails
 removes the files its call created, unless a row references them by then. Files no row needs
 are found and removed by garbage collection (find_garbage, remove_garbage).
+
+A registry that records no artifact store yet records it in the transaction of its first
+artifact (registry.binding.bind_first): a failed write leaves no binding behind.
 """
 
 from __future__ import annotations
@@ -12,13 +15,15 @@ import time
 from collections.abc import Sequence
 from typing import Optional
 
-from sqlalchemy import func, or_, select, text
+from sqlalchemy import event, func, or_, select, text
 from sqlalchemy.orm import Session
 
-from registry.entities import Artifact, GarbageFile
+from registry import binding, db
+from registry.entities import Artifact, GarbageFile, StoreRecord
 from registry.errors import IntegrityFailure, RegistryError
 from registry.models import ARTIFACT_KINDS, ArtifactRow
 from registry.rows import to_artifact
+from registry.store import MARKER
 from registry.transactions import Transactions
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,13 @@ class ArtifactFiles(Transactions):
             )
         return data
 
+    def check_store_binding(self) -> None:
+        """Raise a RegistryError unless the registry records its artifact store and that record
+        names the store in use, as its marker confirms (registry.binding.check_binding)."""
+        sqlite_file = db.sqlite_path(self.engine.url)
+        binding.check_binding(self._session, self.store, home=self.home,
+                              db_dir=sqlite_file.parent if sqlite_file is not None else None)
+
     def list_artifacts(self) -> list[Artifact]:
         with self._session() as s:
             return [
@@ -89,6 +101,7 @@ class ArtifactFiles(Transactions):
         if kind not in ARTIFACT_KINDS:
             raise RegistryError(f"unknown artifact kind {kind!r}")
         _lock_artifacts(s)
+        self._bind_store(s, created)
         sha, relative = staged
         if not self.store.exists(relative):
             self._stage(data, created)
@@ -100,6 +113,28 @@ class ArtifactFiles(Transactions):
             s.add(row)
             s.flush()
         return row
+
+    def _bind_store(self, s: Session, created: list[str]) -> None:
+        """Record the store in ``s`` if the registry records none yet (its first artifact).
+
+        The record is kept (``store_record``) only once ``s`` commits; a marker made for it is
+        in ``created``, removed again if the write fails.
+        """
+        if self.store.pending_binding is None or s.info.get("store_bound"):
+            return
+        record = binding.bind_first(s, self.store, home=self.home, created=created)
+        if record is None:
+            return
+        s.info["store_bound"] = True
+
+        def committed(_session: Session) -> None:
+            self._store_bound(record)
+
+        event.listen(s, "after_commit", committed, once=True)
+
+    def _store_bound(self, record: StoreRecord) -> None:
+        self.store_record = record
+        self.store.pending_binding = None
 
     def _remove_created(self, created: list[str]) -> None:
         """After a failed write: delete the files this call created that no row references.
@@ -117,6 +152,9 @@ class ArtifactFiles(Transactions):
                     if write:
                         _lock_artifacts(s)
                     for relative in created:
+                        if relative == MARKER:  # a store this failed write would have recorded
+                            binding.remove_unrecorded_marker(s, self.store)
+                            continue
                         sha = self.store.layout_sha256(relative)
                         if not _referenced(s, relative, sha):
                             self.store.remove(relative)

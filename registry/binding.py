@@ -1,7 +1,8 @@
 """Which artifact store a registry belongs to: recorded in the database, confirmed by the store.
 
-A registry records its store once, in the one-row table ``artifact_store``, when it is first
-opened for writing (a new registry, or one upgraded from before revision 0005):
+A registry records its store once, in the one-row table ``artifact_store``: a new registry
+with its first artifact, one that holds artifacts but records no store (upgraded from before
+revision 0005) when it is first opened for writing:
 
 * a store the user named (``--artifacts`` / ``TAPS_CL_ARTIFACTS``) gets a marker object
   (``store.MARKER``) holding a new store id, and the id is recorded with the store's URL;
@@ -15,10 +16,19 @@ so a team member needs only the database URL; a named store must carry the recor
 store through another mount path or URL is fine), or be the recorded directory for a store
 without a marker. Anything else, and an unreachable store, is one error line at open.
 
-Readers never write: a registry with no record yet reads the named (or default) store as is.
-A store that already carries another id is adopted only by a registry whose base weights it
-holds (the registry recorded it before a downgrade), else refused: two registries sharing one
-store would delete each other's files in `gc`.
+Opening for reading records nothing: a registry with no record yet reads the named (or
+default) store as is. A store that already carries another id is adopted only by a registry
+whose files it holds (the registry recorded it before a downgrade), else refused: two
+registries sharing one store would delete each other's files in `gc`.
+
+A registry with no artifact yet records its store in the transaction that records its first
+artifact (``bind_first``, called by ``ArtifactFiles._record_artifact``), never before: a write
+that fails records no store, and the marker it made is removed again. A registry that holds
+artifacts but records no store (upgraded from before 0005, or its row was deleted) records one
+only if the store holds its files (``_missing_files``): another store is refused at open and
+stays unrecorded, so the registry's real store keeps working. ``check_binding`` is what
+``report accuracy --verify`` asks: the row is there, names the store in use, and its marker
+agrees.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import os
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -38,7 +49,7 @@ from sqlalchemy.orm import Session
 
 from registry import db
 from registry.entities import StoreRecord
-from registry.errors import StoreError, StoreMismatch
+from registry.errors import IntegrityFailure, RegistryError, StoreError, StoreMismatch
 from registry.models import ArtifactRow, ArtifactStoreRow
 from registry.store import MARKER, ArtifactStore
 
@@ -47,7 +58,19 @@ log = logging.getLogger(__name__)
 MARKER_FORMAT = "taps-cl artifact store"
 DEFAULT_STORE = "artifacts"  # the default store's directory, under the home
 
+# How many of the newest artifacts, besides every base's weights, a store must hold before a
+# registry that records no store adopts it (each is one existence check, on S3 a request).
+NEWEST_CHECKED = 8
+
 SessionFactory = Callable[..., AbstractContextManager[Session]]
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A store not recorded yet (``ArtifactStore.pending_binding``): how to record it."""
+
+    named: bool  # named by the user (gets a marker) rather than the default <home>/artifacts
+    db_dir: Optional[Path]  # the SQLite file's directory (a local store inside is relative)
 
 
 def open_store(
@@ -67,15 +90,81 @@ def open_store(
     row = _recorded(session)
     if row is None:
         store = ArtifactStore(artifacts if named else home / DEFAULT_STORE)  # type: ignore
-        if not create:
+        if not (create and _has_artifacts(session)):
+            # Nothing to record before the first artifact (a new registry), or a reader: the
+            # store is recorded, checked, in the transaction of the first artifact written.
+            if create and _marker_id(store) is not None:
+                raise _claimed(store)  # refused before anything is written
+            store.pending_binding = Pending(named=named, db_dir=db_dir)
             return store, None
         row = _adopt(session, store, named=named, db_dir=db_dir)
     url, store_id = row
     recorded = _resolve(url, db_dir, home)
     store = ArtifactStore(artifacts if named else recorded)  # type: ignore[arg-type]
-    _check(session, store, store_id, recorded, named=named)
+    _check(store, store_id, recorded, named=named, has_artifacts=lambda: _has_artifacts(session))
+    return store, _record(store, url, store_id)
+
+
+def bind_first(s: Session, store: ArtifactStore, *, home: Path,
+               created: list[str]) -> Optional[StoreRecord]:
+    """Record ``store`` in the write transaction ``s``, if it is pending; its StoreRecord.
+
+    Called before an artifact row is added, so the binding commits with the artifact or not at
+    all. A marker this call creates is appended to ``created``: the caller removes it when the
+    transaction fails (``remove_unrecorded_marker``). A store another writer recorded meanwhile
+    must be this one, else StoreMismatch. None when nothing was pending.
+    """
+    pending = store.pending_binding
+    if not isinstance(pending, Pending):
+        return None
+    url, store_id = _bind(s, store, named=pending.named, db_dir=pending.db_dir, created=created)
+    recorded = _resolve(url, pending.db_dir, home)
+    _check(store, store_id, recorded, named=True, has_artifacts=lambda: _any_artifact(s))
+    return _record(store, url, store_id)
+
+
+def check_binding(session: SessionFactory, store: ArtifactStore, *, home: Path,
+                  db_dir: Optional[Path]) -> None:
+    """Raise (IntegrityFailure, StoreMismatch, StoreError) unless the binding is whole.
+
+    Whole: a registry that holds artifacts records its store (the ``artifact_store`` row), the
+    record names ``store`` (the one in use), and the store's marker carries the recorded id (a
+    store recorded without an id carries no marker of another registry).
+    """
+    row = _recorded(session)
+    if row is None:
+        if _has_artifacts(session):
+            raise IntegrityFailure(
+                "the registry holds artifacts but records no artifact store (its "
+                "artifact_store row is missing); the next write that opens the store holding "
+                "its files records it again")
+        return
+    url, store_id = row
+    recorded = _resolve(url, db_dir, home)
+    _check(store, store_id, recorded, named=True, has_artifacts=lambda: _has_artifacts(session))
+    if store_id is None:
+        found = _marker_id(store)
+        if found is not None:
+            raise StoreMismatch(
+                f"artifact store {store.url} carries the {MARKER} of store id {found}, but the "
+                f"registry records it without one: another registry has claimed it")
+
+
+def remove_unrecorded_marker(s: Session, store: ArtifactStore) -> None:
+    """After a failed first write: remove the marker it made unless a record names its id."""
+    try:
+        found = _marker_id(store)
+    except RegistryError:
+        return  # not a marker of ours: never touched
+    row = s.get(ArtifactStoreRow, 1)
+    if found is not None and (row is None or row.store_id != found):
+        store.remove(MARKER)
+        log.info("removed the marker of %s, written by a write that did not commit", store.url)
+
+
+def _record(store: ArtifactStore, url: str, store_id: Optional[str]) -> StoreRecord:
     location = str(store.root) if store.is_local else store.url
-    return store, StoreRecord(url=url, store_id=store_id, location=location)
+    return StoreRecord(url=url, store_id=store_id, location=location)
 
 
 def _recorded(session: SessionFactory) -> Optional[tuple[str, Optional[str]]]:
@@ -90,41 +179,72 @@ def _adopt(
     """Record ``store`` as the registry's (with a marker if it was named); returns the record.
 
     Runs under the database's write lock, so concurrent first writers record one store; one
-    that finds a record made meanwhile returns that record instead.
+    that finds a record made meanwhile returns that record instead. A marker made here is
+    removed again when the record does not commit.
     """
-    with session(write=True) as s:
-        if s.get_bind().dialect.name == "postgresql":
-            s.execute(text("LOCK TABLE artifact_store IN SHARE ROW EXCLUSIVE MODE"))
-        row = s.get(ArtifactStoreRow, 1)
-        if row is not None:
-            return row.url, row.store_id
-        store_id = _marker_id(store)
-        if store_id is not None:
-            if not _holds_registry(s, store):
-                raise StoreMismatch(
-                    f"artifact store {store.url} belongs to another registry (store id "
-                    f"{store_id}); if it does not, remove its {MARKER} and try again"
-                )
-            log.info("adopting artifact store %s (store id %s)", store.url, store_id)
-        elif named:
-            new_id = uuid.uuid4().hex
-            if not store.write_marker(_marker(new_id)):
-                raise StoreMismatch(f"artifact store {store.url} was just claimed by another "
-                                    "registry")
-            store_id = new_id
-        url = _record_url(store, db_dir)
-        s.add(ArtifactStoreRow(id=1, store_id=store_id, url=url))
-        log.info("recorded artifact store %s%s", url, f" (store id {store_id})" if store_id else "")
-        return url, store_id
+    created: list[str] = []
+    try:
+        with session(write=True) as s:
+            return _bind(s, store, named=named, db_dir=db_dir, created=created)
+    except BaseException:
+        if created:
+            with session() as s:
+                remove_unrecorded_marker(s, store)
+        raise
+
+
+def _bind(s: Session, store: ArtifactStore, *, named: bool, db_dir: Optional[Path],
+          created: list[str]) -> tuple[str, Optional[str]]:
+    """The recorded store, recording ``store`` in the write transaction ``s`` if there is none.
+
+    A registry that holds artifacts adopts only a store that holds its files; one without any
+    only a store that no other registry has marked.
+    """
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("LOCK TABLE artifact_store IN SHARE ROW EXCLUSIVE MODE"))
+    row = s.get(ArtifactStoreRow, 1)
+    if row is not None:
+        return row.url, row.store_id
+    store_id = _marker_id(store)
+    missing = _missing_files(s, store)
+    if missing:
+        raise StoreMismatch(
+            f"the registry records no artifact store, and {store.url} does not hold its files "
+            f"({len(missing)} missing, e.g. {missing[0]}): open it with the store that does "
+            "(--artifacts); nothing was recorded")
+    if missing is None and store_id is not None:
+        raise _claimed(store, store_id)
+    if store_id is not None:
+        log.info("adopting artifact store %s (store id %s)", store.url, store_id)
+    elif named:
+        new_id = uuid.uuid4().hex
+        if not store.write_marker(_marker(new_id)):
+            raise StoreMismatch(f"artifact store {store.url} was just claimed by another "
+                                "registry")
+        created.append(MARKER)
+        store_id = new_id
+    url = _record_url(store, db_dir)
+    s.add(ArtifactStoreRow(id=1, store_id=store_id, url=url))
+    s.flush()
+    log.info("recorded artifact store %s%s", url, f" (store id {store_id})" if store_id else "")
+    return url, store_id
+
+
+def _claimed(store: ArtifactStore, store_id: Optional[str] = None) -> StoreMismatch:
+    store_id = store_id or _marker_id(store)
+    return StoreMismatch(
+        f"artifact store {store.url} belongs to another registry (store id "
+        f"{store_id}); if it does not, remove its {MARKER} and try again"
+    )
 
 
 def _check(
-    session: SessionFactory,
     store: ArtifactStore,
     store_id: Optional[str],
     recorded: str | Path,
     *,
     named: bool,
+    has_artifacts: Callable[[], bool],
 ) -> None:
     """Refuse a store that is not the recorded one, or that cannot be reached."""
     mismatch = StoreMismatch(
@@ -134,7 +254,7 @@ def _check(
     if store_id is None:  # a store without a marker: known by its directory
         if named and not _same_directory(store, recorded):
             raise missing if store.is_local and not Path(store.root).is_dir() else mismatch
-        if not Path(store.root).is_dir() and _has_artifacts(session):
+        if not Path(store.root).is_dir() and has_artifacts():
             raise missing
         return
     try:
@@ -167,15 +287,25 @@ def _marker_id(store: ArtifactStore) -> Optional[str]:
     return store_id
 
 
-def _holds_registry(s: Session, store: ArtifactStore) -> bool:
-    """Whether the store holds every base weights file of the registry (at least one)."""
-    paths = s.scalars(select(ArtifactRow.path).where(ArtifactRow.kind == "base")).all()
-    return bool(paths) and all(store.exists(path) for path in paths)
+def _missing_files(s: Session, store: ArtifactStore) -> Optional[list[str]]:
+    """Which of the registry's files the store lacks (every base's weights and the newest
+    artifacts); None when the registry holds no artifact yet."""
+    bases = s.scalars(select(ArtifactRow.path).where(ArtifactRow.kind == "base")).all()
+    newest = s.scalars(select(ArtifactRow.path).order_by(ArtifactRow.id.desc())
+                       .limit(NEWEST_CHECKED)).all()
+    paths = list(dict.fromkeys([*bases, *newest]))
+    if not paths:
+        return None
+    return [path for path in paths if not store.exists(path)]
+
+
+def _any_artifact(s: Session) -> bool:
+    return s.scalar(select(ArtifactRow.id).limit(1)) is not None
 
 
 def _has_artifacts(session: SessionFactory) -> bool:
     with session() as s:
-        return s.scalar(select(ArtifactRow.id).limit(1)) is not None
+        return _any_artifact(s)
 
 
 def _record_url(store: ArtifactStore, db_dir: Optional[Path]) -> str:

@@ -101,6 +101,11 @@ class ObjectFiles:
         temp = f"{TEMP_PREFIX}{uuid.uuid4().hex}{suffix}"
         temp = temp if parent == "." else f"{parent}/{temp}"
         try:
+            if on_local_disk(self.fs) and parent != ".":
+                # A chained URL over this machine's disk (simplecache::file://…) writes plain
+                # files (with the process's umask, as any file its user creates), but into
+                # directories that must exist; object storage has none to make.
+                self.fs.makedirs(self.path(parent), exist_ok=True)
             self.fs.pipe_file(self.path(temp), data)
             self.fs.mv(self.path(temp), self.path(relative))
         except BaseException as exc:
@@ -174,6 +179,17 @@ def is_local_filesystem(fs: Any) -> bool:
     from fsspec.implementations.local import LocalFileSystem
 
     return isinstance(fs, LocalFileSystem)
+
+
+def on_local_disk(fs: Any) -> bool:
+    """Whether a filesystem, or one it wraps (a cache's target), keeps files on this disk."""
+    for _ in range(8):  # wrappers nest a few levels at most
+        if fs is None:
+            return False
+        if is_local_filesystem(fs):
+            return True
+        fs = getattr(fs, "fs", None)
+    return False
 
 
 def _mtime(info: dict[str, Any]) -> float:

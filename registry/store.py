@@ -17,10 +17,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePath, PurePosixPath
-from typing import Optional
+from typing import Any, Optional
 
 from registry.errors import IntegrityFailure, StoreError
 from registry.objects import (
@@ -56,6 +56,9 @@ class ArtifactStore:
 
     def __init__(self, location: str | os.PathLike[str]) -> None:
         self._objects: ObjectFiles | None = None  # the files of a non-local store
+        # Set by registry.binding while the registry records no store yet: what recording this
+        # store with the registry's first artifact needs. None once recorded (or never needed).
+        self.pending_binding: Any = None
         text = os.fspath(location)
         if isinstance(location, os.PathLike) or not is_url(text):
             self.root: PurePath = Path(text)
@@ -158,7 +161,7 @@ class ArtifactStore:
         tmp = None
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=TEMP_PREFIX, suffix=SUFFIX)
+            fd, tmp = create_temp(final.parent, SUFFIX)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
@@ -302,7 +305,7 @@ class ArtifactStore:
         tmp = None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=TEMP_PREFIX, suffix=".json")
+            fd, tmp = create_temp(self.root, ".json")
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
@@ -354,6 +357,25 @@ class ArtifactStore:
             pass
         finally:
             os.close(fd)
+
+
+def create_temp(directory: Path, suffix: str) -> tuple[int, str]:
+    """A new temp file of a write in ``directory`` (``.tmp-<random><suffix>``), open for writing.
+
+    Created with mode 0666 less the process's umask (and under a directory's default ACL), as
+    any file its user creates, so a team reads the store on a shared mount; mkstemp would make
+    it 0600 whatever the umask. O_EXCL (and O_NOFOLLOW) with a random name: a file or symlink
+    planted there is never followed or reused.
+    """
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+             | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+    for _ in range(100):
+        path = os.path.join(directory, f"{TEMP_PREFIX}{uuid.uuid4().hex}{suffix}")
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise OSError(f"no free temp file name in {directory}")
 
 
 def _unlink_quietly(path: str | None) -> None:
