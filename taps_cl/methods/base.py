@@ -51,6 +51,19 @@ class Dependency:
     method: str
     config: dict[str, Any]
     tensors: dict[str, Tensor] | None
+    # For a shared artifact: the `task_dependencies.kind` a pin on it must have, as the artifact's
+    # own bytes state it (`Method.read_shared`; a progressive band's `band` metadata). A pin's
+    # kind row is only a copy of this; None where the artifact states none.
+    kind: str | None = None
+
+
+def agrees_with_artifact(kind: str, dependency: Dependency, sha256: str = "") -> None:
+    """MethodError unless a pin of `kind` on `dependency` means what the artifact says it is."""
+    if dependency.kind is not None and dependency.kind != kind:
+        where = f"{sha256[:12]}…" if sha256 else repr(dependency.name)
+        raise MethodError(f"shared artifact {where} is a {dependency.kind!r} artifact by its own "
+                          f"metadata, not {kind!r}: the registry's pin kinds disagree with the "
+                          "artifacts they pin (see `taps-cl report accuracy --verify`)")
 
 
 @dataclass(frozen=True)
@@ -126,7 +139,11 @@ class SharedRead:
 
     dependency: Dependency
     sha256: str
-    kind: str  # task_dependencies.kind of the pin
+    kind: str  # task_dependencies.kind of the pin: must be what the artifact says it is
+
+    def __post_init__(self) -> None:
+        # A planner that took a band from an edited row must not copy that edit into new pins.
+        agrees_with_artifact(self.kind, self.dependency, self.sha256)
 
 
 @dataclass(frozen=True)
@@ -137,6 +154,9 @@ class SharedWrite:
     kind: str  # task_dependencies.kind of the pin
     num_params: int
     dependency: Dependency  # the artifact as the dependency the stored task model reads
+
+    def __post_init__(self) -> None:
+        agrees_with_artifact(self.kind, self.dependency)
 
 
 @dataclass(frozen=True)
@@ -270,8 +290,17 @@ class Method(ABC):
         return {}
 
     def read_shared(self, blob: bytes) -> Dependency:
-        """A shared artifact this method's tasks pin, as the dependency their models read."""
+        """A shared artifact this method's tasks pin, as the dependency their models read.
+
+        Its `kind` is the `task_dependencies.kind` a pin on the artifact must have, taken from
+        the artifact's own bytes: rebuilding and verification compare every pin's row with it.
+        """
         raise MethodError(f"{self.name} reads no shared artifact")
+
+    def task_pin_kind(self) -> str:
+        """The `task_dependencies.kind` of this task's pins on the earlier tasks it reads
+        (`dependencies()`): the method's name, as a finishing task records them."""
+        return self.name
 
     # ------------------------------------------------ composed methods (mergeable = False)
     def dependencies(self) -> tuple[str, ...]:

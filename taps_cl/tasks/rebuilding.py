@@ -17,10 +17,10 @@ from torch import nn
 
 import taps_cl.serialization as serialization
 from registry import NotFound, Registry
-from registry.entities import BaseModel, Task
+from registry.entities import BaseModel, Task, TaskDependency
 from taps_cl.data import specs as data
 from taps_cl.errors import TapsError
-from taps_cl.methods.base import Dependency
+from taps_cl.methods.base import Dependency, Method
 from taps_cl.methods.catalog import get_method
 from taps_cl.models.compose import task_model
 from taps_cl.models.files import write_atomic
@@ -70,7 +70,14 @@ class TaskModels:
         return serialization.from_bytes(self.registry.read_artifact(task.probe))
 
     def dependencies(self, task: Task) -> list[Dependency]:
-        """The earlier tasks and shared artifacts `task` reads, with the tensors it pinned."""
+        """The earlier tasks and shared artifacts `task` reads, with the tensors it pinned.
+
+        What each one is comes from what its pin points at, never from the pin's `kind` row: an
+        earlier task's task artifact, or a shared artifact read as its own bytes say
+        (`Method.read_shared`: a progressive band's metadata names its band). A pin whose kind
+        disagrees with that (`pin_problem`) is refused: its rows were changed.
+        """
+        method = get_method(task.method, **task.method_config)
         out = []
         for pin in task.depends_on:
             if pin.task is None:  # a shared artifact (progressive bands), read by its hash
@@ -79,17 +86,51 @@ class TaskModels:
                 except NotFound:
                     raise TapsError(f"task {task.name!r} reads shared artifact "
                                     f"{pin.sha256[:12]}…, which is not recorded") from None
-                reader = get_method(task.method, **task.method_config)
-                out.append(reader.read_shared(self.registry.read_artifact(artifact)))
-                continue
-            dep = self.ready_task(pin.task)
-            assert dep.artifact is not None
-            if dep.artifact.sha256 != pin.sha256:
-                raise TapsError(f"task {task.name!r} was trained against another artifact of "
-                                f"{pin.task!r} than the one recorded now")
-            out.append(Dependency(dep.name, dep.method, dep.method_config,
-                                  self.task_tensors(dep)))
+                dependency = method.read_shared(self.registry.read_artifact(artifact))
+                problem = _shared_pin_problem(pin, dependency)
+            else:
+                dep = self.ready_task(pin.task)
+                assert dep.artifact is not None
+                if dep.artifact.sha256 != pin.sha256:
+                    raise TapsError(f"task {task.name!r} was trained against another artifact "
+                                    f"of {pin.task!r} than the one recorded now")
+                problem = _task_pin_problem(task, method, pin, dep)
+                dependency = Dependency(dep.name, dep.method, dep.method_config,
+                                        self.task_tensors(dep))
+            if problem is not None:
+                raise TapsError(f"task {task.name!r}: {problem}; its task_dependencies rows were "
+                                "changed, not rebuilding it (see `taps-cl report accuracy "
+                                "--verify`)")
+            out.append(dependency)
         return out
+
+    def pin_problem(self, task: Task, pin: TaskDependency,
+                    blob: Optional[bytes] = None) -> Optional[str]:
+        """Why `pin` does not mean what its `kind` row says, or None when it does.
+
+        A pin on an earlier task must be one the task's options read, on a task earlier in the
+        sequence, of the kind the task's method gives such pins (`Method.task_pin_kind`); a pin
+        on a shared artifact must have the kind the artifact's own bytes state (`blob`: its
+        bytes, already hash-checked; read here when not given). That the pinned artifact is
+        the earlier task's current task artifact, or a recorded and intact file, is checked by
+        the caller (the verifier) or by `dependencies`.
+        """
+        method = get_method(task.method, **task.method_config)
+        if pin.task is None:
+            if blob is None:
+                blob = self.registry.read_artifact(self.registry.get_artifact(pin.sha256))
+            try:
+                dependency = method.read_shared(blob)
+            except TapsError as exc:
+                return (f"its pin on shared artifact {pin.sha256[:12]}… ({pin.kind!r}) is not "
+                        f"one it can read: {exc}")
+            return _shared_pin_problem(pin, dependency)
+        try:
+            dep = self.registry.get_task(pin.task)
+        except NotFound:
+            return None  # reported by the caller as a dependency that is gone
+        return _task_pin_problem(task, method, pin, dep)
+
 
     def model(self, task: Task, base: Optional[BaseModel] = None,
               tensors: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
@@ -197,3 +238,24 @@ def test_data(task: Task, base: BaseModel, data_spec: Optional[str], max_test: O
             f"{list(task.class_names)}"
         )
     return task_data.test
+
+
+def _shared_pin_problem(pin: TaskDependency, dependency: Dependency) -> Optional[str]:
+    if dependency.kind is None or dependency.kind == pin.kind:
+        return None
+    return (f"its pin on shared artifact {pin.sha256[:12]}… is recorded as {pin.kind!r}, but "
+            f"the artifact is a {dependency.kind!r} one by its own metadata")
+
+
+def _task_pin_problem(task: Task, method: Method, pin: TaskDependency,
+                      dep: Task) -> Optional[str]:
+    if pin.task not in method.dependencies():
+        return (f"its pin on task {pin.task!r} ({pin.kind!r}) names a task its options do not "
+                f"read ({', '.join(method.dependencies()) or 'none'})")
+    if dep.position is None or task.position is None or dep.position >= task.position:
+        return f"its pin on task {pin.task!r} ({pin.kind!r}) is not on an earlier task"
+    expected = method.task_pin_kind()
+    if pin.kind != expected:
+        return (f"its pin on task {pin.task!r} is recorded as {pin.kind!r}, but a pin on an "
+                f"earlier task's artifact is {expected!r}")
+    return None

@@ -20,7 +20,7 @@ from torch import nn
 
 import taps_cl.serialization as serialization
 from registry import RegistryError
-from registry.entities import BaseModel, Evaluation, LayerEntry, Task
+from registry.entities import BaseModel, Evaluation, LayerEntry, Task, TaskDependency
 from taps_cl.analysis.reports import ProbeCheck
 from taps_cl.errors import TapsError, first_line
 from taps_cl.tasks.probes import PROBE_ATOL, PROBE_RTOL, logit_scale, probe_drift
@@ -116,6 +116,9 @@ class TaskSource(Protocol):
 
     def trust_base(self, base: BaseModel, state: dict[str, torch.Tensor]) -> None: ...
 
+    def pin_problem(self, task: Task, pin: TaskDependency,
+                    blob: Optional[bytes] = None) -> Optional[str]: ...
+
 
 class Verifier:
     """Checks bases and tasks of one registry against their files (see the module docstring)."""
@@ -126,6 +129,9 @@ class Verifier:
 
     def check_base(self, base: BaseModel) -> Optional[str]:
         """None when the base's weights match their hash, size and recorded number count."""
+        problem = store_binding_problem(self.registry)
+        if problem is not None:
+            return problem
         try:
             blob = self.registry.check_artifact(base.weights)
             state = serialization.from_bytes(blob)
@@ -180,27 +186,14 @@ class Verifier:
         probe_meta = serialization.metadata_from_bytes(probe_blob)
         if probe_meta.get("task_sha256") != task.artifact.sha256:
             problems.append("probe artifact belongs to another task artifact")
-        for pin in task.depends_on:
-            if pin.task is None:  # a shared artifact: recorded, and its file intact
-                try:
-                    self.registry.check_artifact(self.registry.get_artifact(pin.sha256))
-                except RegistryError as exc:
-                    problems.append(f"its pinned dependency, shared artifact {pin.sha256[:12]}…, "
-                                    f"is gone or changed ({exc})")
-                continue
-            try:
-                dep = self.registry.get_task(pin.task)
-            except RegistryError:
-                dep = None
-            if dep is None or dep.status != "ready" or dep.artifact is None \
-                    or dep.artifact.sha256 != pin.sha256:
-                problems.append(f"its pinned dependency {pin.task!r} is gone or changed")
+        pinned = self._pin_problems(task)
+        problems += pinned
         if task.signature is not None:
             try:
                 self.registry.check_artifact(task.signature)
             except RegistryError as exc:
                 problems.append(f"signature artifact: {exc}")
-        if any("pinned dependency" in p for p in problems):
+        if pinned:  # the model could not be rebuilt as it was trained
             return ProbeCheck(task.name, None, False, "; ".join(problems))
         model = self.models.model(task, base, tensors)
         drift = probe_drift(model, probe)
@@ -209,6 +202,53 @@ class Verifier:
         if problems:
             return ProbeCheck(task.name, drift, False, "; ".join(problems))
         return ProbeCheck(task.name, drift, True)
+
+    def _pin_problems(self, task: Task) -> list[str]:
+        """What is wrong with the task's dependency pins, one line each naming the pin.
+
+        Which artifacts it pins is compared with its task record (`record_mismatches`); here
+        each pinned file must be there and intact (an earlier task's pin: that task, ready, with
+        the very task artifact pinned), and each pin's `kind` row must mean what the pinned
+        artifact is (`TaskSource.pin_problem`): the kind is read from the artifact, not trusted.
+        """
+        problems = []
+        for pin in task.depends_on:
+            blob = None
+            if pin.task is None:  # a shared artifact: recorded as one, and its file intact
+                try:
+                    artifact = self.registry.get_artifact(pin.sha256)
+                    blob = self.registry.check_artifact(artifact)
+                except RegistryError as exc:
+                    problems.append(f"its pinned dependency, shared artifact {pin.sha256[:12]}…, "
+                                    f"is gone or changed ({exc})")
+                    continue
+                if artifact.kind != "shared":
+                    problems.append(f"its pinned dependency, shared artifact {pin.sha256[:12]}… "
+                                    f"({pin.kind!r}), is a {artifact.kind!r} artifact")
+                    continue
+            else:
+                try:
+                    dep = self.registry.get_task(pin.task)
+                except RegistryError:
+                    dep = None
+                if dep is None or dep.status != "ready" or dep.artifact is None \
+                        or dep.artifact.sha256 != pin.sha256:
+                    problems.append(f"its pinned dependency {pin.task!r} is gone or changed")
+                    continue
+            problem = self.models.pin_problem(task, pin, blob)
+            if problem is not None:
+                problems.append(problem)
+        return problems
+
+
+def store_binding_problem(registry: Any) -> Optional[str]:
+    """Why the registry's record of its artifact store is not whole (no record, another store,
+    a marker that disagrees: `Registry.check_store_binding`), or None."""
+    try:
+        registry.check_store_binding()
+    except RegistryError as exc:
+        return f"artifact store binding: {first_line(exc)}"
+    return None
 
 
 def evaluations_by_task(evaluations: Iterable[Evaluation]) -> dict[str, list[Evaluation]]:

@@ -35,7 +35,7 @@ def plan_group(learner: Any, planning: GroupPlanning) -> GroupPlan:
     """Groups, configured methods and tied models of the new tasks (see the module docstring)."""
     names = list(planning.names)
     context = planning.planning
-    sharing = sharing_of(context.earlier(learner.name))
+    sharing = sharing_of(context.earlier(learner.name), context.read)
     groups: dict[str, list[str]] = {}
     group_of = {}
     named: dict[Any, str] = {}  # cluster label → group name (its first member's, if free)

@@ -33,7 +33,7 @@ AUTO, NEW = "auto", "new"
 def plan_join(learner: Method, planning: Planning) -> Plan:
     """The plan of a new progressive task (rule in the module docstring)."""
     config: Any = learner.config
-    sharing = sharing_of(planning.earlier(learner.name))
+    sharing = sharing_of(planning.earlier(learner.name), planning.read)
     choice = config.group
     if sharing.shared_sha256 is None:
         if choice not in (AUTO, NEW):
