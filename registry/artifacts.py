@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from registry import binding, db
 from registry.entities import Artifact, GarbageFile, StoreRecord
-from registry.errors import IntegrityFailure, RegistryError
+from registry.errors import IntegrityFailure, RegistryError, StoreError
 from registry.models import ARTIFACT_KINDS, ArtifactRow
 from registry.rows import to_artifact
 from registry.store import MARKER
@@ -142,7 +142,9 @@ class ArtifactFiles(Transactions):
         Done under the write lock so that a concurrent call that found the file already there
         either committed its row first (the file stays) or writes the file again (see
         _record_artifact). When the database cannot be written at all (read-only), the check
-        runs without the lock. Never raises: the caller is already handling an error.
+        runs without the lock. A file that cannot be removed (the store is unreachable, or the
+        failure is the store's) stays behind for `taps-cl gc`, as a crash would leave it.
+        Never raises: the caller is already handling an error.
         """
         if not created:
             return
@@ -159,6 +161,12 @@ class ArtifactFiles(Transactions):
                         if not _referenced(s, relative, sha):
                             self.store.remove(relative)
                             log.info("removed %s, written by a call that did not commit", relative)
+                return
+            except StoreError as exc:  # asking again, without the lock, cannot help
+                # Harmless: no row references them, and `taps-cl gc` lists and removes them.
+                # The caller's error (often the same store failure) is what the user is told.
+                log.info("files of a failed write stay in the store until `taps-cl gc` removes "
+                         "them (%s): %s", ", ".join(created), _first_line(exc))
                 return
             except RegistryError as exc:
                 log.warning("cannot clean up files of a failed write (%s): %s", created, exc)
@@ -220,6 +228,12 @@ class ArtifactFiles(Transactions):
                     continue
                 freed += self.store.remove(relative)
         return freed
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type when it has none."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def _lock_artifacts(s: Session) -> None:

@@ -29,6 +29,11 @@ class StoreError(RegistryError):
     """An artifact file could not be written, read or removed: an OS error on the store's path."""
 
 
+class StoreUnreachable(StoreError):
+    """The artifact store did not answer (refused or dropped connection, timeout): nothing is
+    known about the file asked for, unlike a missing or corrupt one (IntegrityFailure)."""
+
+
 class StoreMismatch(RegistryError):
     """The artifact store named is not the one the registry recorded (or belongs to another)."""
 

@@ -12,11 +12,13 @@ a name only after finding it missing, and as names are content hashes a racing w
 put the same bytes there. Reads return raw bytes; checking them against the recorded sha256 is
 the caller's job.
 Backend exceptions (botocore, aiohttp, OSError …) surface as one-line StoreErrors naming the
-object's URL; a missing object that should be there is an IntegrityFailure.
+object's URL; a store that does not answer (a refused or dropped connection, a timeout) as a
+StoreUnreachable saying so; a missing object that should be there is an IntegrityFailure.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -25,7 +27,7 @@ from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Any
 
-from registry.errors import IntegrityFailure, RegistryError, StoreError
+from registry.errors import IntegrityFailure, RegistryError, StoreError, StoreUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,8 @@ class ObjectFiles:
         except FileNotFoundError:
             return None
         except Exception as exc:
-            raise self._error("cannot read", relative, exc) from exc
+            # The marker's reader (registry.binding) says "artifact store … is unreachable".
+            raise self._error("cannot read", relative, exc, named=False) from exc
 
     def create(self, relative: str, data: bytes) -> None:
         """Write ``data`` to a temp object beside ``relative``, then move it to that name.
@@ -129,6 +132,9 @@ class ObjectFiles:
         except FileNotFoundError:
             return
         except Exception as exc:
+            if unreachable(exc):
+                raise StoreUnreachable(f"artifact store {self.url} is unreachable: cannot list "
+                                       f"it: {_reason(exc)}") from exc
             raise StoreError(f"cannot list artifact store {self.url}: {_reason(exc)}") from exc
         for name in sorted(found):
             info = found[name]
@@ -150,8 +156,18 @@ class ObjectFiles:
             raise self._error("cannot remove", relative, exc) from exc
         return size
 
-    def _error(self, doing: str, relative: str, exc: BaseException) -> StoreError:
-        """One-line StoreError for a backend's exception (botocore, aiohttp, OSError …)."""
+    def _error(self, doing: str, relative: str, exc: BaseException,
+               named: bool = True) -> StoreError:
+        """One-line StoreError for a backend's exception (botocore, aiohttp, OSError …).
+
+        When the store did not answer, a StoreUnreachable that says so first (unless ``named``
+        is False: the caller names the store itself).
+        """
+        if unreachable(exc):
+            if not named:
+                return StoreUnreachable(f"{doing} {self.where(relative)}: {_reason(exc)}")
+            return StoreUnreachable(f"artifact store {self.url} is unreachable: {doing} "
+                                    f"{relative}: {_reason(exc)}")
         return StoreError(f"{doing} {self.where(relative)}: {_reason(exc)}")
 
 
@@ -189,6 +205,56 @@ def on_local_disk(fs: Any) -> bool:
         if is_local_filesystem(fs):
             return True
         fs = getattr(fs, "fs", None)
+    return False
+
+
+@functools.lru_cache(maxsize=1)
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean the store did not answer, of the backends that are installed."""
+    kinds: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        from fsspec.exceptions import FSTimeoutError
+
+        kinds.append(FSTimeoutError)
+    except ImportError:
+        pass
+    try:  # S3 through s3fs: botocore's connection errors (refused, closed, timed out)
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+
+        kinds += [BotoConnectionError, HTTPClientError]
+    except ImportError:
+        pass
+    try:  # s3fs, gcsfs, http: aiohttp's (server disconnected, connection reset, payload cut)
+        from aiohttp import ClientConnectionError, ClientPayloadError
+
+        kinds += [ClientConnectionError, ClientPayloadError]
+    except ImportError:
+        pass
+    try:  # backends on requests (webdav, some http ones)
+        from requests.exceptions import ConnectionError as RequestsConnectionError
+        from requests.exceptions import Timeout
+
+        kinds += [RequestsConnectionError, Timeout]
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether a backend's exception, or one it was raised from, says the store did not answer.
+
+    Such a failure says nothing about the file asked for: it is neither missing nor corrupt.
+    """
+    kinds = _connection_errors()
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, StoreUnreachable) or (
+                isinstance(current, kinds) and not isinstance(current, RegistryError)):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
     return False
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 import taps_cl.serialization as serialization
 from registry import RegistryError
+from registry.errors import StoreUnreachable
 from registry.entities import BaseModel, Evaluation, LayerEntry, Task, TaskDependency
 from taps_cl.analysis.reports import ProbeCheck
 from taps_cl.errors import TapsError, first_line
@@ -135,6 +136,8 @@ class Verifier:
         try:
             blob = self.registry.check_artifact(base.weights)
             state = serialization.from_bytes(blob)
+        except StoreUnreachable:  # not a fault of the task: the command fails
+            raise
         except (RegistryError, ValueError, RuntimeError) as exc:
             return first_line(exc)
         count = serialization.numel(state)
@@ -191,6 +194,8 @@ class Verifier:
         if task.signature is not None:
             try:
                 self.registry.check_artifact(task.signature)
+            except StoreUnreachable:  # not a fault of the task: the command fails
+                raise
             except RegistryError as exc:
                 problems.append(f"signature artifact: {exc}")
         if pinned:  # the model could not be rebuilt as it was trained
@@ -218,6 +223,8 @@ class Verifier:
                 try:
                     artifact = self.registry.get_artifact(pin.sha256)
                     blob = self.registry.check_artifact(artifact)
+                except StoreUnreachable:  # not a fault of the task: the command fails
+                    raise
                 except RegistryError as exc:
                     problems.append(f"its pinned dependency, shared artifact {pin.sha256[:12]}…, "
                                     f"is gone or changed ({exc})")
@@ -229,6 +236,8 @@ class Verifier:
             else:
                 try:
                     dep = self.registry.get_task(pin.task)
+                except StoreUnreachable:  # not a fault of the task: the command fails
+                    raise
                 except RegistryError:
                     dep = None
                 if dep is None or dep.status != "ready" or dep.artifact is None \
@@ -246,6 +255,8 @@ def store_binding_problem(registry: Any) -> Optional[str]:
     a marker that disagrees: `Registry.check_store_binding`), or None."""
     try:
         registry.check_store_binding()
+    except StoreUnreachable:  # not a fault of the task: the command fails
+        raise
     except RegistryError as exc:
         return f"artifact store binding: {first_line(exc)}"
     return None
@@ -271,6 +282,8 @@ def safe_check(
     """`verifier.check_task`, with an unexpected error as a failed check instead of a traceback."""
     try:
         return verifier.check_task(task, base, evaluations)
+    except StoreUnreachable:  # not a fault of the task: the command fails
+        raise
     except Exception as exc:
         log.debug("checking task %r failed unexpectedly", task.name, exc_info=True)
         return ProbeCheck(task.name, None, False,
