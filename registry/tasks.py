@@ -5,12 +5,13 @@ A run's own verbs (begin, heartbeat, finish, discard) are in lifecycle.py.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
-from registry.artifacts import _lock_artifacts
+from registry.artifacts import _lock_artifacts, _referenced
 from registry.entities import Task
 from registry.errors import NotFound, RegistryError
 from registry.models import (
@@ -21,7 +22,9 @@ from registry.models import (
     TaskRow,
 )
 from registry.rows import base_row, task_row, to_task
-from registry.transactions import Transactions
+from registry.transactions import Transactions, error_reason
+
+log = logging.getLogger(__name__)
 
 
 class TaskVerbs(Transactions):
@@ -31,9 +34,11 @@ class TaskVerbs(Transactions):
         """Delete a ready task, its rows, and its artifacts no other row references.
 
         Refused while another task depends on it (naming them). Its column of the accuracy
-        matrix goes with it. Rows go in one transaction; the files after it (a crash in between
-        leaves orphans for `find_garbage`, never a row pointing at nothing). Returns the removed
-        artifact paths.
+        matrix goes with it. Rows go in one transaction; the files after it, each re-checked
+        under the artifacts lock (a concurrent write may have recorded the same content again
+        meanwhile: its file stays). A crash in between, or a store or database that fails then,
+        leaves orphans for `find_garbage` (warned about), never a row pointing at nothing.
+        Returns the removed artifact paths.
         """
         with self._session(write=True) as s:
             # Artifacts first, as gc does: a finish that holds the artifacts lock and records a
@@ -68,9 +73,26 @@ class TaskVerbs(Transactions):
                     assert artifact is not None
                     paths.append(artifact.path)
                     s.delete(artifact)
-        for path in paths:
-            self.store.remove(path)
-        return paths
+        return self._remove_unreferenced(name, paths)
+
+    def _remove_unreferenced(self, name: str, paths: list[str]) -> list[str]:
+        """Remove the files of deleted artifact rows that no row references again; the paths
+        removed. Never raises: the task is gone already, what is left is garbage."""
+        removed: list[str] = []
+        try:
+            with self._session(write=True) as s:
+                _lock_artifacts(s)
+                for path in paths:
+                    if _referenced(s, path, self.store.layout_sha256(path)):
+                        log.info("%s was recorded again meanwhile; not removed", path)
+                        continue
+                    self.store.remove(path)
+                    removed.append(path)
+        except RegistryError as exc:
+            left = len(paths) - len(removed)
+            log.warning("task %s was deleted, but %d of its file(s) could not be removed (%s); "
+                        "`taps-cl gc --yes` removes them", name, left, error_reason(exc))
+        return removed
 
     def list_dependents(self, name: str) -> list[str]:
         """Names of the tasks that read task `name`."""

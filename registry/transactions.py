@@ -7,13 +7,14 @@ raced by another writer.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from registry import binding, db
@@ -22,6 +23,8 @@ from registry.errors import RegistryError
 from registry.store import ArtifactStore
 
 DB_FILENAME = "registry.db"
+
+log = logging.getLogger(__name__)
 
 
 class Transactions:
@@ -83,15 +86,25 @@ class Transactions:
             try:
                 yield session
                 session.commit()
-            except (OperationalError, DatabaseError) as exc:
-                # Locked, read-only or full database: a user-facing error, not a traceback.
-                session.rollback()
+            except DBAPIError as exc:
+                # Locked, read-only or full database, or its server gone (restarted, connection
+                # closed: the driver's interface errors too): a user-facing error, not a traceback.
+                _rollback(session)
                 raise RegistryError(
                     f"database {db.location(self.engine)}: {error_reason(exc)}"
                 ) from exc
             except BaseException:
-                session.rollback()
+                _rollback(session)
                 raise
+
+
+def _rollback(session: Session) -> None:
+    """Roll back after an error without masking it: on a connection the server dropped, the
+    rollback itself may fail (the transaction is gone with the connection either way)."""
+    try:
+        session.rollback()
+    except Exception as exc:  # noqa: BLE001 — the caller's error is the one to report
+        log.debug("rollback after an error failed too: %s", exc)
 
 
 def error_reason(exc: Exception) -> str:

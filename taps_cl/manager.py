@@ -212,8 +212,21 @@ class Manager:
         self.registry.discard_task(name, force=force)
 
     def delete_task(self, name: str) -> list[str]:
-        """Delete a ready task and the artifacts nothing else uses; refused with dependents."""
-        return self.registry.delete_task(name)
+        """Delete a ready task and the artifacts nothing else uses; refused with dependents.
+
+        Ctrl-C and SIGTERM are held back while it runs (its transaction, then its files), so an
+        interrupted delete leaves the task whole, or gone with its files (only a kill or a
+        failing store can leave orphans, for `gc`); a signal that came meanwhile is acted on
+        after (KeyboardInterrupt), with a warning saying the task was deleted.
+        """
+        from taps_cl.tasks.runs import interrupt_after, signals_deferred
+
+        removed, signalled = signals_deferred(self.registry.delete_task, name)
+        if signalled:
+            log.warning("task %s was deleted (%d artifact file(s) removed) before the interrupt "
+                        "took effect", name, len(removed))
+        interrupt_after(signalled)
+        return removed
 
     def list_tasks(self, base: Optional[str] = None) -> list[Task]:
         return self.registry.list_tasks(base)

@@ -18,10 +18,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from registry import NotFound, Registry, RunLost
+from registry import NotFound, Registry, RegistryError, RunLost
 from registry.entities import BaseModel, SharedPin, Task
 from taps_cl.data import specs as data
-from taps_cl.errors import TapsError
+from taps_cl.errors import TapsError, first_line
 from taps_cl.methods.base import Dependency, Method, Plan
 from taps_cl.models import backbones
 from taps_cl.models.backbones import example_input
@@ -29,7 +29,7 @@ from taps_cl.tasks.planning import planning, task_signature
 from taps_cl.tasks.rebuilding import TaskModels
 from taps_cl.tasks.recording import Recorder, TaskAddResult
 from taps_cl.tasks.requests import TaskRequest, configured_method
-from taps_cl.tasks.runs import Heartbeat, signals_deferred
+from taps_cl.tasks.runs import Heartbeat, interrupt_after, signals_deferred
 from taps_cl.tasks.verification import sha256_of
 from taps_cl.training.device import resolve_device
 from taps_cl.training.distributed import active_group
@@ -107,8 +107,7 @@ class TaskAdder:
         assert token is not None
         heartbeat = Heartbeat(reg, token)
         try:
-            if signalled:  # Ctrl-C or torchrun's SIGTERM came while the row was being written
-                raise KeyboardInterrupt(f"signal {signalled}")
+            interrupt_after(signalled)  # Ctrl-C or SIGTERM came while the row was being written
             with heartbeat:
                 return self._train_and_store(started, base, learner, model, train_cfg,
                                              task_data, dependencies, pins, progress,
@@ -126,9 +125,37 @@ class TaskAdder:
             raise
 
     def _discard(self, name: str, token: str) -> None:
-        log.warning("task %s did not finish; removing its row", name)
-        # A second Ctrl-C, or torchrun's SIGTERM after a peer failed, must not stop the removal.
-        signals_deferred(self.registry.discard_task, name, run_token=token)
+        """After a failure or an interrupt: remove the run's row, unless its finish committed.
+
+        Warns only where the row is not simply gone (kept, or left behind). Never raises a
+        registry error (the caller's error matters more): a row it cannot remove (database
+        unreachable) stays in status ``training`` for `taps-cl task remove` once this run ended.
+        """
+        try:
+            # A second Ctrl-C, or torchrun's SIGTERM after a peer failed, must not stop this.
+            (task, removed), _ = signals_deferred(self._settle, name, token)
+        except RegistryError as exc:
+            log.warning("task %s did not finish and its row could not be removed (%s); "
+                        "`taps-cl task remove %s` removes it once this run has ended",
+                        name, first_line(exc), name)
+            return
+        if task is not None and task.status == "ready":
+            # The interrupt came after the finishing transaction committed: the task is whole.
+            log.warning("task %s was recorded (position %s) before the run stopped; it stays",
+                        name, task.position)
+        elif removed:  # what the caller's error (or "Aborted.") implies: said only with -v
+            log.info("task %s did not finish; its row was removed", name)
+
+    def _settle(self, name: str, token: str) -> tuple[Optional[Task], bool]:
+        """The run's task if it is still there, and whether its (unfinished) row was removed."""
+        try:
+            task = self.registry.get_task_by_token(token)
+        except NotFound:
+            return None, False
+        if task.status == "ready":
+            return task, False
+        self.registry.discard_task(name, run_token=token)
+        return task, True
 
     def _dependency(
         self, name: str, base: BaseModel, learner: Method

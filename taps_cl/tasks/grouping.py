@@ -16,21 +16,21 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
-from registry import Registry, RunLost
+from registry import NotFound, Registry, RunLost
 from registry.entities import BaseModel, SharedPin, Task
 from taps_cl.analysis import similarity
 from taps_cl.data import specs as data
-from taps_cl.errors import TapsError
+from taps_cl.errors import TapsError, first_line
 from taps_cl.methods.base import GroupPlan, GroupPlanning
 from taps_cl.models import backbones
 from taps_cl.models.backbones import example_input
 from taps_cl.tasks.planning import planning, task_signature
 from taps_cl.tasks.rebuilding import TaskModels
 from taps_cl.tasks.recording import Recorder, TaskAddResult
-from taps_cl.tasks.requests import GroupRequest, configured_method
-from taps_cl.tasks.runs import Heartbeat
+from taps_cl.tasks.requests import GroupRequest, check_input_batch, configured_method
+from taps_cl.tasks.runs import Heartbeat, interrupt_after, signals_deferred
 from taps_cl.tasks.verification import sha256_of
 from taps_cl.training.device import resolve_device
 from taps_cl.training.fit import FitResult, Member, TrainConfig, fit_tied
@@ -63,12 +63,16 @@ class GroupTrainer:
         reg = self.registry
         base = reg.get_base(request.base)
         names = [name for name, _ in request.tasks]
+        # One task has nothing to share a group with: `task add` trains it (with `--group new`
+        # it opens a group of its own), and its run records exactly what a lone member would.
+        if len(names) < 2:
+            raise TapsError("group train needs at least two tasks; use task add for one")
         if len(set(names)) != len(names):
             raise TapsError(f"group train: task names repeat ({', '.join(names)})")
-        if not names:
-            raise TapsError("group train: give at least one --task NAME=SPEC")
         for name in names:
             self.recorder.check_name_free(name)
+        check_input_batch(train_cfg.batch_size,
+                          request.img_size or int(base.data_config["input_size"][-1]))
         options = dict(request.method_options or {})
         learner = configured_method(request.method, options, train_cfg.epochs)
         resolve_device(train_cfg.device)
@@ -99,7 +103,10 @@ class GroupTrainer:
         heartbeats: list[Heartbeat] = []
         try:
             for method, (name, task_spec), d in zip(plan.methods, request.tasks, datas):
-                started.append(reg.begin_task(
+                # Signals held while a row is written: one that came just after the commit
+                # would otherwise leave a row this run does not know it began.
+                begun, signalled = signals_deferred(
+                    reg.begin_task,
                     name, base=base.name, method=method.name,
                     method_config=method.config_dict(), train_config=dict(vars(train_cfg)),
                     dataset_spec=dict(data.DataSpec.parse(task_spec).to_json(),
@@ -107,7 +114,9 @@ class GroupTrainer:
                                       max_test=request.max_test,
                                       val_fraction=request.val_fraction),
                     class_names=d.class_names, run_host=socket.gethostname(), run_pid=os.getpid(),
-                ))
+                )
+                started.append(begun)
+                interrupt_after(signalled)
             with contextlib.ExitStack() as beats:
                 for task in started:
                     assert task.run_token is not None
@@ -119,21 +128,60 @@ class GroupTrainer:
                 seconds = time.perf_counter() - t0
                 results = self._record(base, started, plan, datas, signatures, fitted, seconds,
                                        train_cfg, request.recheck)
-        except RunLost:
-            raise
-        except BaseException:
-            for task in started:
-                if task.run_token is not None:
-                    try:
-                        reg.discard_task(task.name, run_token=task.run_token)
-                    except Exception as exc:  # noqa: BLE001 — finished ones stay; report others
-                        log.debug("not discarding %s: %s", task.name, exc)
+        except BaseException as exc:
+            # A second Ctrl-C or SIGTERM must not stop the clean-up halfway.
+            signals_deferred(self._discard, started)
+            if isinstance(exc, RunLost):  # a member's row is gone: say so, as it did
+                raise
             lost = [task.name for task, beat in zip(started, heartbeats) if beat.lost]
             if lost:  # the heartbeat interrupted training: say why, not just "Aborted"
                 raise RunLost(f"task(s) {', '.join(lost)} were removed while the group trained; "
                               "its unfinished members were not recorded") from None
             raise
         return GroupResult(results, names, plan.matrix, plan.groups)
+
+    def _discard(self, started: list[Task]) -> None:
+        """After a failure or an interrupt: all or nothing, by what the registry now holds.
+
+        When every member's finish committed (the interrupt came after the last one), the group
+        is whole and stays. Otherwise members already recorded are deleted again (`_record` does
+        so for its own failures; this catches a finish that committed just before an interrupt)
+        and the rows of the others are removed. Warns only where rows are not simply gone: kept,
+        or left behind (database unreachable) for `taps-cl task remove` / `task delete`.
+        """
+        reg = self.registry
+        now: dict[str, Optional[Task]] = {}
+        left: list[str] = []
+        for task in started:
+            assert task.run_token is not None
+            try:
+                now[task.name] = reg.get_task_by_token(task.run_token)
+            except NotFound:
+                now[task.name] = None
+            except Exception as exc:  # noqa: BLE001 — the original error matters more
+                log.debug("cannot look up %s: %s", task.name, exc)
+                left.append(task.name)
+        ready = [name for name, task in now.items() if task is not None and task.status == "ready"]
+        if started and len(ready) == len(started):
+            log.warning("group train was recorded (%s) before the run stopped; it stays",
+                        ", ".join(ready))
+            return
+        for name, task in now.items():
+            if task is None:
+                continue
+            try:
+                if task.status == "ready":
+                    reg.delete_task(name)
+                else:
+                    assert task.run_token is not None
+                    reg.discard_task(name, run_token=task.run_token)
+            except Exception as exc:  # noqa: BLE001 — the original error matters more
+                log.debug("cannot remove %s: %s", name, exc)
+                left.append(name)
+        if left:
+            log.warning("group train did not finish; %s could not be removed: `taps-cl task "
+                        "remove NAME` (unfinished) or `task delete NAME` (ready) removes each "
+                        "once this run has ended", ", ".join(left))
 
     def _record(self, base: BaseModel, started: list[Task], plan: GroupPlan,
                 datas: list[data.TaskData], signatures: list[Any], fitted: list[FitResult],
@@ -159,12 +207,16 @@ class GroupTrainer:
                     signature_blob=sig[1] if sig is not None else None))
         except BaseException:
             # All or nothing: members recorded before the failure go again (with their files
-            # that nothing else reads), so a failed group train leaves no partial group.
-            for result in reversed(results):
-                try:
-                    self.registry.delete_task(result.task.name)
-                except Exception as exc:  # noqa: BLE001 — the original error matters more
-                    log.warning("could not remove member %s of the failed group train: %s",
-                                result.task.name, exc)
+            # that nothing else reads), so a failed group train leaves no partial group. Signals
+            # are held meanwhile: a second Ctrl-C must not leave half a member's files behind.
+            signals_deferred(self._delete_recorded, results)
             raise
         return results
+
+    def _delete_recorded(self, results: list[TaskAddResult]) -> None:
+        for result in reversed(results):
+            try:
+                self.registry.delete_task(result.task.name)
+            except Exception as exc:  # noqa: BLE001 — the original error matters more
+                log.warning("could not remove member %s of the failed group train: %s",
+                            result.task.name, first_line(exc))

@@ -11,6 +11,7 @@ from typing import Any, Callable, TypeVar
 
 from registry import NotFound, Registry
 from registry.runs import HEARTBEAT_INTERVAL_SECONDS
+from taps_cl.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class Heartbeat:
             signal.signal(signal.SIGINT, self._sigint)
 
     def _beat(self) -> None:
+        failing = False
         while not self._stop.wait(HEARTBEAT_INTERVAL_SECONDS):
             try:
                 self._registry.heartbeat_task(self._token)
@@ -57,8 +59,25 @@ class Heartbeat:
                 if self._interrupt and not self._stop.is_set():
                     _thread.interrupt_main()
                 return
-            except Exception as exc:  # a missed beat must not kill the run
-                log.warning("heartbeat failed: %s", exc)
+            except Exception as exc:  # noqa: BLE001 — a missed beat must not end the run
+                # A database restarting or a dropped connection: the next beat tries again on
+                # a fresh connection (PostgreSQL engines ping pooled ones before use). Said once
+                # per outage, not at every beat.
+                if not failing:
+                    log.warning("heartbeat failed (retrying every %d s): %s",
+                                HEARTBEAT_INTERVAL_SECONDS, first_line(exc))
+                failing = True
+            else:
+                if failing:
+                    log.info("heartbeat recorded again")
+                failing = False
+
+
+def interrupt_after(signalled: int) -> None:
+    """Act on a signal `signals_deferred` held back: unwind as Ctrl-C does (KeyboardInterrupt;
+    the command line exits 130). Nothing happens for 0."""
+    if signalled:
+        raise KeyboardInterrupt(f"signal {signalled}")
 
 
 def signals_deferred(call: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, int]:
