@@ -278,6 +278,14 @@ class Manager:
         """Write the restored model's state dict as safetensors (unique temp file, rename)."""
         return self.models.restore_to_file(name, out)
 
+    def restores_plain(self, name: str) -> bool:
+        """Whether task `name` restores to a plain model of its base's architecture (its method
+        is mergeable) rather than the base with modules attached (`taps_cl.load_file`)."""
+        from taps_cl.methods.catalog import get_method
+
+        task = self.registry.get_task(name)
+        return get_method(task.method, **task.method_config).mergeable
+
     def predict(
         self, name: str, images: Sequence[str], top_k: int = 3, device: str = "auto"
     ) -> list[list[tuple[str, float]]]:

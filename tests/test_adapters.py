@@ -14,7 +14,7 @@ from torchvision.models import mobilenet_v3_small, resnet18
 from taps_cl.errors import MethodError
 from taps_cl.methods.base import Dependency
 from taps_cl.methods.blocks import backbone_blocks, trace_blocks
-from taps_cl.methods.catalog import METHODS, get_method
+from taps_cl.methods.catalog import get_method, load_builtin
 from taps_cl.methods.layers import norm_layers
 from taps_cl.methods.merging import build_composed
 from tests.test_methods import (
@@ -30,6 +30,9 @@ from tests.test_methods import (
     timm_head,
     train_steps,
 )
+
+# Every built-in method (the catalog imports them on the first lookup).
+METHODS = load_builtin()
 
 
 def example() -> torch.Tensor:

@@ -20,6 +20,7 @@ from taps_cl import serialization
 from taps_cl.errors import TapsError
 from taps_cl.manager import Manager
 from taps_cl.tasks.probes import probe_indices
+from taps_cl.training.fit import MAX_EPOCHS
 from tests.test_cli import assert_one_line_error, run
 
 FAST = dict(epochs=1, batch_size=16, img_size=32, seed=0)
@@ -101,9 +102,10 @@ def test_live_run_is_not_removable_and_cannot_write_into_a_new_task(tmp_path, im
     home = tmp_path / "home"
     assert cli(home, "base", "add", "b", "--model", "timm:test_resnet").returncode == 0
     spec = f"imagefolder:{image_data}"
-    # Epochs enough to outlast the test on any machine (5,000 finished in about a minute once).
+    # Epochs enough to outlast the test on any machine (5,000 finished in about a minute once;
+    # the most a run may ask for is MAX_EPOCHS).
     slow = popen(home, "task", "add", "x", "--base", "b", "--data", spec, "--method", "linear",
-                 "--epochs", "1000000", "--img-size", "32", sigint_ignored=sigint_ignored)
+                 "--epochs", str(MAX_EPOCHS), "--img-size", "32", sigint_ignored=sigint_ignored)
     try:
         deadline = time.monotonic() + 120
         while True:  # wait until the run has recorded itself

@@ -15,11 +15,14 @@ from torchvision.models import resnet18
 
 from taps_cl.errors import MethodError
 from taps_cl.methods.base import Dependency
-from taps_cl.methods.catalog import METHODS, get_method
+from taps_cl.methods.catalog import get_method, load_builtin
 from taps_cl.methods.gates import gate_of, gated_layers
 from taps_cl.methods.layers import adaptable_layers, norm_layers
 from taps_cl.methods.merging import merge_state
 from taps_cl.methods.progressive.sharing import band_blob, band_dependency
+
+# Every built-in method (the catalog imports them on the first lookup).
+METHODS = load_builtin()
 
 ARCHS = ["test_resnet", "test_efficientnet", "test_convnext", "test_vit"]
 IMG = 32

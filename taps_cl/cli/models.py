@@ -11,7 +11,6 @@ from taps_cl.cli.render import (
     line,
     pass_ctx,
 )
-from taps_cl.methods.catalog import get_method
 
 
 @click.command("restore")
@@ -30,7 +29,7 @@ def restore_cmd(c: Context, name: str, out: str) -> None:
     path = c.manager.restore_to_file(name, out)
     t = c.manager.get_task(name)
     base = c.manager.get_base(t.base)
-    plain = get_method(t.method, **t.method_config).mergeable
+    plain = c.manager.restores_plain(name)
     load_with = _constructor(base.model_spec) if plain else "taps_cl.load_file"
     data = {"name": name, "out": str(path), "model": base.model_spec,
             "num_classes": t.num_classes, "load_with": load_with}
