@@ -214,11 +214,8 @@ class Manager:
     def delete_task(self, name: str) -> list[str]:
         """Delete a ready task and the artifacts nothing else uses; refused with dependents.
 
-        Ctrl-C and SIGTERM are held back while it runs (its transaction, then its files), so an
-        interrupted delete leaves the task whole, or gone with its files (only a kill or a
-        failing store can leave orphans, for `gc`); a signal that came meanwhile is acted on
-        after (KeyboardInterrupt), with a warning saying the task was deleted.
-        """
+        Signals wait until it is done, so an interrupted delete leaves the task whole or gone
+        with its files; a signal that came meanwhile then interrupts (the task stays deleted)."""
         from taps_cl.tasks.runs import interrupt_after, signals_deferred
 
         removed, signalled = signals_deferred(self.registry.delete_task, name)
@@ -251,20 +248,12 @@ class Manager:
         return self.registry.get_task(name)
 
     def test_accuracies(self, base: Optional[str] = None) -> dict[str, float]:
-        """Each task's latest measured test accuracy."""
-        if base is None:
-            out: dict[str, float] = {}
-            for b in self.registry.list_bases():
-                out.update(self._latest_measured(b.name))
-            return out
-        return self._latest_measured(base)
-
-    def _latest_measured(self, base: str) -> dict[str, float]:
-        latest: dict[str, float] = {}
-        for ev in self.registry.list_evaluations(base):
-            if ev.kind == "measured" and ev.accuracy is not None:
-                latest[ev.task] = ev.accuracy
-        return latest
+        """Each task's latest measured test accuracy (of `base`, or of every base)."""
+        bases = [base] if base is not None else [b.name for b in self.registry.list_bases()]
+        # Evaluations come in the order they were recorded: the last one of a task wins.
+        return {ev.task: ev.accuracy for name in bases
+                for ev in self.registry.list_evaluations(name)
+                if ev.kind == "measured" and ev.accuracy is not None}
 
     # ------------------------------------------------------------ restore/infer
     def restore(self, name: str) -> nn.Module:
@@ -359,13 +348,9 @@ class Manager:
     ) -> reports.AccuracyReport:
         """The accuracy matrix of `base`'s ready tasks, with forgetting and BWT.
 
-        `reevaluate` first re-measures every task whose data is reachable and records it in the
-        latest column (tasks it cannot re-measure are listed in `reevaluate_skipped`); `verify`
-        checks every artifact, recorded fact and probe (see `verify`), and the report is then
-        `verified` only if all of them hold and no number in the matrix contradicts them.
-        `tasks` limits verification to the named tasks (the recorded history is still read
-        whole); `workers` and `progress` are `verify`'s.
-        """
+        `reevaluate` first re-measures every task whose data is reachable (the others are in
+        `reevaluate_skipped`); `verify` runs `verify` (limited to `tasks`, if named), and the
+        report is `verified` only if every check holds and no number contradicts them."""
         if tasks is not None and not verify:
             raise TapsError("naming tasks limits verification: verify them too (--verify)")
         b = self.only_base(base)

@@ -17,9 +17,7 @@ was recorded, no file of the failed write is visible (under its final name or as
 from __future__ import annotations
 
 import errno
-import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +29,7 @@ import pytest
 from registry.store import ArtifactStore
 from taps_cl.manager import Manager
 from tests.conftest import make_imagefolder
+from tests.faults import LOG_LINE, WARNING_LINE, assert_one_error, told  # noqa: F401
 from tests.test_cli import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,8 +38,6 @@ CHILD_DEADLINE = 600
 # Seconds mount/umount may take.
 MOUNT_DEADLINE = 30
 # Log lines (`WARNING registry.artifacts: …`) are not what the command says.
-LOG_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
-WARNING_LINE = re.compile(r"^(WARNING|ERROR|CRITICAL) [\w.]+: ", re.MULTILINE)
 FAST = ("--method", "linear", "--epochs", "1", "--img-size", "32", "--batch-size", "16")
 
 
@@ -75,22 +72,6 @@ def store_files(home: Path) -> set[str]:
     return {rel for rel, _, _ in ArtifactStore(home / "artifacts").files() if rel != FILLER}
 
 
-def told(err: str) -> list[str]:
-    """What the command said on stderr: its non-blank lines that are not log lines."""
-    return [line for line in err.splitlines() if line.strip() and not LOG_LINE.match(line)]
-
-
-def assert_one_error(code: int, err: str, pattern: str,
-                     caplog: pytest.LogCaptureFixture | None = None) -> None:
-    """Exit 1 and one `Error:` line matching `pattern`: no traceback, and no warning either (in
-    `err` when the command ran in a child, in `caplog` when it ran here)."""
-    assert code == 1, err
-    assert "Traceback" not in err, err
-    (line,) = told(err)
-    assert line.startswith("Error: ") and re.search(pattern, line), err
-    assert not WARNING_LINE.search(err), err
-    if caplog is not None:
-        assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def assert_nothing_left(capsys, home: Path, files_before: set[str]) -> None:

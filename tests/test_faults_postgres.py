@@ -37,6 +37,7 @@ from registry.store import ArtifactStore
 from taps_cl.manager import Manager
 from taps_cl.training.fit import MAX_EPOCHS
 from tests.conftest import make_imagefolder
+from tests.faults import children  # noqa: F401  (the fixture)
 from tests.pgserver import (
     PG_CTL_WAIT,
     PostgresServer,
@@ -146,14 +147,6 @@ def command(home: Path, url: str, *args: str) -> subprocess.CompletedProcess[str
                           timeout=EXIT_DEADLINE)
 
 
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=EXIT_DEADLINE)
 
 
 def statuses(home: Path, url: str) -> dict[str, str]:

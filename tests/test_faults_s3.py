@@ -18,7 +18,6 @@ command goes through.
 from __future__ import annotations
 
 import json
-import logging
 import re
 import socket
 import threading
@@ -34,14 +33,13 @@ from registry.artifacts import TEMP_GRACE_SECONDS
 from registry.store import ArtifactStore
 from taps_cl.manager import Manager
 from tests.conftest import make_imagefolder
+from tests.faults import LOG_LINE, WARNING_LINE, assert_one_error, told  # noqa: F401
 from tests.test_cli import run
 from tests.test_s3_store import configure_s3, s3_endpoint  # noqa: F401  (the moto fixture)
 
 # Seconds a thread of the forwarder may take to end once its sockets are closed.
 JOIN_DEADLINE = 10
 # Log lines (`WARNING registry.artifacts: …`) are not what the command says.
-LOG_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
-WARNING_LINE = re.compile(r"^(WARNING|ERROR|CRITICAL) [\w.]+: ", re.MULTILINE)
 FAST = ("--method", "linear", "--epochs", "1", "--img-size", "32", "--batch-size", "16")
 REQUEST = re.compile(rb"^(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP/1\.[01]\r\n")
 
@@ -275,22 +273,6 @@ def s3_home(tmp_path_factory, forwarder, data) -> tuple[Path, str]:
 
 
 # ------------------------------------------------------------------------------------ helpers
-def told(err: str) -> list[str]:
-    """What the command said on stderr: its non-blank lines that are not log lines."""
-    return [line for line in err.splitlines() if line.strip() and not LOG_LINE.match(line)]
-
-
-def assert_one_error(code: int, err: str, pattern: str,
-                     caplog: pytest.LogCaptureFixture | None = None) -> None:
-    """Exit 1 and one `Error:` line matching `pattern`: no traceback, and no warning either (in
-    `err` when the command ran in a child, in `caplog` when it ran here)."""
-    assert code == 1, err
-    assert "Traceback" not in err, err
-    (line,) = told(err)
-    assert line.startswith("Error: ") and re.search(pattern, line), err
-    assert not WARNING_LINE.search(err), err
-    if caplog is not None:
-        assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def snapshot(home: Path) -> tuple[dict[str, str], list[str], int]:

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from registry.store import ArtifactStore
 from taps_cl.manager import Manager
 from taps_cl.training.fit import MAX_EPOCHS
 from tests.conftest import make_imagefolder
+from tests.faults import children  # noqa: F401  (the fixture)
 from tests.test_cli import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,15 +91,6 @@ def child(home: Path, *args: str, script: str | None = None) -> subprocess.Popen
                             cwd=REPO)
 
 
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[str]]]:
-    """Child processes of a test: each still running at its end is killed and reaped."""
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=EXIT_DEADLINE)
 
 
 def statuses(home: Path) -> dict[str, str]:

@@ -14,15 +14,21 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 from torch.utils.data import Dataset
 
 from taps_cl.errors import DataError
 
-if TYPE_CHECKING:
-    from taps_cl.data.specs import DataSpec
+
+class SourceSpec(Protocol):
+    """What `open_source` reads of a data spec (`taps_cl.data.specs.DataSpec` is one)."""
+
+    kind: str  # "imagefolder", "idx", "digits" or "torchvision"
+    path: str | None  # the folder (imagefolder, idx) or torchvision root
+    name: str | None  # the torchvision data set class
+
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +251,7 @@ def _torchvision_split(ds: Dataset) -> Split:
     return Split(labels, items=ds)
 
 
-def open_source(spec: DataSpec) -> Source:
+def open_source(spec: SourceSpec) -> Source:
     """Read the splits and class names a data spec points at (images may stay on disk)."""
     if spec.kind == "imagefolder":
         return _imagefolder(Path(spec.path))

@@ -28,7 +28,7 @@ from taps_cl.models.backbones import example_input
 from taps_cl.tasks.planning import planning, task_signature
 from taps_cl.tasks.rebuilding import TaskModels
 from taps_cl.tasks.recording import Recorder, TaskAddResult
-from taps_cl.tasks.requests import TaskRequest, configured_method
+from taps_cl.tasks.requests import TaskRequest, check_input_batch, configured_method
 from taps_cl.tasks.runs import Heartbeat, interrupt_after, signals_deferred
 from taps_cl.tasks.verification import sha256_of
 from taps_cl.training.device import resolve_device
@@ -50,12 +50,15 @@ class TaskAdder:
             progress: bool = False) -> Optional[TaskAddResult]:
         """Train and record the task; a failure or interrupt leaves the registry as it was.
 
-        In a torchrun group (taps_cl.training.distributed.joined) every rank trains; the others return
-        None and only rank 0 writes and returns the result.
+        In a torchrun group (taps_cl.training.distributed.joined) every rank trains; the others
+        return None and only rank 0 writes and returns the result.
         """
         reg = self.registry
         group = active_group()  # several processes under torchrun: only rank 0 writes
         base = reg.get_base(request.base)
+        # One input batch must fit (at the base's own size when no --img-size was given).
+        check_input_batch(train_cfg.batch_size,
+                          request.img_size or int(base.data_config["input_size"][-1]))
         if group.is_main:  # the other ranks would find rank 0's own new row
             self.recorder.check_name_free(request.name)
         options = request.method_options or {}
@@ -85,7 +88,8 @@ class TaskAdder:
         if not learner.mergeable:  # composed: attach modules, place the dependencies' tensors
             learner.attach(model, head, dependencies,
                            example_input(base.data_config, request.img_size))
-            placed = {k: v for dep in dependencies for k, v in learner.dependency_state(dep).items()}
+            placed = {k: v for dep in dependencies
+                      for k, v in learner.dependency_state(dep).items()}
             model.load_state_dict({**model.state_dict(), **placed}, strict=True)
         model = learner.prepare(model, head)  # may refuse (e.g. a budget below norms + head)
         dataset_json = dict(
@@ -195,9 +199,8 @@ class TaskAdder:
             shared.append(SharedPin(sha256_of(write.blob), write.kind, write.blob,
                                     write.num_params))
             dependencies = [*dependencies, write.dependency]
-        return self.recorder.record_trained(started, base, learner, model, task_data, dependencies, pins,
-                                  train_seconds=seconds, device=train_cfg.device,
-                                  seed=train_cfg.seed, history=fitted.history,
-                                  best_val_accuracy=fitted.best_val_accuracy, recheck=recheck,
-                                  shared=shared,
-                                  signature_blob=signature[1] if signature else None)
+        return self.recorder.record_trained(
+            started, base, learner, model, task_data, dependencies, pins, train_seconds=seconds,
+            device=train_cfg.device, seed=train_cfg.seed, history=fitted.history,
+            best_val_accuracy=fitted.best_val_accuracy, recheck=recheck, shared=shared,
+            signature_blob=signature[1] if signature else None)
