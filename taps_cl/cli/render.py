@@ -1,6 +1,7 @@
 """Rendering for the command line: one JSON document with --json, else tables and lines of text.
 
-The command modules compute nothing here; this module formats what the Python API returned."""
+Nothing is computed here: renderers turn what the Python API returned into lines, and `say`
+prints them; no other module of the command line prints."""
 
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ def line(text: str) -> list[str]:
 
 def say(*lines: str, err: bool = False) -> None:
     """Print lines (on stderr with `err`): every line the command line prints goes through here."""
-    for line in lines:
-        click.echo(line, err=err)
+    for text in lines:
+        click.echo(text, err=err)
 
 
 def progress() -> bool:
