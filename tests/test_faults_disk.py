@@ -3,7 +3,8 @@
 Two real ways a write runs out of room, neither simulated in the store's code:
 
 * ``ENOSPC``: the registry's artifact directory is a small tmpfs mounted for the test (as root;
-  where mounting is not permitted the test skips, the ``EFBIG`` one still runs);
+  where mounting is not permitted it skips, and fails in CI, where it must run: the ``EFBIG`` one
+  runs anywhere);
 * ``EFBIG``: the command runs in a child process whose file size limit (``RLIMIT_FSIZE``, with
   SIGXFSZ ignored, so the write fails instead of killing the process) is below the size of the
   task's probe file, its second and largest.
@@ -30,6 +31,7 @@ from registry.store import ArtifactStore
 from taps_cl.manager import Manager
 from tests.conftest import make_imagefolder
 from tests.faults import LOG_LINE, WARNING_LINE, assert_one_error, told  # noqa: F401
+from tests.servers import require_or_skip
 from tests.test_cli import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,15 +99,16 @@ FILLER = "filler.bin"  # fills the tmpfs; not an artifact file, so gc leaves it 
 
 def _mount(path: Path, size: str) -> None:
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        pytest.skip("a small filesystem needs root to mount a tmpfs (the EFBIG test runs anyway)")
+        require_or_skip("a small filesystem needs root to mount a tmpfs (the EFBIG test runs "
+                        "anyway)")
     try:
         done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
                                str(path)], capture_output=True, text=True,
                               timeout=MOUNT_DEADLINE, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
+        require_or_skip(f"cannot mount a tmpfs here: {exc}")
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        require_or_skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
 
 
 def _umount(path: Path) -> None:
