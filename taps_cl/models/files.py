@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import os
 import struct
-import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
 import taps_cl.serialization as serialization
+from registry.store import create_temp
 from taps_cl.errors import TapsError, first_line
 from taps_cl.methods.base import Dependency, Method
 from taps_cl.methods.catalog import get_method
@@ -199,7 +199,7 @@ def write_atomic(path: Path, blob: bytes) -> None:
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _create_temp(path)
+        fd, tmp = create_temp(path.parent, ".tmp")  # the store's: umask-honouring, O_EXCL
     except OSError as exc:
         raise TapsError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
@@ -212,17 +212,3 @@ def write_atomic(path: Path, blob: bytes) -> None:
         raise TapsError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
         Path(tmp).unlink(missing_ok=True)
-
-
-def _create_temp(path: Path) -> tuple[int, str]:
-    """A new temp file beside `path` (`.NAME.<random>.tmp`), open for writing."""
-    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-             | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
-    last: Optional[OSError] = None
-    for _ in range(100):
-        tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError as exc:
-            last = exc
-    raise OSError(f"no free temp file name beside {path.name}") from last
