@@ -9,9 +9,6 @@ group name are refused, and `group train` needs two tasks.
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -33,7 +30,15 @@ from taps_cl.tasks.requests import (
     split_options,
 )
 from taps_cl.training.fit import MAX_BATCH_SIZE, MAX_EPOCHS, MAX_SEED, TrainConfig
-from tests.test_bad_input import MODEL, assert_refused, run_cli, snapshot, task_names
+from tests.test_bad_input import (  # noqa: F401  (base_home_template, home: fixtures)
+    MODEL,
+    assert_refused,
+    base_home_template,
+    home,
+    run_cli,
+    snapshot,
+    task_names,
+)
 
 HUGE = str(10**30)
 ADD = ("task", "add", "t", "--base", "b", "--data", "digits", "--epochs", "1")
@@ -41,19 +46,6 @@ TRAIN = ("group", "train", "--base", "b", "--task", "x=digits", "--task", "y=dig
          "--epochs", "1")
 
 
-@pytest.fixture(scope="module")
-def base_home(tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("bounds") / "home"
-    result = run_cli(home, "base", "add", "b", "--model", MODEL)
-    assert result.code == 0, result.err
-    return home
-
-
-@pytest.fixture
-def home(base_home, tmp_path) -> Path:
-    """A fresh copy of a home holding one base `b` (timm:test_resnet) and no task."""
-    shutil.copytree(base_home, tmp_path / "home")
-    return tmp_path / "home"
 
 
 # ------------------------------------------------------------------ the declared maxima

@@ -102,8 +102,8 @@ def similarity_report(
         names.append(task.name)
     candidate = None
     if data is not None:
-        candidate, recipe = _candidate_signature(registry, models, b, data, classes, img_size,
-                                                 max_train, seed)
+        candidate, recipe = _candidate_signature(models, b, data, classes, img_size, max_train,
+                                                 seed)
         recipes.append(recipe)
     similarity.check_comparable(recipes, [*names, "the candidate"])
     full = similarity.cosine_matrix(
@@ -124,7 +124,7 @@ def similarity_report(
 
 
 def _candidate_signature(
-    registry: Registry, models: TaskModels, b: BaseModel, spec: str, classes: Optional[str],
+    models: TaskModels, b: BaseModel, spec: str, classes: Optional[str],
     img_size: Optional[int], max_train: Optional[int], seed: int,
 ) -> tuple[Any, dict[str, Any]]:
     """The signature (and its recipe) of data not (yet) in the registry, as an add computes it."""
