@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, Subset
 from benchmarks.peft_lora import PeftLora
 from taps_cl.data import specs as data
 from taps_cl.data.letters import render_letters
+from taps_cl.data.sampling import stratified_sample
 from taps_cl.demo import FASHION_DIR, lite0_weights
 from taps_cl.methods.base import Dependency, Method
 from taps_cl.models import backbones
@@ -120,20 +121,12 @@ def expected_sizes(names: list[str], max_train: int, max_test: int) -> dict[str,
 
 
 def stratified_subset(dataset: Dataset, n: int, seed: int) -> Dataset:
-    """n items of `dataset`, each class in proportion to its share (the whole set if n ≥ its size).
-
-    Items are ranked within their class in a seeded random order and taken by (rank + ½) / class
-    size, so every class gets its share and the subset is the same for the same seed.
-    """
+    """n items of `dataset`, each class in proportion to its share (the whole set if n ≥ its size),
+    drawn by the library's one sampler (taps_cl.data.sampling) with the run's seed."""
     labels = np.asarray(dataset.labels)  # type: ignore[attr-defined]
     if n >= len(labels):
         return dataset
-    rng = np.random.default_rng([seed, 7])
-    keys = np.empty(len(labels))
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        keys[rng.permutation(members)] = (np.arange(len(members)) + 0.5) / len(members)
-    return Subset(dataset, sorted(np.argsort(keys, kind="stable")[:n].tolist()))
+    return Subset(dataset, stratified_sample(labels, n, (seed, 7)).tolist())
 
 
 @dataclass
