@@ -2,7 +2,7 @@
 
 The estimate uses the speeds measured for Lite0 on 2 cores at 64 px (benchmarks/protocol.py's
 TRAIN_IMG_S, LINEAR_IMG_S, EVAL_IMG_S) and fixed per-run overheads; the defaults are sized so that
-the whole run fits PLAN_LIMIT_MIN minutes by it.
+the whole run fits PLAN_LIMIT_MIN minutes by it; --time-limit checks a run against another limit.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from benchmarks.protocol import (
     expected_sizes,
     plural,
 )
-from benchmarks.rows import MATCHED, PROGRESSIVE_KINDS, RowSpec, lora_spec
+from benchmarks.rows import MATCHED, PROGRESSIVE_GROUP, PROGRESSIVE_KINDS, RowSpec, lora_spec, named
 
 
 @dataclass
@@ -45,10 +45,13 @@ class Plan:
     stage2_s: float
     timing_s: float  # the interleaved step timing
     total_s: float
+    long_s: float  # the training-length runs (--long-epochs), in total_s
+    long_rows: list[str]  # their rows' keys
+    long_runs: int  # their training runs (rows × long tasks, one seed)
     images: dict[str, int]  # training images per task: "select_train" (stage 1), "max_train"
     # Per row, in `rows` order: {"key", "seeds" (its stage-2 seeds), "stage1_s", "stage2_s"}.
     per_row: list[dict] = field(default_factory=list)
-    limit_min: int = PLAN_LIMIT_MIN
+    limit_min: float = PLAN_LIMIT_MIN
     lines: list[str] = field(default_factory=list)
 
     @property
@@ -63,6 +66,7 @@ class Plan:
                 "row_runs": self.row_runs, "stage2_runs": self.stage2_runs,
                 "stage1_s": self.stage1_s, "stage2_s": self.stage2_s,
                 "timing_s": self.timing_s, "total_s": self.total_s, "images": self.images,
+                "long_s": self.long_s, "long_rows": self.long_rows, "long_runs": self.long_runs,
                 "per_row": self.per_row, "limit_min": self.limit_min, "over": self.over}
 
 
@@ -78,7 +82,7 @@ def plan(args: argparse.Namespace, specs: list[RowSpec], matched: bool) -> Plan:
     per_row = []
     for row in rows:
         before = stage1, stage2
-        speed = LINEAR_IMG_S if row.method == "linear" else TRAIN_IMG_S
+        speed = _speed(row)
         seeds = len(row.seeds(args.seed_values))
         by_seeds[seeds] = by_seeds.get(seeds, 0) + 1
         trained = list(sizes.values())[1:] if row.kind == "fusion" else list(sizes.values())
@@ -105,15 +109,17 @@ def plan(args: argparse.Namespace, specs: list[RowSpec], matched: bool) -> Plan:
             stage2 += seeds * BASE_ADD_S
         per_row.append({"key": row.key, "seeds": row.seeds(args.seed_values),
                         "stage1_s": stage1 - before[0], "stage2_s": stage2 - before[1]})
+    long_keys, long_runs, long_s = _long(args, rows)
     steps = QUICK_TIMED_STEPS if args.quick else TIMED_STEPS
     timing = (len(rows) * (args.step_rounds * steps + 1) * args.batch_size / TRAIN_IMG_S
               + len(rows) * FIT_OVERHEAD_S) if args.step_rounds else 0.0
-    total = stage1 + stage2 + timing
+    total = stage1 + stage2 + timing + long_s
     fusion = any(r.kind == "fusion" for r in rows)
     fewer = (f" (the fusion row trains {n_tasks - 1}: its first task is the adapter row's)"
              if fusion else "")
     images = ", ".join(f"{t} {s['train']}/{s['val']}/{s['test']}" for t, s in sizes.items())
-    over = "" if total <= PLAN_LIMIT_MIN * 60 else (
+    limit = args.time_limit
+    over = "" if total <= limit * 60 else (
         ": OVER — lower --max-train, --seeds or --select-train")
     lines = [
         f"plan: {len(rows)} rows ({', '.join(r.key for r in rows)}), {n_tasks} tasks "
@@ -131,8 +137,15 @@ def plan(args: argparse.Namespace, specs: list[RowSpec], matched: bool) -> Plan:
         f"{EVAL_IMG_S:g} eval img/s on 2 cores (Lite0 at 64 px, docs/results.md), plus "
         f"{FIT_OVERHEAD_S:g} s per stage-1 run and {TASK_OVERHEAD_S:g} s per stage-2 task: "
         f"stage 1 {stage1 / 60:.0f} min, stage 2 {stage2 / 60:.0f} min, step timing "
-        f"{timing / 60:.0f} min; total ≈ {total / 60:.0f} min (limit {PLAN_LIMIT_MIN} min{over})",
+        f"{timing / 60:.0f} min"
+        + (f", training length {long_s / 60:.0f} min" if long_keys else "")
+        + f"; total ≈ {total / 60:.0f} min (limit {limit:g} min{over})",
     ]
+    if long_keys:
+        lines.insert(3, f"- training length: {len(long_keys)} rows ({', '.join(long_keys)}) × "
+                     f"{len(args.long_task_names)} tasks ({', '.join(args.long_task_names)}) × "
+                     f"1 seed = {long_runs} training runs of {plural(args.long_epochs, 'epoch')} "
+                     f"on ≤ {args.max_train} images each, at the rates stage 1 chose")
     if matched:
         lines.append("- the parameter-matched LoRA row is counted; it is skipped when its rank is "
                      "one of --lora-ranks")
@@ -142,6 +155,28 @@ def plan(args: argparse.Namespace, specs: list[RowSpec], matched: bool) -> Plan:
                      f"signature ({SIGNATURE_S:g} s) and a restore scored on validation; stage 2 "
                      "adds a signature per task and a base per seed")
     return Plan([r.key for r in rows], sizes, rates, runs1, by_seeds, runs2, fits2, stage1,
-                stage2, timing, total,
+                stage2, timing, total, long_s, long_keys, long_runs,
                 {"select_train": args.select_train, "max_train": args.max_train},
-                per_row, lines=lines)
+                per_row, limit_min=limit, lines=lines)
+
+
+def _speed(row: RowSpec) -> float:
+    return LINEAR_IMG_S if row.method == "linear" else TRAIN_IMG_S
+
+
+def _long(args: argparse.Namespace, specs: list[RowSpec]) -> tuple[list[str], int, float]:
+    """The training-length runs: (their rows' keys, training runs, estimated seconds)."""
+    if args.long_epochs is None:
+        return [], 0, 0.0
+    sizes = expected_sizes(args.long_task_names, args.max_train, args.max_test)
+    rows = [s for s in specs if named(s, args.long_method_names) and s.kind != "fusion"
+            and not (s.kind == PROGRESSIVE_GROUP and len(sizes) < 2)]
+    seconds = 0.0
+    for row in rows:
+        progressive = row.kind in PROGRESSIVE_KINDS
+        for s in sizes.values():
+            seconds += (s["train"] * args.long_epochs / _speed(row)
+                        + (s["val"] * args.long_epochs + s["test"]) / EVAL_IMG_S
+                        + TASK_OVERHEAD_S + (SIGNATURE_S if progressive else 0.0))
+        seconds += BASE_ADD_S if progressive else 0.0
+    return [r.key for r in rows], len(rows) * len(sizes), seconds

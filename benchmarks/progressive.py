@@ -14,7 +14,15 @@ import statistics
 from collections.abc import Callable
 
 from benchmarks.protocol import VAL_FRACTION, Bench, TaskDef
-from benchmarks.rows import PROGRESSIVE_GROUP, Row, RowSpec, Run, SharedBand, record_task
+from benchmarks.rows import (
+    PROGRESSIVE_GROUP,
+    Row,
+    RowSpec,
+    Run,
+    SharedBand,
+    failing_task,
+    record_task,
+)
 from registry import RegistryError
 from taps_cl.manager import Manager
 from taps_cl.tasks.grouping import GroupResult
@@ -30,7 +38,8 @@ def train_progressive(
 
     progressive-group: one `group_train` run of all tasks (its GroupResult is returned too);
     progressive: one `add_task(..., method="progressive", group="auto")` per task, in order,
-    calling `after_add` after each. Tasks are named `<base>-<task>`.
+    calling `after_add` after each. Tasks are named `<base>-<task>`. A task that fails to train
+    raises RunFailed (rows.failing_task).
     """
     a = bench.args
     manager.add_base(base, bench.spec, weights=str(bench.weights))
@@ -38,14 +47,16 @@ def train_progressive(
                   img_size=a.img_size, seed=seed, max_train=max_train, max_test=max_test,
                   val_fraction=VAL_FRACTION, method_options=spec.method_options(lr))
     if spec.kind == PROGRESSIVE_GROUP:
-        grouped = manager.group_train(
-            base, [(f"{base}-{t.name}", t.data_spec) for t in bench.tasks],
-            groups=a.progressive_groups, **common)
+        with failing_task("(group train)"):
+            grouped = manager.group_train(
+                base, [(f"{base}-{t.name}", t.data_spec) for t in bench.tasks],
+                groups=a.progressive_groups, **common)
         return list(grouped.results), grouped
     results = []
     for task in bench.tasks:
-        result = manager.add_task(f"{base}-{task.name}", base, task.data_spec,
-                                  method="progressive", group="auto", **common)
+        with failing_task(task.name):
+            result = manager.add_task(f"{base}-{task.name}", base, task.data_spec,
+                                      method="progressive", group="auto", **common)
         assert result is not None  # one process: this one records
         results.append(result)
         if after_add is not None:
@@ -84,8 +95,14 @@ def _progressive_sizes(manager: Manager, run: Run, base: str) -> None:
     run.shared_params = sum(u.num_params for u in budget.shared)
     run.shared_bytes = sum(u.bytes for u in budget.shared)
     run.shared = [SharedBand(tuple(k.removeprefix("progressive_") for k in u.kinds),
-                             u.num_params, tuple(short_name(t, base) for t in u.tasks))
+                             u.num_params, tuple(short_name(t, base) for t in u.tasks), u.bytes)
                   for u in budget.shared]
+    # After k tasks: the base, their own artifacts and every shared band one of them reads.
+    order = [t for t in run.acc]  # the tasks in the order they were added
+    run.cumulative_bytes = [
+        budget.base_bytes + sum(run.task_bytes[t] for t in order[:k])
+        + sum(b.bytes for b in run.shared if set(b.tasks) & set(order[:k]))
+        for k in range(1, len(order) + 1)]
 
 
 def run_progressive_group(bench: Bench, manager: Manager, row: Row, seed: int) -> Run:
@@ -95,7 +112,8 @@ def run_progressive_group(bench: Bench, manager: Manager, row: Row, seed: int) -
     of it (joint epoch seconds ÷ tasks) in the time columns.
     """
     a = bench.args
-    base = f"bench-{row.spec.key}-s{seed}"
+    assert row.lr is not None
+    base = f"{bench.prefix}-{row.spec.key}-s{seed}"
     results, grouped = train_progressive(bench, manager, row.spec, base, row.lr, seed,
                                          max_train=a.max_train, max_test=a.max_test)
     assert grouped is not None
@@ -125,7 +143,8 @@ def run_progressive(bench: Bench, manager: Manager, row: Row, seed: int) -> Run:
     re-checks are kept, and `Manager.verify` checks the whole base at the end.
     """
     a = bench.args
-    base = f"bench-{row.spec.key}-s{seed}"
+    assert row.lr is not None
+    base = f"{bench.prefix}-{row.spec.key}-s{seed}"
     run = Run(seed)
     sizes = bench.data(a.seed_values[0])
     seen: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {}

@@ -10,6 +10,7 @@ helpers every module prints with.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable
@@ -38,19 +39,23 @@ ALL_TASKS = ("fashion", "digits", "letters", "lowercase")
 QUICK_TASKS = ("digits", "letters")  # no Debian data package needed
 VAL_FRACTION = 0.1  # the Manager's default: validation carved from the training pool
 DATA_SEED = 0  # the letters are rendered once with it: every training seed sees the same images
-# Defaults sized by --plan to fit 90 minutes on 2 cores (the docstring of benchmarks/benchmark.py
-# says how); the adapter and fusion rows train with one seed by default, for the same reason.
+# Defaults sized by --plan to fit PLAN_LIMIT_MIN minutes on 2 cores (the docstring of
+# benchmarks/benchmark.py says how); the adapter and fusion rows train with one seed by default,
+# for the same reason.
 ADAPTER_SEEDS = 1
 DEFAULTS = dict(max_train=800, max_test=1000, epochs=3, batch_size=32, select_train=350,
-                lr_grid="1e-3,3e-3,1e-2", seeds="0,1,2", ranks="4,8", lora_ranks="4,8,16",
-                budget=0.1, factor_min_params=None, adapter_seeds=ADAPTER_SEEDS,
-                progressive_seeds="0,1,2")
+                lr_grid="1e-3,3e-3,1e-2", seeds="0,1,2", ranks="4,8", lora_ranks="4,8,16,32",
+                lib_lora_ranks="8", budget=0.1, factor_min_params=None,
+                adapter_seeds=ADAPTER_SEEDS, progressive_seeds="0,1,2",
+                norms_rows="compact,lib-lora,adapter", long_tasks="fashion,lowercase",
+                long_methods="finetune,default,lora-r8,compact-r8,progressive")
 # Seconds on 2 cores: every row type, both stages, 2 seeds. test_efficientnet's layers are small,
 # so compact TAPS factorises layers over 2,000 weights here (the library default is 20,000).
-# LoRA ranks 8 and 16 leave the matched rank (4 here) to a row of its own, so it runs too.
+# PEFT LoRA ranks 8 and 16 leave the matched rank to a row of its own, so it runs too.
 QUICK = dict(max_train=32, max_test=20, epochs=1, batch_size=16, select_train=16,
-             lr_grid="1e-3,1e-2", seeds="0,1", ranks="2", lora_ranks="8,16", budget=0.1,
-             factor_min_params=2000, adapter_seeds=2, progressive_seeds="0,1")
+             lr_grid="1e-3,1e-2", seeds="0,1", ranks="2", lora_ranks="8,16", lib_lora_ranks="2",
+             budget=0.1, factor_min_params=2000, adapter_seeds=2, progressive_seeds="0,1",
+             norms_rows="lib-lora", long_tasks="letters", long_methods="finetune,default")
 # Measured speeds of Lite0 on 2 CPU cores at 64 px (docs/results.md): it trains ≈90 images/s and
 # evaluates ≈570 images/s; a linear probe (backward through the head only) trained 540–670
 # images/s in the previous runs.
@@ -62,7 +67,10 @@ TASK_OVERHEAD_S = 3.0  # per stage-2 task, for --plan: load data, restore, probe
 SIGNATURE_S = 3.0
 BASE_ADD_S = 2.0  # per registered base, for --plan: build, hash and write the base weights once
 SELECT_TEST = 64  # stage-1 test images of a progressive row: the probe batch needs some; unread
-PLAN_LIMIT_MIN = 90  # the time the whole default run must fit in, minutes
+# The time the default run must fit in by --plan's estimate, minutes (--time-limit sets another):
+# the default rows — fine-tune, linear, TAPS, the default `task add`, compact TAPS r=4/8 and
+# budget, the library's lora r=8, PEFT LoRA r=4/8/16/32 and matched, adapter, fusion — ≈ 115 min.
+PLAN_LIMIT_MIN = 120
 # Sizes --plan assumes where a task has fewer images than asked: scikit-learn's 1,797 digits are
 # split 1,347 / 450 (train pool / test), and 10 % of the pool is carved off as validation.
 KNOWN_SIZES = {"digits": {"train": 1211, "val": 136, "test": 450}}
@@ -144,10 +152,20 @@ class Bench:
     tasks: list[TaskDef]
     say: Callable[[str], None]
     loaded: dict[int, dict[str, data.TaskData]] = field(default_factory=dict)
-    # Stage 1 of the adapter row: each task's trained adapter as a dependency, per grid rate;
-    # stage 1 of the fusion row fuses those at the adapter row's chosen rate.
-    stage1_adapters: dict[float, dict[str, Dependency]] = field(default_factory=dict)
-    adapter_lr: float | None = None  # the adapter row's chosen rate (None: not run yet)
+    # Stage 1 of each adapter row (by row key): each task's trained adapter as a dependency, per
+    # grid rate; stage 1 of a fusion row fuses its adapter row's at that row's chosen rate.
+    stage1_adapters: dict[str, dict[float, dict[str, Dependency]]] = field(default_factory=dict)
+    adapter_lr: dict[str, float] = field(default_factory=dict)  # adapter row key → chosen rate
+    prefix: str = "bench"  # registry names of this bench's bases: <prefix>-<row key>-s<seed>
+
+    def variant(self, tasks: list[str], epochs: int, prefix: str) -> Bench:
+        """The same base and options on a subset of the tasks (in this bench's order) trained
+        for `epochs` epochs, its bases named with `prefix`: the training-length runs."""
+        args = argparse.Namespace(**{**vars(self.args), "epochs": epochs})
+        chosen = [t for t in self.tasks if t.name in tasks]
+        loaded = {seed: {t.name: d[t.name] for t in chosen} for seed, d in self.loaded.items()}
+        return dataclasses.replace(self, args=args, tasks=chosen, loaded=loaded,
+                                   stage1_adapters={}, adapter_lr={}, prefix=prefix)
 
     def data(self, seed: int) -> dict[str, data.TaskData]:
         """Each task's train/val/test for `seed`, loaded as the Manager loads them (cached)."""
@@ -210,8 +228,8 @@ def fmt_bytes(n: float) -> str:
 
 
 def fmt_lr(value: float) -> str:
-    """A learning rate as people write it: 1e-3, 3e-3, 2.5e-4, 0.1."""
-    if value >= 0.1:
+    """A learning rate as people write it: 1e-3, 3e-3, 2.5e-4, 0.1, 1e30."""
+    if 0.1 <= value < 1e4:
         return f"{value:g}"
     mantissa, exponent = f"{value:e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"

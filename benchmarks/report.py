@@ -2,9 +2,10 @@
 
 `report` assembles what is printed (and written with --out): a header on the protocol, one table
 row per method row (accuracy per task and mean, seeds, the chosen rate, stored parameters and
-bytes per task and for base + all tasks, time as a ratio to fine-tuning), the learning-rate
-selection, notes, and the targets each met or missed with its numbers. `result` holds the same
-figures as numbers, for --json-out.
+bytes per task and for base + all tasks, time as a ratio to fine-tuning), the rows that diverged,
+the learning-rate selection, the training-length table (--long-epochs), notes, and the targets
+each met or missed with its numbers. `result` holds the same figures as numbers, for --json-out,
+with every run's per-seed point of the frontier plot (benchmarks/frontier.py draws them).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from typing import Any
 
 import torch
 
+from benchmarks.frontier import points
+from benchmarks.length import Length, length_json, length_table
 from benchmarks.progressive import groups_text
+from benchmarks.progressive_targets import similarity_runs
 from benchmarks.protocol import (
     Bench,
     TaskDef,
@@ -26,14 +30,24 @@ from benchmarks.protocol import (
     fmt_params,
     plural,
 )
-from benchmarks.rows import PROGRESSIVE_GROUP, PROGRESSIVE_KINDS, Row, Run, epoch_ratio
-from benchmarks.targets import Target, lines, similarity_runs
+from benchmarks.rows import (
+    DEFAULT,
+    PROGRESSIVE_GROUP,
+    PROGRESSIVE_KINDS,
+    Row,
+    Run,
+    epoch_ratio,
+    measured,
+    policy_of,
+)
+from benchmarks.targets import Target, lines
 from taps_cl.methods.progressive.method import ProgressiveConfig
 
 
 def render(rows: list[Row], tasks: list[TaskDef], base_params: int, header: list[str],
            notes: list[str]) -> str:
-    """The markdown report: header lines, the table, notes."""
+    """The markdown report: header lines, the table (rows with a run), notes."""
+    rows = measured(rows)
     ft = next((r for r in rows if r.kind == "finetune"), None)
     n = len(tasks)
     cols = [t.name for t in tasks] + [
@@ -81,13 +95,33 @@ def lr_lines(rows: list[Row], args: argparse.Namespace) -> list[str]:
         scores = " · ".join(
             f"{fmt_lr(lr)} {'diverged' if s is None else f'{100 * s:.1f}'}"
             for lr, s in r.val_by_lr.items())
-        out.append(f"- {r.label}: val {scores} → chosen lr {fmt_lr(r.lr)}")
+        chosen = ("diverged at every rate: not run in stage 2" if r.lr is None
+                  else f"chosen lr {fmt_lr(r.lr)}")
+        out.append(f"- {r.label}: val {scores} → {chosen}")
     return out
+
+
+def failure_lines(rows: list[Row]) -> list[str]:
+    """The rows without a complete run and the seeds that failed, with the first error lines."""
+    out = []
+    for r in rows:
+        if r.lr is None:
+            why = "; ".join(f"{fmt_lr(lr)}: {e}" for lr, e in r.stage1_errors.items())
+            out.append(f"- {r.label}: diverged at every rate of the grid in stage 1, so no "
+                       f"figures ({why})")
+        for f in r.failures:
+            out.append(f"- {r.label}: seed {f['seed']} failed on {f['task']} at lr "
+                       f"{fmt_lr(f['lr'])} ({f['error']}); "
+                       + ("no seed completed, so no figures" if not r.runs
+                          else "left out of its means"))
+    return ["Rows or seeds without figures (training failed, most likely a non-finite loss):",
+            *out] if out else []
 
 
 def composed_notes(rows: list[Row], bench: Bench) -> list[str]:
     """Notes on the adapter and fusion rows (if chosen): options and what the sizes count."""
     out = []
+    rows = measured(rows)
     adapter = next((r for r in rows if r.kind == "adapter"), None)
     fusion = next((r for r in rows if r.kind == "fusion"), None)
     if adapter is not None:
@@ -116,7 +150,7 @@ def composed_notes(rows: list[Row], bench: Bench) -> list[str]:
 
 def progressive_notes(rows: list[Row], bench: Bench) -> list[str]:
     """Notes on the progressive rows (if chosen): bands, groups, sizes, the similarity matrix."""
-    prog = [r for r in rows if r.kind in PROGRESSIVE_KINDS]
+    prog = [r for r in measured(rows) if r.kind in PROGRESSIVE_KINDS]
     if not prog:
         return []
     cfg = prog[0].runs[0].config
@@ -204,21 +238,54 @@ def seed_note(rows: list[Row], args: argparse.Namespace) -> str:
 def matched_note(matched: dict[str, Any] | None) -> str:
     """The note on the parameter-matched LoRA row (`matched`: what `_run` chose, or None)."""
     if matched is None:
-        return "no parameter-matched LoRA row (not selected, or no compact TAPS row to match)"
+        return ("no parameter-matched LoRA row (not selected, or no default or compact TAPS "
+                "row to match)")
     note = (f"matched rank {matched['rank']}: its analytic task size "
             f"({fmt_params(matched['expected_params'])}) is the nearest to "
-            f"{matched['compact_row']}'s mean stored size "
-            f"({fmt_params(matched['compact_params'])})")
+            f"{matched['target_row']}'s mean stored size "
+            f"({fmt_params(matched['target_params'])})")
     if matched["twin"] is not None:
         note += f"; that is the {matched['twin']} row, so it is not run twice"
     return note
 
 
+def method_notes(rows: list[Row], bench: Bench) -> list[str]:
+    """Notes on the default row, the library's lora rows and the norm policies (if chosen)."""
+    out = []
+    default = next((r for r in rows if r.kind == DEFAULT), None)
+    if default is not None and default.runs:
+        out.append(f"- default: `taps-cl task add` with no method options — method "
+                   f"'{default.method}', its config as the registry recorded it: "
+                   + _config(default.runs[0].config) + "; learning rate from the grid like "
+                   "every row.")
+    lib = next((r for r in measured(rows) if r.kind == "lib-lora"), None)
+    if lib is not None:
+        out.append("- lora: the library's method 'lora' (plain low-rank deltas on the adaptable "
+                   "layers, no gates) through the Manager like the TAPS rows; config as "
+                   "recorded: " + _config(lib.runs[0].config) + ".")
+    policies = sorted({r.spec.norms for r in rows if r.spec.norms is not None})
+    if policies:
+        out.append(f"- norms=P: the row's method with the norm policy P ({', '.join(policies)}; "
+                   "taps_cl.methods.norms): task = statistics and affine per task, affine = the "
+                   "base's running statistics (norm layers in eval mode while training) with "
+                   "affine parameters trained and stored, base = norm layers untouched and not "
+                   "stored, split = the base's statistics in the first norm_split of the layers. "
+                   "The PEFT rows apply the same policy (benchmarks/peft_lora.py). Rows without "
+                   "'norms=' use their method's default.")
+    return out
+
+
+def _config(config: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in config.items() if not isinstance(v, (list, dict)))
+
+
 def report(bench: Bench, rows: list[Row], sizes: dict[str, dict[str, int]],
            targets: list[Target], matched: dict[str, Any] | None, *, weights_note: str,
-           command: str, wall: float, load_start: str, load_end: str) -> str:
+           command: str, wall: float, load_start: str, load_end: str,
+           length: Length | None = None) -> str:
     """The whole markdown report of a run: header, table, learning rates, notes, targets."""
     args = bench.args
+    everything, rows = rows, measured(rows)
     checks = [ok for r in rows for run in r.runs for ok in run.probes]
     probe = (f"{sum(checks)}/{len(checks)} probe checks unchanged" if checks
              else "no probe checks (single task)")
@@ -226,6 +293,8 @@ def report(bench: Bench, rows: list[Row], sizes: dict[str, dict[str, int]],
     header = [
         f"## taps-cl benchmark — {bench.spec} at {args.img_size} px, {len(bench.tasks)} tasks",
         "",
+        "- task order: " + " → ".join(t.name for t in bench.tasks)
+        + (" (--reverse: the default order reversed)" if args.reverse else ""),
         f"- base: {bench.spec}, {bench.base_params:,} parameters without its classifier (= 1.0× "
         f"base); {weights_note}; its weights file {fmt_bytes(bench.base_bytes)} (with the "
         "original classifier)",
@@ -249,11 +318,15 @@ def report(bench: Bench, rows: list[Row], sizes: dict[str, dict[str, int]],
     factored = (f"; compact rows factorise groups=1 layers of ≥ "
                 f"{compact_rows[0].runs[0].config['factor_min_params']:,} weights (others keep "
                 "full deltas), factors at the row's lr") if compact_rows else ""
-    loras = [r for r in rows if r.kind == "lora"]
+    loras = [r for r in rows if r.kind == "peft"]
     lora_layers = loras[0].runs[0].active[bench.tasks[0].name] if loras else "–"
+    failed = failure_lines(everything)
+    long = ([*length_table(length, bench.base_params), ""] if length is not None else [])
     notes = [
-        *lr_lines(rows, args),
+        *([*failed, ""] if failed else []),
+        *lr_lines(everything, args),
         "",
+        *long,
         "Notes:",
         *[f"- {t.name}: {t.about}, {sizes[t.name]['classes']} classes" for t in bench.tasks],
         "- accuracy: % on each task's test images; linear, fine-tune and TAPS are measured on the "
@@ -265,6 +338,7 @@ def report(bench: Bench, rows: list[Row], sizes: dict[str, dict[str, int]],
         "serialisation with a shorter metadata record). Totals = base + Σ tasks from "
         "`Manager.budget`; fine-tune: N whole models (N × base + heads, Σ task files), linear: "
         "base + heads.",
+        *method_notes(everything, bench),
         *composed_notes(rows, bench),
         *progressive_notes(rows, bench),
         f"- LoRA (peft.inject_adapter_in_model on the timm model) at ranks "
@@ -273,7 +347,8 @@ def report(bench: Bench, rows: list[Row], sizes: dict[str, dict[str, int]],
         "conv only when the rank is a multiple of its groups, so depthwise convs stay frozen. "
         "Rank capped per layer at min(C_in·k², C_out); alpha = "
         f"{'rank (scale 1)' if args.lora_alpha is None else f'{args.lora_alpha:g}'}; no "
-        "dropout. Norm layers and head train too, like TAPS.",
+        "dropout. Head trains too; norm layers as the row's policy says (default task: "
+        "statistics and affine per task, like TAPS).",
         (f"- TAPS: λ {args.lam:g}, penalty '{args.penalty}', τ {taps['tau']:g}, score init "
          f"{taps['score_init']:g}, score lr {taps['score_lr']:g}, warm-up epochs "
          f"{taps['warmup_epochs']} (as the registry recorded it), stored in "
@@ -297,8 +372,9 @@ def report(bench: Bench, rows: list[Row], sizes: dict[str, dict[str, int]],
             notes.append(f"  - {t}: {', '.join(names) if names else '(none)'}")
     similar = similarity_table(rows)
     notes += ["", *similar] if similar else []
-    notes += ["", *lines("compact", targets), "", *lines("composed", targets),
-              "", *lines("progressive", targets)]
+    notes += ["", *lines("frontier", targets), "", *lines("compact", targets),
+              "", *lines("composed", targets), "", *lines("progressive", targets),
+              "", *lines("length", targets)]
     return render(rows, bench.tasks, bench.base_params, header, notes)
 
 
@@ -308,7 +384,19 @@ def _run_json(run: Run) -> dict[str, Any]:
     if run.similarity is not None:
         out["similarity"] = {"tasks": run.similarity[0], "matrix": run.similarity[1]}
     out["mean_accuracy"] = run.mean_acc
+    out["params_per_task"] = run.params_per_task  # the frontier plot's x, in numbers
+    out["bytes_per_task"] = run.bytes_per_task  # … and in bytes
     return out
+
+
+def _spec_json(row: Row) -> dict[str, Any]:
+    return {"key": row.spec.key, "family": row.spec.family, "label": row.label,
+            "kind": row.kind, "method": row.method, "norms": row.spec.norms,
+            "policy": policy_of(row),
+            "options": row.spec.options, "lr": row.lr,
+            "val_by_lr": [{"lr": lr, "val": score} for lr, score in row.val_by_lr.items()],
+            "stage1_errors": [{"lr": lr, "error": e} for lr, e in row.stage1_errors.items()],
+            "failures": row.failures}
 
 
 def _row_json(row: Row, ft: Row | None) -> dict[str, Any]:
@@ -317,13 +405,12 @@ def _row_json(row: Row, ft: Row | None) -> dict[str, Any]:
     step = (row.step_seconds / ft.step_seconds
             if ft is not None and row.step_seconds and ft.step_seconds else None)
     return {
-        "key": row.spec.key, "label": row.label, "kind": row.kind, "method": row.method,
-        "options": row.spec.options, "lr": row.lr,
-        "val_by_lr": [{"lr": lr, "val": score} for lr, score in row.val_by_lr.items()],
+        **_spec_json(row),
         "seeds": [run.seed for run in row.runs],
         "accuracy": {task: row.task_acc(task) for task in first.acc},
         "mean_accuracy": [run.mean_acc for run in row.runs],
         "task_params": row.task_params, "task_bytes": row.task_bytes,
+        "params_per_task": row.params_per_task, "bytes_per_task": row.bytes_per_task,
         "total_params": row.total_params, "total_bytes": row.total_bytes,
         "epoch_vs_ft": epoch_ratio(row, ft) if ft is not None else None,
         "step_seconds": row.step_seconds, "step_vs_ft": step,
@@ -334,24 +421,32 @@ def _row_json(row: Row, ft: Row | None) -> dict[str, Any]:
 
 def result(bench: Bench, rows: list[Row], sizes: dict[str, dict[str, int]],
            targets: list[Target], matched: dict[str, Any] | None, *, command: str,
-           wall: float) -> dict[str, Any]:
+           wall: float, length: Length | None = None) -> dict[str, Any]:
     """The run as numbers (--json-out): accuracies are fractions in [0, 1], sizes in numbers
-    stored and bytes, `*_vs_ft` ratios to the fine-tune row (None without one)."""
+    stored and bytes, `*_vs_ft` ratios to the fine-tune row (None without one). "rows" are the
+    rows with at least one run, "failed_rows" those without; each run carries its frontier
+    point (params_per_task, bytes_per_task, mean_accuracy) and cumulative_bytes."""
     args = bench.args
+    everything, rows = rows, measured(rows)
     ft = next((r for r in rows if r.kind == "finetune"), None)
     checks = [ok for r in rows for run in r.runs for ok in run.probes]
     return {
         "model": bench.spec, "img_size": args.img_size, "command": command, "wall_s": wall,
         "base_params": bench.base_params, "base_bytes": bench.base_bytes,
         "tasks": [{"name": t, **s} for t, s in sizes.items()],
+        "reverse": args.reverse,
         "protocol": {"max_train": args.max_train, "max_test": args.max_test,
                      "select_train": args.select_train, "epochs": args.epochs,
                      "batch_size": args.batch_size, "weight_decay": args.weight_decay,
                      "lr_grid": args.lr_values, "seeds": args.seed_values,
                      "adapter_seeds": args.adapter_seeds,
-                     "progressive_seeds": args.progressive_seed_values},
+                     "progressive_seeds": args.progressive_seed_values,
+                     "norms_policies": args.norms_policy_values},
         "rows": [_row_json(row, ft) for row in rows],
+        "failed_rows": [_spec_json(row) for row in everything if not row.runs],
         "matched": matched,
         "probe_checks": {"ok": sum(checks), "total": len(checks)},
         "targets": [dataclasses.asdict(t) for t in targets],
+        "length": length_json(length),
+        "frontier": points([_row_json(row, ft) for row in rows]),
     }

@@ -1,10 +1,13 @@
 """The benchmark's rows: what each row is (method, options, seeds) and what its runs record.
 
-`row_specs` lists every row the options define, `select_rows` keeps those --methods names,
-`make_method` builds a row's method at a learning rate as the Manager configures it; `Run` holds
-one seed's figures over every task and `Row` a row's chosen rate and runs, with the means the
-report shows. How a row is trained is in benchmarks/training.py (and benchmarks/progressive.py
-for the progressive rows).
+`row_specs` lists every row the options define, `select_rows` keeps those --methods names (and
+--long-methods brings), `with_policies` turns a row into one row per norm policy
+(--norms-policies, for the rows --norms-rows names), `check_rows` builds each chosen row's method
+once so that an unknown method or option stops the run before any training, and `make_method`
+builds a row's method at a learning rate as the Manager configures it. `Run` holds one seed's
+figures over every task and `Row` a row's chosen rate and runs, with the means the report shows.
+How a row is trained is in benchmarks/training.py (and benchmarks/progressive.py for the
+progressive rows).
 """
 
 from __future__ import annotations
@@ -12,25 +15,33 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from benchmarks.peft_lora import LoraOptions, PeftLora
 from benchmarks.protocol import Bench, TaskDef, plural
+from taps_cl.errors import TapsError, first_line
 from taps_cl.methods.base import Method
+from taps_cl.methods.catalog import load_builtin
+from taps_cl.methods.norms import NORM_POLICIES
 from taps_cl.methods.progressive.sharing import BANDS
-from taps_cl.tasks.requests import configured_method
+from taps_cl.tasks.requests import TaskRequest, configured_method
+
+# RowSpec.method of the PEFT LoRA rows (benchmarks/peft_lora.py, not the library's "lora").
+PEFT = "peft-lora"
 
 
 @dataclass(frozen=True)
 class RowSpec:
     """One row of the table: a method and its options; the learning rate is chosen per row."""
 
-    key: str  # name for --methods, e.g. "compact-r4"
+    key: str  # --methods name, e.g. "compact-r4" (a norm-policy variant: "compact-r4-norms-base")
     label: str  # the table's row name
-    # "linear", "finetune", "taps", "compact", "budget", "lora", "adapter", "fusion",
-    # "progressive-group", "progressive"
+    # "linear", "finetune", "taps", "compact", "budget", "default", "lib-lora", "peft", "adapter",
+    # "fusion", "progressive-group", "progressive"
     kind: str
-    method: str  # library method name, or "lora" (the PeftLora class of benchmarks/peft_lora.py)
+    method: str  # library method name, or PEFT (the PeftLora class of benchmarks/peft_lora.py)
     options: dict = field(default_factory=dict)  # method options, the learning rate aside
     seeded: bool = False  # trained with every seed of --seeds (a row the targets depend on)
     max_seeds: int | None = None  # a seeded row uses at most this many of --seeds (None: all)
@@ -38,6 +49,14 @@ class RowSpec:
     # Stage-2 seeds given instead of --seeds (the progressive rows and, beside them, the adapter
     # and fusion rows: --progressive-seeds); max_seeds still cuts them.
     seed_list: tuple[int, ...] | None = None
+    base_key: str = ""  # a norm-policy variant: the key of the row it varies ("": this is one)
+    norms: str | None = None  # the norm policy a variant sets (None: the method's own default)
+    reads: str | None = None  # a fusion row: the key of the adapter row whose tasks it fuses
+
+    @property
+    def family(self) -> str:
+        """The key --methods, --norms-rows and --long-methods know this row by."""
+        return self.base_key or self.key
 
     def seeds(self, seeds: list[int]) -> list[int]:
         """The seeds this row trains with in stage 2 (stage 1 uses the first of --seeds)."""
@@ -52,39 +71,60 @@ class RowSpec:
         return dict(self.options)
 
 
-MATCHED = "lora-matched"  # --methods name of the parameter-matched LoRA row
+MATCHED = "lora-matched"  # --methods name of the parameter-matched PEFT LoRA row
+DEFAULT = "default"  # --methods name of `task add` with no method options
 ADAPTER, FUSION = "adapter", "fusion"  # --methods names; fusion reads the adapter row's tasks
 # --methods names (and kinds) of the progressive rows; they bring the adapter row to compare with.
 PROGRESSIVE, PROGRESSIVE_GROUP = "progressive", "progressive-group"
 PROGRESSIVE_KINDS = (PROGRESSIVE_GROUP, PROGRESSIVE)
 ALL = "all"  # --methods name of every row (by default the progressive rows are left out)
-GROUPS = {"compact": ("compact",), "lora": ("lora",)}  # --methods names of several rows
+# --methods names of several rows: "lora" = the PEFT LoRA rows, "lib-lora" = the library's.
+GROUPS = {"compact": ("compact",), "lora": ("peft",), "lib-lora": ("lib-lora",)}
+
+
+def default_method() -> str:
+    """The method `task add` uses when none is named (the request's own default)."""
+    return next(f.default for f in dataclasses.fields(TaskRequest) if f.name == "method")
+
+
+def declared(method: str) -> set[str]:
+    """The options a library method declares (its Config's fields); empty if it is unknown."""
+    cls = load_builtin().get(method)
+    return set() if cls is None else {f.name for f in dataclasses.fields(cls.Config)}
 
 
 def row_specs(args: argparse.Namespace) -> list[RowSpec]:
     """Every row the options define, in table order (the matched LoRA row comes later)."""
     taps = {"lam": args.lam, "penalty": args.penalty}
     compact = dict(taps)
-    if args.factor_min_params is not None:
-        compact["factor_min_params"] = args.factor_min_params
+    factor_min = ({} if args.factor_min_params is None
+                  else {"factor_min_params": args.factor_min_params})
+    compact.update(factor_min)
+    # The library's lora factorises the layers compact TAPS does: the same threshold, if it
+    # declares one.
+    lib_lora = factor_min if "factor_min_params" in declared("lora") else {}
     first = args.rank_values[0]
     factors = "" if args.factor_lr_scale == 1 else f" factor lr {args.factor_lr_scale:g}×"
     rows = [
         RowSpec("linear", "linear probe", "linear", "linear"),
         RowSpec("finetune", "fine-tune", "finetune", "finetune", seeded=True),
         RowSpec("taps", f"TAPS λ={args.lam:g} full deltas", "taps", "taps", taps),
+        RowSpec(DEFAULT, f"default ({default_method()}, no options)", DEFAULT,
+                default_method(), seeded=True),
         *[RowSpec(f"compact-r{r}", f"compact TAPS r={r} λ={args.lam:g}{factors}", "compact",
                   "taps", {**compact, "rank": r}, seeded=True, factor_scale=args.factor_lr_scale)
           for r in args.rank_values],
         RowSpec("budget", f"compact TAPS r={first} budget {args.budget:g}{factors}", "budget",
                 "taps", {**compact, "rank": first, "budget": args.budget}, seeded=True,
                 factor_scale=args.factor_lr_scale),
+        *[RowSpec(f"lib-lora-r{r}", f"lora r={r}", "lib-lora", "lora", {**lib_lora, "rank": r},
+                  seeded=True) for r in args.lib_lora_rank_values],
         *[lora_spec(f"lora-r{r}", r, args.lora_alpha) for r in args.lora_rank_values],
         # Fusion must come after the adapter row: its tasks fuse that row's adapter tasks.
         RowSpec(ADAPTER, "adapter", "adapter", "adapter", seeded=True,
                 max_seeds=args.adapter_seeds),
         RowSpec(FUSION, "fusion (own adapter)", "fusion", "fusion", seeded=True,
-                max_seeds=args.adapter_seeds),
+                max_seeds=args.adapter_seeds, reads=ADAPTER),
         *[RowSpec(key, label, key, "progressive", seeded=True,
                   seed_list=tuple(args.progressive_seed_values))
           for key, label in ((PROGRESSIVE_GROUP, progressive_label(True, args)),
@@ -105,28 +145,43 @@ def progressive_label(grouped: bool, args: argparse.Namespace) -> str:
 
 def lora_spec(key: str, rank: int, alpha: float | None, matched: bool = False) -> RowSpec:
     label = f"LoRA r={rank}{' matched' if matched else ''} (PEFT)"
-    return RowSpec(key, label, "lora", "lora", {"rank": rank, "alpha": alpha}, seeded=True)
+    return RowSpec(key, label, "peft", PEFT, {"rank": rank, "alpha": alpha}, seeded=True)
 
 
-def select_rows(specs: list[RowSpec], methods: str | None) -> tuple[list[RowSpec], bool]:
-    """The rows --methods names (all by default), and whether the matched LoRA row is wanted."""
-    if methods is None:  # every row but the progressive ones: what fits the 90 minutes
-        return [s for s in specs if s.kind not in PROGRESSIVE_KINDS], True
-    names = [m.strip() for m in methods.split(",") if m.strip()]
+def named(spec: RowSpec, names: list[str] | set[str]) -> bool:
+    """Whether a --methods-like list names this row (its key, the row it varies, or a group)."""
+    return (spec.key in names or spec.family in names
+            or any(spec.kind in GROUPS.get(n, ()) for n in names))
+
+
+def select_rows(specs: list[RowSpec], methods: str | None,
+                also: list[str] | None = None) -> tuple[list[RowSpec], bool]:
+    """The rows --methods names (by default all but the progressive ones) and those `also` names
+    (--long-methods: their 3-epoch figures are needed beside the long ones), and whether the
+    matched LoRA row is wanted."""
     known = [s.key for s in specs] + [MATCHED, *GROUPS, ALL]
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        raise SystemExit(f"--methods: unknown {', '.join(unknown) or '(empty)'}; choose from "
-                         f"{', '.join(known)}")
-    if ALL in names:
-        names = [s.key for s in specs] + [MATCHED]
-    kinds = {kind for n in names for kind in GROUPS.get(n, ())}
+    extra = [family_of(n) for n in also or []]  # a norm-policy variant brings its row
+    unknown = [n for n in extra if n not in known or n in (ALL, MATCHED)]
+    if unknown:
+        raise SystemExit(f"--long-methods: unknown {', '.join(unknown)}; choose from "
+                         f"{', '.join(k for k in known if k not in (ALL, MATCHED))}")
+    if methods is None:  # every row but the progressive ones (unless --long-methods wants one)
+        names = [s.key for s in specs if s.kind not in PROGRESSIVE_KINDS] + [MATCHED]
+    else:
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise SystemExit(f"--methods: unknown {', '.join(unknown) or '(empty)'}; choose "
+                             f"from {', '.join(known)}")
+        if ALL in names:
+            names = [s.key for s in specs] + [MATCHED]
+    names += extra
     if FUSION in names:  # the fusion row reads the adapter row's tasks: it needs that row
         names.append(ADAPTER)
     progressive = [s for s in specs if s.key in names and s.kind in PROGRESSIVE_KINDS]
     if progressive:  # compared with the adapter row, over the same seeds
         names.append(ADAPTER)
-    chosen = [s for s in specs if s.key in names or s.kind in kinds]
+    chosen = [s for s in specs if named(s, names)]
     if progressive:
         seeds = progressive[0].seed_list
         chosen = [dataclasses.replace(s, seed_list=seeds, max_seeds=None) if s.kind == "adapter"
@@ -135,12 +190,59 @@ def select_rows(specs: list[RowSpec], methods: str | None) -> tuple[list[RowSpec
     return chosen, MATCHED in names or "lora" in names
 
 
+def family_of(name: str) -> str:
+    """The row key a variant's key varies ("compact-r8-norms-base" → "compact-r8")."""
+    row, _, policy = name.rpartition("-norms-")
+    return row if row and policy in NORM_POLICIES else name
+
+
+def supports_norms(spec: RowSpec) -> bool:
+    """Whether a row's method takes a norm policy (the PEFT rows do: benchmarks/peft_lora.py)."""
+    if spec.kind == DEFAULT:  # `task add` with no options: never varied
+        return False
+    return spec.method == PEFT or "norms" in declared(spec.method)
+
+
+def with_policies(specs: list[RowSpec], policies: list[str], rows: list[str]) -> list[RowSpec]:
+    """Each row `rows` names (keys or groups) that takes a norm policy, once per policy.
+
+    A variant's key is `<key>-norms-<policy>`, its label ends in ` norms=<policy>`. The adapter and
+    fusion rows vary together (a fusion row fuses the adapter row's tasks of the same policy).
+    """
+    if not policies:
+        return specs
+    chosen = {s.key for s in specs if named(s, rows) and supports_norms(s)}
+    if chosen & {ADAPTER, FUSION}:
+        chosen |= {s.key for s in specs if s.key in (ADAPTER, FUSION)}
+    out: list[RowSpec] = []
+    for spec in specs:
+        if spec.key not in chosen:
+            out.append(spec)
+            continue
+        for policy in policies:
+            out.append(dataclasses.replace(
+                spec, key=f"{spec.key}-norms-{policy}", label=f"{spec.label} norms={policy}",
+                options={**spec.options, "norms": policy}, base_key=spec.key, norms=policy,
+                reads=None if spec.reads is None else f"{spec.reads}-norms-{policy}"))
+    return out
+
+
+def check_rows(specs: list[RowSpec], lr: float, epochs: int) -> None:
+    """Build each row's method once (nothing trains): an unknown method or option, or a norm policy
+    a method refuses, stops the run here with one line instead of after hours of other rows."""
+    for spec in specs:
+        try:
+            make_method(spec, lr, epochs, fuse=["(checked)"])
+        except TapsError as exc:
+            raise SystemExit(f"row {spec.label!r}: {exc}") from None
+
+
 def make_method(row: RowSpec, lr: float, epochs: int, fuse: list[str] | None = None) -> Method:
     """A fresh method object for `row` at learning rate `lr` (as the Manager configures it).
 
     `fuse`: the adapter tasks a fusion row's task reads (required for fusion, else ignored).
     """
-    if row.method == "lora":
+    if row.method == PEFT:
         return PeftLora(LoraOptions(**row.options))
     options = row.method_options(lr)
     if row.kind == "fusion":
@@ -148,6 +250,23 @@ def make_method(row: RowSpec, lr: float, epochs: int, fuse: list[str] | None = N
     if row.method == "progressive":  # as a base's first progressive task: every band trains
         options["train_bands"] = BANDS
     return configured_method(row.method, options, epochs)
+
+
+class RunFailed(Exception):
+    """One task of a run failed to train (a TapsError: most likely a loss that went non-finite)."""
+
+    def __init__(self, task: str, error: str) -> None:
+        super().__init__(f"{task}: {error}")
+        self.task, self.error = task, error
+
+
+@contextmanager
+def failing_task(task: str) -> Iterator[None]:
+    """Turn a TapsError raised while `task` trains into RunFailed naming the task."""
+    try:
+        yield
+    except TapsError as exc:
+        raise RunFailed(task, first_line(exc)) from exc
 
 
 def fused_tasks(tasks: list[TaskDef], row: RowSpec) -> list[TaskDef]:
@@ -163,6 +282,7 @@ class SharedBand:
     kinds: tuple[str, ...]  # the bands it holds, "progressive_" left off: "shared", "group"
     params: int  # numbers stored
     tasks: tuple[str, ...]  # the tasks that read it (short names)
+    bytes: int = 0  # its artifact's bytes
 
 
 @dataclass
@@ -197,11 +317,29 @@ class Run:
     unchanged: list[tuple[str, bool]] = field(default_factory=list)
     probe_drift: float = 0.0  # largest probe drift of an earlier task the adds re-checked
     verified: list[tuple[str, bool, float | None]] = field(default_factory=list)  # Manager.verify
+    # Bytes stored after each task, in task order: base + every distinct artifact the tasks so
+    # far store or read (fine-tune: the whole models, no shared base). The last is total_bytes.
+    cumulative_bytes: list[int] = field(default_factory=list)
 
     @property
     def own_params(self) -> dict[str, int]:
         """Stored numbers of the tasks this row trained itself."""
         return {t: n for t, n in self.task_params.items() if t not in self.reused}
+
+    @property
+    def own_bytes(self) -> dict[str, int]:
+        return {t: n for t, n in self.task_bytes.items() if t not in self.reused}
+
+    @property
+    def params_per_task(self) -> float:
+        """What a task of this run costs: its own tensors plus the shared bands divided among the
+        tasks that read them (all of them are this run's tasks), mean over its own tasks."""
+        return (sum(self.own_params.values()) + self.shared_params) / len(self.own_params)
+
+    @property
+    def bytes_per_task(self) -> float:
+        """`params_per_task` in bytes of stored files."""
+        return (sum(self.own_bytes.values()) + self.shared_bytes) / len(self.own_bytes)
 
     @property
     def mean_acc(self) -> float:
@@ -213,14 +351,25 @@ class Row:
     """A row of the table: its spec, the chosen learning rate and one run per seed."""
 
     spec: RowSpec
-    lr: float  # chosen in stage 1 (the only grid value when the grid has one)
+    # Chosen in stage 1 (the only grid value when the grid has one); None: every rate diverged.
+    lr: float | None
     val_by_lr: dict[float, float | None]  # stage 1: mean validation accuracy (None: diverged)
     runs: list[Run] = field(default_factory=list)
     step_seconds: float | None = None  # interleaved step timing (median)
+    # Runs that failed in stage 2 (a non-finite loss at the chosen rate, most likely), each
+    # {"seed", "task", "lr", "error"}; such a seed has no run, and a row with no run is left out
+    # of the table, the targets and the plots (the report lists it).
+    failures: list[dict] = field(default_factory=list)
+    # Stage 1: why each rate that scored nothing failed ({lr: the error's first line}).
+    stage1_errors: dict[float, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
         return self.spec.label
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
 
     @property
     def kind(self) -> str:
@@ -248,12 +397,33 @@ class Row:
                                 if t not in r.reused)
 
     @property
+    def params_per_task(self) -> float:
+        """Own tensors plus shared bands divided among their readers, mean over seeds."""
+        return statistics.fmean(r.params_per_task for r in self.runs)
+
+    @property
+    def bytes_per_task(self) -> float:
+        return statistics.fmean(r.bytes_per_task for r in self.runs)
+
+    @property
     def total_params(self) -> float:
         return statistics.fmean(r.total_params for r in self.runs)
 
     @property
     def total_bytes(self) -> float:
         return statistics.fmean(r.total_bytes for r in self.runs)
+
+
+def policy_of(row: Row) -> str:
+    """The norm policy a row trained with: its variant's, else its method's default as recorded
+    in the run's config ("task" for a method without one: what every method did before)."""
+    recorded = row.runs[0].config.get("norms") if row.runs else None
+    return row.spec.norms or recorded or "task"
+
+
+def measured(rows: list[Row]) -> list[Row]:
+    """The rows with at least one complete run (a row that diverged everywhere has none)."""
+    return [r for r in rows if r.runs]
 
 
 def epoch_ratio(row: Row, ft: Row) -> float:

@@ -1,50 +1,53 @@
 """The benchmark's targets, each computed from the run: met, MISSED or not measured, with numbers.
 
-Three groups, each printed under its own heading in the report and written to the JSON result:
+Groups, each printed under its own heading in the report and written to the JSON result:
 
-* "compact": compact TAPS against fine-tuning (stored size per task, accuracy, the whole
-  sequence's size), against each PEFT LoRA row at equal or fewer stored parameters, the TAPS
-  rows' training step against fine-tuning's, and the budget row's per-task bound;
+* "frontier": accuracy per stored number — the default `task add` against PEFT LoRA at the rank
+  matched to its size, the best library setting at ≤ 0.05× per task against fine-tuning, compact
+  TAPS against the library's lora at equal size (do the gates earn their keep?), adapters against
+  PEFT LoRA at equal size, fusion against its adapters on the low-data lowercase task;
+* "compact": the TAPS rows' training step against fine-tuning's, the budget row's per-task bound;
 * "composed": an adapter task's mean stored size and a fusion task's own tensors;
-* "progressive": the progressive rows' task-specific stored parameters against the adapter
-  row's at its accuracy, the similarity ranking of related tasks, and that joining a group
-  leaves every earlier task's stored bytes and probe logits unchanged.
+* "progressive" (benchmarks/progressive_targets.py) and "length" (benchmarks/length.py).
 
-A `Target` keeps the report's line and the figures it was decided on (`met` is None where the
-rows chosen by --methods cannot measure it).
+Sizes per task are own tensors plus any shared bands divided among the tasks that read them
+(`Row.params_per_task`), as a fraction of the base's parameters; accuracies are the mean over the
+tasks, mean ± sample standard deviation over the seeds. Rows are compared with rows of the same
+norm policy. A `Target` keeps the report's line and the figures it was decided on (`met` is None
+where the rows chosen by --methods cannot measure it).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.protocol import fmt_acc, fmt_params, plural
-from benchmarks.rows import (
-    PROGRESSIVE,
-    PROGRESSIVE_GROUP,
-    PROGRESSIVE_KINDS,
-    Row,
-    Run,
-    epoch_ratio,
-)
+from benchmarks.protocol import fmt_acc, plural
+from benchmarks.rows import DEFAULT, MATCHED, PEFT, Row, epoch_ratio, measured, policy_of
 
-EQUAL_SIZE = 0.02  # "equal stored parameters" within 2 %
-# Compact TAPS: a task ≤ 0.15× base at ≥ fine-tune − 1.5 pt; the sequence ≤ 1.6× base; ≥ LoRA
-# + 1 pt at equal size; a training step ≤ 1.15× fine-tuning's.
-TARGET_TASK_SIZE, TARGET_ACC_GAP, TARGET_SEQUENCE = 0.15, -1.5, 1.6
-TARGET_OVER_LORA, TARGET_STEP = 1.0, 1.15
+EQUAL_SIZE = 0.02  # "equal stored size" within 2 %
+# The default `task add`: ≤ 0.15× base per task at ≥ PEFT LoRA (matched rank) + 1 pt.
+TARGET_DEFAULT_SIZE, TARGET_DEFAULT_OVER_LORA = 0.15, 1.0
+# The best library setting at ≤ 0.05× per task: within 2 pt of fine-tuning.
+TARGET_SMALL_SIZE, TARGET_SMALL_GAP = 0.05, -2.0
+TARGET_GATES = 1.0  # compact TAPS ≥ the library's lora + 1 pt at equal size
+TARGET_ADAPTER_GAP = -1.0  # adapter ≥ PEFT LoRA at equal size − 1 pt
+TARGET_FUSION_GAIN, FUSION_TASK = 1.0, "lowercase"  # fusion ≥ adapter + 1 pt on lowercase
+TARGET_STEP = 1.15  # a TAPS training step ≤ 1.15× fine-tuning's
 # Composed methods' sizes: an adapter task (mean stored), a fusion task's own tensors.
 TARGET_ADAPTER, TARGET_FUSION = 0.06, 0.05
-# Progressive: task-specific total ≤ 0.7× the adapter row's, at ≥ its accuracy − 0.5 pt.
-TARGET_PROGRESSIVE_SIZE, TARGET_PROGRESSIVE_GAP = 0.7, -0.5
 # The report's heading of each group.
 HEADINGS = {
-    "compact": "Targets of compact TAPS, from this run; rows with several seeds enter with their means:",
+    "frontier": "Targets of accuracy per stored number, from this run (mean ± sd over seeds; size "
+                "= stored per task, shared bands divided among their readers, × base):",
+    "compact": "Targets of TAPS's step time and budget, from this run:",
     "composed": "Targets of adapters and fusion, stored sizes from this run:",
-    "progressive": "Targets of progressive adaptation, from this run; rows with several seeds enter with their "
-                   "means:",
+    "progressive": "Targets of progressive adaptation, from this run; rows with several seeds "
+                   "enter with their means:",
+    "length": "Targets of training length, from this run:",
 }
 
 
@@ -52,8 +55,8 @@ HEADINGS = {
 class Target:
     """One target as this run decided it."""
 
-    group: str  # "compact", "composed" or "progressive" (a key of HEADINGS)
-    key: str  # what it is about, e.g. "task-size", "over-lora", "join"
+    group: str  # a key of HEADINGS
+    key: str  # what it is about, e.g. "default", "gates", "join"
     text: str  # the report's line
     met: bool | None  # None: not measured with the rows chosen
     row: str | None = None  # the row it is about, where it is about one
@@ -70,92 +73,265 @@ def mark(ok: bool) -> str:
 
 
 def row_acc(row: Row) -> str:
+    """The row's mean accuracy over tasks, mean ± sd over its seeds, in %."""
     return fmt_acc([r.mean_acc for r in row.runs])
 
 
-def compact_targets(rows: list[Row], base_params: int, n_tasks: int,
-                    budget: float) -> list[Target]:
-    """Compact TAPS against fine-tuning and LoRA, step time, and the budget row's bound."""
-    ft = next((r for r in rows if r.kind == "finetune"), None)
+def size(row: Row, base_params: int) -> float:
+    """Stored per task (own + shared bands per reader) as a fraction of the base."""
+    return row.params_per_task / base_params
+
+
+def described(row: Row, base_params: int) -> str:
+    return f"{row.label} {row_acc(row)} at {size(row, base_params):.3f}×"
+
+
+def _stats(row: Row) -> dict[str, Any]:
+    accs = [100 * r.mean_acc for r in row.runs]
+    return {"mean": statistics.fmean(accs),
+            "sd": statistics.stdev(accs) if len(accs) > 1 else None, "seeds": len(accs)}
+
+
+def same_policy(rows: list[Row], row: Row) -> list[Row]:
+    """`rows` that trained with `row`'s norm policy."""
+    return [r for r in rows if policy_of(r) == policy_of(row)]
+
+
+# ------------------------------------------------------------------------------ frontier
+
+
+def frontier_targets(rows: list[Row], base_params: int,
+                     matched: dict[str, Any] | None) -> list[Target]:
+    """The targets of accuracy per stored number, each met or missed with its numbers."""
+    rows = measured(rows)
+    out = [_default_target(rows, base_params, matched), _small_target(rows, base_params)]
+    out += _gates_targets(rows, base_params)
+    out += _adapter_targets(rows, base_params)
+    out += _fusion_targets(rows)
+    return out
+
+
+def _default_target(rows: list[Row], base_params: int,
+                    matched: dict[str, Any] | None) -> Target:
+    head = (f"- the default `task add` ≤ {TARGET_DEFAULT_SIZE:g}× base per task and ≥ PEFT LoRA "
+            f"at the rank matched to its size + {TARGET_DEFAULT_OVER_LORA:g} pt")
+    default = next((r for r in rows if r.kind == DEFAULT), None)
+    lora = None
+    if matched is not None and default is not None and matched["target_row"] == default.label:
+        lora = next((r for r in rows if r.kind == "peft" and (
+            r.key == MATCHED or r.label == matched["twin"])), None)
+    if default is None or lora is None:
+        return Target("frontier", "default", f"{head}: not measured (needs the default row and "
+                      "its matched PEFT LoRA row)", None)
+    mine, theirs = size(default, base_params), size(lora, base_params)
+    gap = 100 * (default.mean_acc - lora.mean_acc)
+    small = mine <= TARGET_DEFAULT_SIZE
+    # "at equal or smaller stored size": the matched rank may land a little above the default.
+    fits = mine <= theirs * (1 + EQUAL_SIZE)
+    ahead = gap >= TARGET_DEFAULT_OVER_LORA
+    ok = small and fits and ahead
+    return Target(
+        "frontier", "default",
+        f"{head}: {mark(ok)} — {default.label}: {mine:.3f}× ({mark(small)}), {row_acc(default)} "
+        f"vs {lora.label} {row_acc(lora)} at {theirs:.3f}× ({gap:+.1f} pt, {mark(ahead)})"
+        + ("" if fits else f"; the default stores more than that LoRA ({mine:.3f}× > "
+           f"{theirs:.3f}×)"),
+        ok, default.label,
+        {"size": mine, "size_met": small, "lora": lora.label, "lora_rank": matched["rank"],
+         "lora_size": theirs, "gap_pt": gap, "accuracy_met": ahead, "no_larger": fits,
+         "default": _stats(default), "lora_stats": _stats(lora)})
+
+
+def _small_target(rows: list[Row], base_params: int) -> Target:
+    head = (f"- the best library setting at ≤ {TARGET_SMALL_SIZE:g}× base per task within "
+            f"{-TARGET_SMALL_GAP:g} pt of fine-tuning")
+    ft = next((r for r in rows if r.kind == "finetune" and r.spec.norms is None),
+              next((r for r in rows if r.kind == "finetune"), None))
+    library = [r for r in rows if r.method not in (PEFT, "finetune")]
+    small = [r for r in library if size(r, base_params) <= TARGET_SMALL_SIZE]
+    if ft is None or not library:
+        return Target("frontier", "small", f"{head}: not measured (needs fine-tune and a library "
+                      "row)", None)
+    if not small:
+        smallest = min(library, key=lambda r: r.params_per_task)
+        return Target("frontier", "small", f"{head}: MISSED — no library row stores ≤ "
+                      f"{TARGET_SMALL_SIZE:g}× (smallest: {described(smallest, base_params)})",
+                      False, None, {"candidates": [], "fine_tune": _stats(ft)})
+    best = max(small, key=lambda r: r.mean_acc)
+    gap = 100 * (best.mean_acc - ft.mean_acc)
+    ok = gap >= TARGET_SMALL_GAP
+    others = [r for r in small if r is not best]
+    return Target(
+        "frontier", "small",
+        f"{head}: {mark(ok)} — {described(best, base_params)} vs fine-tune {row_acc(ft)} "
+        f"({gap:+.1f} pt)" + ("; the others at that size: " + "; ".join(
+            described(r, base_params) for r in sorted(others, key=lambda r: -r.mean_acc))
+            if others else ""),
+        ok, best.label,
+        {"best": best.label, "size": size(best, base_params), "gap_pt": gap,
+         "best_stats": _stats(best), "fine_tune": _stats(ft),
+         "candidates": [r.label for r in small]})
+
+
+def _gates_targets(rows: list[Row], base_params: int) -> list[Target]:
+    """Compact TAPS ≥ the library's lora + 1 pt at equal (or smaller) stored size."""
+    loras = [r for r in rows if r.kind == "lib-lora"]
     compact = [r for r in rows if r.kind in ("compact", "budget")]
-    loras = [r for r in rows if r.kind == "lora"]
-    out: list[Target] = []
-
-    def size(r: Row) -> str:
-        return f"{r.task_params / base_params:.3f}×"
-
-    def add(key: str, text: str, met: bool | None, row: str | None = None,
-            **numbers: Any) -> None:
-        out.append(Target("compact", key, text, met, row, numbers))
-
-    good: list[Row] = []
-    if ft is None or not compact:
-        add("task-size", f"- compact TAPS ≤ {TARGET_TASK_SIZE:g}× base per task at ≥ fine-tune − "
-            f"{-TARGET_ACC_GAP:g} pt: not measured (needs fine-tune and a compact row)", None)
-    else:
-        details, figures = [], {}
-        for r in compact:
-            gap = 100 * (r.mean_acc - ft.mean_acc)
-            if r.task_params / base_params <= TARGET_TASK_SIZE and gap >= TARGET_ACC_GAP:
-                good.append(r)
-            details.append(f"{r.label}: {size(r)} per task, {row_acc(r)} ({gap:+.1f} pt)")
-            figures[r.label] = {"task_size": r.task_params / base_params, "gap_pt": gap}
-        add("task-size", f"- a compact TAPS setting with mean stored task ≤ {TARGET_TASK_SIZE:g}× "
-            f"base and mean accuracy ≥ fine-tune − {-TARGET_ACC_GAP:g} pt (fine-tune "
-            f"{row_acc(ft)}): {mark(bool(good))} — " + "; ".join(details), bool(good),
-            rows=figures, good=[r.label for r in good])
-    if compact:
-        pool = good or compact
-        ok = any(r.total_params / base_params <= TARGET_SEQUENCE for r in good)
-        ft_total = f"; fine-tune {ft.total_params / base_params:.2f}×" if ft else ""
-        add("sequence", f"- the {n_tasks}-task sequence in that setting ≤ {TARGET_SEQUENCE:g}× "
-            f"base{ft_total}: {mark(ok)} — "
-            + "; ".join(f"{r.label}: {r.total_params / base_params:.2f}×" for r in pool)
-            + ("" if good else " (no setting met the first target)"), ok,
-            totals={r.label: r.total_params / base_params for r in pool},
-            fine_tune_total=ft.total_params / base_params if ft else None)
-    for lora in loras if compact else []:
-        fits = [r for r in compact if r.task_params <= lora.task_params * (1 + EQUAL_SIZE)]
+    head = f"- compact TAPS ≥ the library's lora + {TARGET_GATES:g} pt at equal stored size"
+    if not loras or not compact:
+        return [Target("frontier", "gates", f"{head}: not measured (needs a library lora row "
+                       "and a compact TAPS row)", None)]
+    out = []
+    for lora in loras:
+        pool = same_policy(compact, lora)
+        fits = [r for r in pool if r.params_per_task <= lora.params_per_task * (1 + EQUAL_SIZE)]
         if not fits:
-            smallest = min(compact, key=lambda r: r.task_params)
-            add("over-lora", f"- compact TAPS ≥ {lora.label} + {TARGET_OVER_LORA:g} pt at equal "
-                f"(within {EQUAL_SIZE:.0%}) or fewer stored params: MISSED — no compact "
-                f"row stores ≤ {size(lora)} per task (smallest: {smallest.label}, "
-                f"{size(smallest)})", False, lora.label,
-                lora_size=lora.task_params / base_params, best=None,
-                smallest=smallest.label, smallest_size=smallest.task_params / base_params)
+            out.append(Target(
+                "frontier", "gates", f"{head}: MISSED against {described(lora, base_params)} — "
+                "no compact row of its norm policy stores as little (" + "; ".join(
+                    described(r, base_params) for r in pool) + ")" if pool else
+                f"{head}: not measured against {lora.label} (no compact row of its norm "
+                "policy)", False if pool else None, lora.label,
+                {"lora_size": size(lora, base_params), "best": None}))
             continue
         best = max(fits, key=lambda r: r.mean_acc)
         gap = 100 * (best.mean_acc - lora.mean_acc)
-        add("over-lora", f"- compact TAPS ≥ {lora.label} + {TARGET_OVER_LORA:g} pt at equal "
-            f"(within {EQUAL_SIZE:.0%}) or fewer stored params: {mark(gap >= TARGET_OVER_LORA)} — "
-            f"the most accurate such row, {best.label}, "
-            f"{row_acc(best)} at {size(best)} vs {row_acc(lora)} at {size(lora)} "
-            f"({gap:+.1f} pt)", gap >= TARGET_OVER_LORA, lora.label,
-            lora_size=lora.task_params / base_params, best=best.label,
-            best_size=best.task_params / base_params, gap_pt=gap)
+        ok = gap >= TARGET_GATES
+        out.append(Target(
+            "frontier", "gates",
+            f"{head}: {mark(ok)} — {described(best, base_params)} vs "
+            f"{described(lora, base_params)} ({gap:+.1f} pt)", ok, lora.label,
+            {"best": best.label, "best_size": size(best, base_params),
+             "lora_size": size(lora, base_params), "gap_pt": gap,
+             "best_stats": _stats(best), "lora_stats": _stats(lora)}))
+    return out
+
+
+def lora_at(pefts: list[Row], params: float) -> tuple[float, str, str]:
+    """PEFT LoRA's mean accuracy at `params` stored per task: a rank within 2 % of that size, or
+    interpolated linearly in log(size) between the two ranks around it, or else the nearest rank.
+
+    Returns (accuracy, how it was found, "equal", or "larger"/"smaller" for a nearest rank that
+    stores more/less than `params`).
+    """
+    ordered = sorted(pefts, key=lambda r: r.params_per_task)
+    for r in ordered:
+        if abs(r.params_per_task / params - 1) <= EQUAL_SIZE:
+            return r.mean_acc, r.label, "equal"
+    for low, high in itertools.pairwise(ordered):
+        if low.params_per_task <= params <= high.params_per_task:
+            span = math.log(high.params_per_task) - math.log(low.params_per_task)
+            w = (math.log(params) - math.log(low.params_per_task)) / span
+            acc = (1 - w) * low.mean_acc + w * high.mean_acc
+            return acc, f"interpolated in log size between {low.label} and {high.label}", "equal"
+    if params < ordered[0].params_per_task:
+        return ordered[0].mean_acc, f"{ordered[0].label}, which stores more", "larger"
+    return ordered[-1].mean_acc, f"{ordered[-1].label}, which stores less", "smaller"
+
+
+def _adapter_targets(rows: list[Row], base_params: int) -> list[Target]:
+    """Adapters ≥ PEFT LoRA at equal stored size − 1 pt."""
+    head = f"- adapter ≥ PEFT LoRA at equal stored size − {-TARGET_ADAPTER_GAP:g} pt"
+    adapters = [r for r in rows if r.kind == "adapter"]
+    pefts = [r for r in rows if r.kind == "peft"]
+    if not adapters or not pefts:
+        return [Target("frontier", "adapter", f"{head}: not measured (needs an adapter row and "
+                       "PEFT LoRA rows)", None)]
+    out = []
+    for adapter in adapters:
+        # PEFT rows of the adapter's norm policy; without any, PEFT as it is (norms task).
+        pool = same_policy(pefts, adapter)
+        other = "" if pool else "; PEFT at norms=task: none ran with the adapter's policy"
+        pool = pool or [r for r in pefts if policy_of(r) == "task"]
+        if not pool:
+            out.append(Target("frontier", "adapter", f"{head}: not measured for {adapter.label} "
+                              "(no PEFT LoRA row of its norm policy or of task)", None,
+                              adapter.label))
+            continue
+        acc, how, side = lora_at(pool, adapter.params_per_task)
+        gap = 100 * (adapter.mean_acc - acc)
+        ok = gap >= TARGET_ADAPTER_GAP
+        caveat = {"equal": "",
+                  "larger": " (no LoRA rank as small as the adapter: a miss against a larger "
+                            "LoRA is not conclusive; add a smaller rank to --lora-ranks)",
+                  "smaller": " (no LoRA rank as large as the adapter: a pass against a smaller "
+                             "LoRA is not conclusive)"}[side]
+        out.append(Target(
+            "frontier", "adapter",
+            f"{head}: {mark(ok)} — {described(adapter, base_params)} vs PEFT LoRA "
+            f"{100 * acc:.1f} ({how}{other}; {gap:+.1f} pt){caveat}", ok, adapter.label,
+            {"adapter_size": size(adapter, base_params), "lora_accuracy": 100 * acc,
+             "lora_from": how, "lora_side": side, "gap_pt": gap,
+             "adapter_stats": _stats(adapter)}))
+    return out
+
+
+def _fusion_targets(rows: list[Row]) -> list[Target]:
+    """Fusion ≥ its adapter row + 1 pt on the low-data lowercase task."""
+    head = (f"- fusion ≥ the single adapter + {TARGET_FUSION_GAIN:g} pt on {FUSION_TASK}")
+    fusions = [r for r in rows if r.kind == "fusion"]
+    if not fusions:
+        return [Target("frontier", "fusion", f"{head}: not measured (no fusion row)", None)]
+    out = []
+    for fusion in fusions:
+        adapter = next((r for r in rows if r.key == fusion.spec.reads), None)
+        task_names = list(fusion.runs[0].acc)
+        if adapter is None or FUSION_TASK not in task_names:
+            out.append(Target("frontier", "fusion", f"{head}: not measured for {fusion.label} "
+                              f"(needs the task {FUSION_TASK})", None, fusion.label))
+            continue
+        if FUSION_TASK in fusion.runs[0].reused:
+            out.append(Target("frontier", "fusion", f"{head}: not measured for {fusion.label} "
+                              f"({FUSION_TASK} is the first task: an adapter task, nothing to "
+                              "fuse)", None, fusion.label))
+            continue
+        mine, theirs = fusion.task_acc(FUSION_TASK), adapter.task_acc(FUSION_TASK)
+        gap = 100 * (statistics.fmean(mine) - statistics.fmean(theirs))
+        ok = gap >= TARGET_FUSION_GAIN
+        out.append(Target(
+            "frontier", "fusion",
+            f"{head}: {mark(ok)} — {fusion.label} {fmt_acc(mine)} vs {adapter.label} "
+            f"{fmt_acc(theirs)} on {FUSION_TASK} ({gap:+.1f} pt, "
+            f"{plural(len(mine), 'seed')})", ok, fusion.label,
+            {"fusion": [100 * a for a in mine], "adapter": [100 * a for a in theirs],
+             "gap_pt": gap}))
+    return out
+
+
+# ------------------------------------------------------------------------------ compact
+
+
+def compact_targets(rows: list[Row], base_params: int, budget: float) -> list[Target]:
+    """The TAPS rows' training step against fine-tuning's, and the budget row's bound."""
+    rows = measured(rows)
+    ft = next((r for r in rows if r.kind == "finetune"), None)
+    out: list[Target] = []
     for r in (r for r in rows if r.method == "taps"):
         if ft is None or not r.step_seconds or not ft.step_seconds:
             continue
         step = r.step_seconds / ft.step_seconds
         epoch = epoch_ratio(r, ft)
-        add("step", f"- {r.label}: train step ≤ {TARGET_STEP:g}× fine-tune: "
+        out.append(Target(
+            "compact", "step", f"- {r.label}: train step ≤ {TARGET_STEP:g}× fine-tune: "
             f"{mark(step <= TARGET_STEP)} — interleaved step {step:.2f}×, epoch time in "
-            f"the run {epoch:.2f}×", step <= TARGET_STEP, r.label, step=step, epoch=epoch)
+            f"the run {epoch:.2f}×", step <= TARGET_STEP, r.label, {"step": step, "epoch": epoch}))
     for r in (r for r in rows if r.kind == "budget"):
         worst = max(n / base_params for run in r.runs for n in run.task_params.values())
         count = sum(len(run.task_params) for run in r.runs)
-        add("budget", f"- --budget {budget:g}: every task stores ≤ {budget:g}× base: "
+        out.append(Target(
+            "compact", "budget", f"- --budget {budget:g}: every task stores ≤ {budget:g}× base: "
             f"{mark(worst <= budget)} — largest of {count} tasks ({len(r.runs)} seeds) "
-            f"{worst:.4f}×", worst <= budget, r.label, budget=budget, largest=worst,
-            tasks=count, seeds=len(r.runs))
+            f"{worst:.4f}×", worst <= budget, r.label,
+            {"budget": budget, "largest": worst, "tasks": count, "seeds": len(r.runs)}))
     if not out:
-        add("none", "- none measurable with the rows chosen by --methods", None)
+        out.append(Target("compact", "none", "- none measurable with the rows chosen by "
+                          "--methods", None))
     return out
 
 
 def composed_targets(rows: list[Row], base_params: int) -> list[Target]:
     """Size targets of the composed methods: adapter task (mean stored), fusion task (own)."""
+    rows = measured(rows)
     out: list[Target] = []
     for r in (r for r in rows if r.kind == "adapter"):
         sizes = [n / base_params for run in r.runs for n in run.own_params.values()]
@@ -182,139 +358,4 @@ def composed_targets(rows: list[Row], base_params: int) -> list[Target]:
     if not out:
         out.append(Target("composed", "none", "- not measured (no adapter or fusion row chosen "
                           "by --methods)", None))
-    return out
-
-
-def similarity_runs(rows: list[Row], every: bool = False) -> list[tuple[Row, Run]]:
-    """Runs that measured the tasks' similarity: one per seed, the group row's first (`every`:
-    all of them)."""
-    prog = sorted((r for r in rows if r.kind in PROGRESSIVE_KINDS),
-                  key=lambda r: r.kind != PROGRESSIVE_GROUP)
-    found = [(r, run) for r in prog for run in r.runs if run.similarity is not None]
-    if every:
-        return found
-    first: dict[int, tuple[Row, Run]] = {}
-    for r, run in found:
-        first.setdefault(run.seed, (r, run))
-    return [first[seed] for seed in sorted(first)]
-
-
-def progressive_targets(rows: list[Row], base_params: int) -> list[Target]:
-    """The progressive rows against the adapter row, the similarity ranking, the join checks."""
-    out: list[Target] = []
-
-    def specific(run: Run) -> int:  # what the tasks store beyond the base, shared ones once
-        return run.total_params - base_params
-
-    adapter = next((r for r in rows if r.kind == "adapter"), None)
-    prog = [r for r in rows if r.kind in PROGRESSIVE_KINDS]
-    if not prog:
-        return [Target("progressive", "none", "- not measured (no progressive row chosen by "
-                       "--methods)", None)]
-    for r in prog:
-        mine = statistics.fmean(specific(run) for run in r.runs)
-        own = statistics.fmean(sum(run.task_params.values()) for run in r.runs)
-        shared = statistics.fmean(run.shared_params for run in r.runs)
-        text = (f"task-specific total {fmt_params(mine)} (Σ own {fmt_params(own)} + shared "
-                f"{fmt_params(shared)}), accuracy {row_acc(r)}")
-        numbers: dict[str, Any] = {"specific": mine, "own": own, "shared": shared,
-                                   "accuracy": 100 * r.mean_acc}
-        if adapter is None:
-            out.append(Target(
-                "progressive", "progressive-size",
-                f"- {r.label}: total ≤ {TARGET_PROGRESSIVE_SIZE:g}× independent adapters' "
-                f"at ≥ their accuracy − {-TARGET_PROGRESSIVE_GAP:g} pt: not measured (no "
-                f"adapter row) — {text}", None, r.label, numbers))
-            continue
-        theirs = statistics.fmean(specific(run) for run in adapter.runs)
-        ratio = mine / theirs
-        gap = 100 * (r.mean_acc - adapter.mean_acc)
-        size_ok, acc_ok = ratio <= TARGET_PROGRESSIVE_SIZE, gap >= TARGET_PROGRESSIVE_GAP
-        accs = [100 * run.mean_acc for run in adapter.runs]
-        numbers.update(adapter_specific=theirs, size_ratio=ratio, size_met=size_ok, gap_pt=gap,
-                       accuracy_met=acc_ok, adapter_accuracy=statistics.fmean(accs),
-                       adapter_std=statistics.stdev(accs) if len(accs) > 1 else None)
-        out.append(Target(
-            "progressive", "progressive-size",
-            f"- {r.label}: task-specific stored parameters ≤ {TARGET_PROGRESSIVE_SIZE:g}× "
-            f"independent adapters' at mean accuracy ≥ theirs − "
-            f"{-TARGET_PROGRESSIVE_GAP:g} pt: {mark(size_ok and acc_ok)} — {text}; adapter row "
-            f"{fmt_params(theirs)} (Σ of its {len(adapter.runs[0].task_params)} task "
-            f"artifacts), accuracy {row_acc(adapter)}: size {ratio:.2f}× "
-            f"({mark(size_ok)}), accuracy {gap:+.1f} pt "
-            f"({mark(acc_ok)}). Sizes exclude the base (both "
-            f"store it once); with it: {r.total_params / base_params:.2f}× vs "
-            f"{adapter.total_params / base_params:.2f}× base.", size_ok and acc_ok, r.label,
-            numbers))
-    out.append(_similarity_target(rows))
-    out += _join_targets(prog)
-    return out
-
-
-def _similarity_target(rows: list[Row]) -> Target:
-    """Uppercase ↔ lowercase letters above letters ↔ Fashion-MNIST (both letter sets)."""
-    text = ("- similarity ranks related tasks first: cos(letters, lowercase) above cos(letters, "
-            "fashion) and cos(lowercase, fashion)")
-    runs = similarity_runs(rows)
-    needed = {"letters", "lowercase", "fashion"}
-    if not runs or not needed <= set(runs[0][1].similarity[0]):  # type: ignore[index]
-        return Target("progressive", "similarity", f"{text}: not measured (needs a progressive "
-                      "row and the tasks letters, lowercase, fashion)", None)
-    held, details, seeds = 0, [], []
-    for _, run in runs:
-        assert run.similarity is not None
-        names, matrix = run.similarity
-        at = {n: i for i, n in enumerate(names)}
-
-        def cos(a: str, b: str) -> float:
-            return matrix[at[a]][at[b]]  # noqa: B023 — used at once, in this iteration
-
-        related = cos("letters", "lowercase")
-        far = max(cos("letters", "fashion"), cos("lowercase", "fashion"))
-        held += related > far
-        details.append(f"seed {run.seed}: {related:.2f} vs {cos('letters', 'fashion'):.2f} / "
-                       f"{cos('lowercase', 'fashion'):.2f}")
-        seeds.append({"seed": run.seed, "related": related,
-                      "letters_fashion": cos("letters", "fashion"),
-                      "lowercase_fashion": cos("lowercase", "fashion")})
-    ok = held == len(runs)
-    return Target("progressive", "similarity",
-                  f"{text}: {mark(ok)} — {held}/{len(runs)} seeds; " + "; ".join(details), ok,
-                  numbers={"held": held, "seeds": len(runs), "per_seed": seeds})
-
-
-def _join_targets(prog: list[Row]) -> list[Target]:
-    """Joining leaves every earlier task's artifact byte-identical, its probe logits unchanged."""
-    text = ("- joining leaves every earlier task's artifact byte-identical and its probe logits "
-            "unchanged")
-    incremental = [r for r in prog if r.kind == PROGRESSIVE]
-    if not incremental:
-        return [Target("progressive", "join", f"{text}: not measured (needs the progressive "
-                       "row, the incremental one)", None)]
-    out = []
-    for r in incremental:
-        same = [ok for run in r.runs for _, ok in run.unchanged]
-        probes = [ok for run in r.runs for ok in run.probes]
-        checks = [(task, ok, drift) for run in r.runs for task, ok, drift in run.verified]
-        drifts = [d for _, _, d in checks if d is not None]
-        joins = sum(not opened for run in r.runs for t, opened in list(run.opened.items())[1:])
-        later = sum(len(run.opened) - 1 for run in r.runs)
-        ok = all(same) and all(probes) and all(ok for _, ok, _ in checks) and bool(same)
-        probe_drift = max((run.probe_drift for run in r.runs), default=0)
-        out.append(Target(
-            "progressive", "join",
-            f"{text}: {mark(ok)} — {r.label}, {plural(len(r.runs), 'seed')}: after every add, "
-            f"{sum(same)}/{len(same)} earlier tasks' artifacts and pinned shared bands re-read "
-            f"byte-identical (sha256 of the bytes); {sum(probes)}/{len(probes)} probe re-checks "
-            f"of earlier tasks during the adds unchanged (max drift "
-            f"{probe_drift:.3g}); `Manager.verify` at the "
-            f"end: {sum(ok for _, ok, _ in checks)}/{len(checks)} checks ok (max drift "
-            f"{max(drifts, default=0):.3g}); {joins} of {later} later adds joined an existing "
-            "group, the others opened one (every later add reads the shared band frozen)", ok,
-            r.label,
-            {"seeds": len(r.runs), "unchanged": sum(same), "rechecked": len(same),
-             "probes_ok": sum(probes), "probes": len(probes),
-             "verify_ok": sum(ok for _, ok, _ in checks), "verify": len(checks),
-             "max_probe_drift": probe_drift, "max_verify_drift": max(drifts, default=0),
-             "joins": joins, "later_adds": later}))
     return out

@@ -4,9 +4,15 @@ Stage 1 (`select_lr`) picks each row's rate from the one grid by mean validation
 task's training set cut to --select-train images (class-stratified), with the first seed. Stage 2
 trains the row at that rate with each of its seeds: linear, fine-tune, TAPS, adapter and fusion
 rows through the product path (`Manager`: registry, artifacts, restore-then-evaluate, probe
-checks, sizes from the budget report), LoRA rows with the library's `fit` and `evaluate`, the
-progressive rows as benchmarks/progressive.py says. `step_timing` then times a training step of
-every row round-robin.
+checks, sizes from the budget report), PEFT LoRA rows with the library's `fit` and `evaluate`,
+the progressive rows as benchmarks/progressive.py says. `step_timing` then times a training step
+of every row round-robin.
+
+A run whose training fails (the library raises a TapsError for a loss that turns non-finite) does
+not stop the benchmark: in stage 1 that rate scores nothing ("diverged") and cannot be chosen; a
+row that diverges at every rate gets no stage 2; in stage 2 the failing seed is recorded in the
+row's `failures` and has no run. The options of every row are checked before anything trains
+(`rows.check_rows`), so a TapsError here is the training's own.
 """
 
 from __future__ import annotations
@@ -30,20 +36,24 @@ from benchmarks.protocol import (
     stratified_subset,
 )
 from benchmarks.rows import (
+    PEFT,
     PROGRESSIVE,
     PROGRESSIVE_GROUP,
     PROGRESSIVE_KINDS,
     Row,
     RowSpec,
     Run,
+    RunFailed,
+    failing_task,
     fused_tasks,
     make_method,
+    measured,
     record_task,
     say_task,
     timing_of,
 )
 from taps_cl import serialization
-from taps_cl.errors import MethodError
+from taps_cl.errors import TapsError, first_line
 from taps_cl.manager import Manager
 from taps_cl.methods.base import Dependency, Method
 from taps_cl.training.evaluate import evaluate
@@ -52,26 +62,35 @@ from taps_cl.training.fit import fit
 # ------------------------------------------------------------------------------- stage 1
 
 
-def select_lr(bench: Bench, row: RowSpec) -> tuple[float, dict[float, float | None]]:
-    """The grid rate with the best mean validation accuracy on the subsampled training sets.
+Selection = tuple[float | None, dict[float, float | None], dict[float, str]]
 
-    Ties go to the smaller rate; a rate whose loss becomes non-finite scores nothing. The
-    adapter row keeps each task's adapter per rate; the fusion row (scored on the tasks from the
-    second on) fuses the adapters the adapter row trained here at its chosen rate, so the
-    adapter row must be selected first.
+
+def select_lr(bench: Bench, row: RowSpec) -> Selection:
+    """The grid rate with the best mean validation accuracy on the subsampled training sets,
+    each rate's score, and why each rate that scored nothing failed.
+
+    Ties go to the smaller rate; a rate whose training fails (a non-finite loss) scores nothing
+    and the row's chosen rate is None when every rate failed. The adapter row keeps each task's
+    adapter per rate; a fusion row (scored on the tasks from the second on) fuses the adapters its
+    adapter row trained here at that row's chosen rate, so the adapter row is selected first.
     """
     a = bench.args
-    if len(a.lr_values) == 1:
-        return a.lr_values[0], {}
     if row.kind in PROGRESSIVE_KINDS:
         return select_lr_progressive(bench, row)
+    if len(a.lr_values) == 1:
+        return a.lr_values[0], {}, {}
     seed = a.seed_values[0]
     tasks = bench.data(seed)
     scored = fused_tasks(bench.tasks, row)
     if row.kind == "fusion":
-        assert bench.adapter_lr is not None, "the adapter row runs before the fusion row"
-        adapters = bench.stage1_adapters[bench.adapter_lr]
+        assert row.reads is not None, "a fusion row names the adapter row it reads"
+        if row.reads not in bench.adapter_lr:  # that row diverged at every rate
+            reason = "its adapter row diverged at every rate"
+            bench.say(f"  stage 1  {row.label:<30} not run: {reason}")
+            return None, {lr: None for lr in a.lr_values}, {lr: reason for lr in a.lr_values}
+        adapters = bench.stage1_adapters[row.reads][bench.adapter_lr[row.reads]]
     scores: dict[float, float | None] = {}
+    errors: dict[float, str] = {}
     for lr in a.lr_values:
         accs: dict[str, float] = {}
         for task in scored:
@@ -84,38 +103,41 @@ def select_lr(bench: Bench, row: RowSpec) -> tuple[float, dict[float, float | No
             train = stratified_subset(td.train, a.select_train, seed)
             try:
                 fit(model, method, train, td.val, bench.train_config(lr, seed))
-            except MethodError as exc:  # a diverging rate: non-finite loss
-                bench.say(f"  stage 1  {row.label:<30} lr {fmt_lr(lr)}: {task.name} failed "
-                          f"({exc})")
+            except TapsError as exc:  # a diverging rate: non-finite loss
+                errors[lr] = f"{task.name}: {first_line(exc)}"
+                bench.say(f"  stage 1  {row.label:<30} lr {fmt_lr(lr)}: diverged on "
+                          f"{errors[lr]}")
                 break
             method.finalize(model)  # what would be stored is what is scored
             accs[task.name] = evaluate(model, td.val).accuracy
             if row.kind == "adapter":
-                bench.stage1_adapters.setdefault(lr, {})[task.name] = Dependency(
-                    task.name, "adapter", method.config_dict(),
-                    method.extract(model, bench.head).tensors)
+                bench.stage1_adapters.setdefault(row.key, {}).setdefault(lr, {})[task.name] = (
+                    Dependency(task.name, "adapter", method.config_dict(),
+                               method.extract(model, bench.head).tensors))
         scores[lr] = statistics.fmean(accs.values()) if len(accs) == len(scored) else None
         if scores[lr] is not None:
             bench.say(f"  stage 1  {row.label:<30} lr {fmt_lr(lr)}: val "
                       f"{100 * scores[lr]:5.1f}%  ("
                       + ", ".join(f"{t} {100 * v:.1f}" for t, v in accs.items()) + ")")
     chosen = _best_rate(bench, row, scores)
-    if row.kind == "adapter":  # only the chosen rate's adapters are fused later
-        bench.stage1_adapters = {chosen: bench.stage1_adapters[chosen]}
-    return chosen, scores
+    if row.kind == "adapter" and chosen is not None:  # only these adapters are fused later
+        bench.stage1_adapters[row.key] = {chosen: bench.stage1_adapters[row.key][chosen]}
+    return chosen, scores, errors
 
 
-def _best_rate(bench: Bench, row: RowSpec, scores: dict[float, float | None]) -> float:
-    """The rate with the best score (ties to the smaller); refused when every rate diverged."""
+def _best_rate(bench: Bench, row: RowSpec, scores: dict[float, float | None]) -> float | None:
+    """The rate with the best score (ties to the smaller); None when every rate diverged."""
     valid = {lr: s for lr, s in scores.items() if s is not None}
     if not valid:
-        raise SystemExit(f"{row.label}: training diverged at every rate of the grid")
+        bench.say(f"  stage 1  {row.label:<30} diverged at every rate of the grid: not run in "
+                  "stage 2")
+        return None
     chosen = max(valid, key=lambda lr: (valid[lr], -lr))
     bench.say(f"  stage 1  {row.label:<30} chosen lr {fmt_lr(chosen)}")
     return chosen
 
 
-def select_lr_progressive(bench: Bench, row: RowSpec) -> tuple[float, dict[float, float | None]]:
+def select_lr_progressive(bench: Bench, row: RowSpec) -> Selection:
     """Stage 1 of a progressive row: the row itself through the Manager, on cut training sets.
 
     Sharing is the method, so no task can be trained alone: for each grid rate the whole row runs
@@ -125,9 +147,12 @@ def select_lr_progressive(bench: Bench, row: RowSpec) -> tuple[float, dict[float
     restored model is then scored on the full validation split every other row is scored on.
     """
     a = bench.args
+    if len(a.lr_values) == 1:
+        return a.lr_values[0], {}, {}
     seed = a.seed_values[0]
     full = bench.data(seed)
     scores: dict[float, float | None] = {}
+    errors: dict[float, str] = {}
     home = Path(tempfile.mkdtemp(prefix="taps-bench-select-"))
     try:
         with Manager(home) as manager:
@@ -136,8 +161,10 @@ def select_lr_progressive(bench: Bench, row: RowSpec) -> tuple[float, dict[float
                 try:
                     train_progressive(bench, manager, row, base, lr, seed,
                                       max_train=a.select_train, max_test=SELECT_TEST)
-                except MethodError as exc:  # a diverging rate: non-finite loss
-                    bench.say(f"  stage 1  {row.label:<30} lr {fmt_lr(lr)}: failed ({exc})")
+                except RunFailed as exc:  # a diverging rate: non-finite loss
+                    errors[lr] = str(exc)
+                    bench.say(f"  stage 1  {row.label:<30} lr {fmt_lr(lr)}: diverged on "
+                              f"{errors[lr]}")
                     scores[lr] = None
                     continue
                 accs = {t.name: evaluate(manager.restore(f"{base}-{t.name}"),
@@ -148,37 +175,52 @@ def select_lr_progressive(bench: Bench, row: RowSpec) -> tuple[float, dict[float
                           + ", ".join(f"{t} {100 * v:.1f}" for t, v in accs.items()) + ")")
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    return _best_rate(bench, row, scores), scores
+    return _best_rate(bench, row, scores), scores, errors
 
 
 # ------------------------------------------------------------------------------- stage 2
 
 
 def run_manager(bench: Bench, manager: Manager, row: Row, seed: int) -> Run:
-    """One seed of a linear/fine-tune/TAPS row through the Manager: one base, tasks in order."""
+    """One seed of a linear/fine-tune/TAPS/lora/adapter row (or the default) through the
+    Manager: one base, tasks in order."""
     a = bench.args
-    base_name = f"bench-{row.spec.key}-s{seed}"
+    assert row.lr is not None
+    base_name = f"{bench.prefix}-{row.spec.key}-s{seed}"
     manager.add_base(base_name, bench.spec, weights=str(bench.weights))
     run = Run(seed)
     sizes = bench.data(a.seed_values[0])  # the same counts for every seed
     for task in bench.tasks:
-        result = manager.add_task(
-            f"{base_name}-{task.name}", base_name, task.data_spec, method=row.method,
-            method_options=row.spec.method_options(row.lr), epochs=a.epochs,
-            batch_size=a.batch_size, lr=row.lr, weight_decay=a.weight_decay,
-            img_size=a.img_size, seed=seed, max_train=a.max_train, max_test=a.max_test,
-            val_fraction=VAL_FRACTION,
-        )
+        with failing_task(task.name):
+            result = manager.add_task(
+                f"{base_name}-{task.name}", base_name, task.data_spec, method=row.method,
+                method_options=row.spec.method_options(row.lr), epochs=a.epochs,
+                batch_size=a.batch_size, lr=row.lr, weight_decay=a.weight_decay,
+                img_size=a.img_size, seed=seed, max_train=a.max_train, max_test=a.max_test,
+                val_fraction=VAL_FRACTION,
+            )
         record_task(bench, row, run, task.name, result, len(sizes[task.name].train))
     budget = manager.budget(base_name)
     for entry in budget.tasks:
         run.task_bytes[entry.name.removeprefix(f"{base_name}-")] = entry.bytes
+    ordered = [run.task_bytes[t.name] for t in bench.tasks]
     if row.method == "finetune":  # a fine-tuned task is a whole model: N models, no shared base
         run.total_params = budget.finetune_total_params
         run.total_bytes = sum(entry.bytes for entry in budget.tasks)
+        run.cumulative_bytes = _cumulative(0, ordered)
     else:
         run.total_params, run.total_bytes = budget.total_params, budget.total_bytes
+        run.cumulative_bytes = _cumulative(budget.base_bytes, ordered)
     return run
+
+
+def _cumulative(start: int, sizes: list[int]) -> list[int]:
+    """start + the running sum of `sizes`: bytes stored after each task."""
+    out, total = [], start
+    for size in sizes:
+        total += size
+        out.append(total)
+    return out
 
 
 def run_fusion(bench: Bench, manager: Manager, row: Row, seed: int, adapter: Row) -> Run:
@@ -190,8 +232,11 @@ def run_fusion(bench: Bench, manager: Manager, row: Row, seed: int, adapter: Row
     fusion tasks, its first task and the adapters they fuse), each once.
     """
     a = bench.args
-    base_name = f"bench-{adapter.spec.key}-s{seed}"  # run_manager's base of the adapter row
-    source = next(r for r in adapter.runs if r.seed == seed)
+    assert row.lr is not None
+    base_name = f"{bench.prefix}-{adapter.spec.key}-s{seed}"  # run_manager's base of that row
+    source = next((r for r in adapter.runs if r.seed == seed), None)
+    if source is None:
+        raise RunFailed(bench.tasks[0].name, f"the adapter row has no run for seed {seed}")
     first = bench.tasks[0].name
     run = Run(seed, reused={first})
     for table in ("acc", "task_params", "task_bytes", "active", "active_names",
@@ -201,14 +246,16 @@ def run_fusion(bench: Bench, manager: Manager, row: Row, seed: int, adapter: Row
     mine = {first: f"{base_name}-{first}"}
     for i, task in enumerate(bench.tasks[1:], start=1):
         fuse = [f"{base_name}-{t.name}" for t in bench.tasks[:i]]
-        name = f"bench-{row.spec.key}-s{seed}-{task.name}"  # prefixed: no clash with the adapters
-        result = manager.add_task(
-            name, base_name, task.data_spec, method=row.method,
-            method_options={**row.spec.method_options(row.lr), "fuse": ",".join(fuse)},
-            epochs=a.epochs, batch_size=a.batch_size, lr=row.lr, weight_decay=a.weight_decay,
-            img_size=a.img_size, seed=seed, max_train=a.max_train, max_test=a.max_test,
-            val_fraction=VAL_FRACTION,
-        )
+        # prefixed: no clash with the adapters
+        name = f"{bench.prefix}-{row.spec.key}-s{seed}-{task.name}"
+        with failing_task(task.name):
+            result = manager.add_task(
+                name, base_name, task.data_spec, method=row.method,
+                method_options={**row.spec.method_options(row.lr), "fuse": ",".join(fuse)},
+                epochs=a.epochs, batch_size=a.batch_size, lr=row.lr,
+                weight_decay=a.weight_decay, img_size=a.img_size, seed=seed,
+                max_train=a.max_train, max_test=a.max_test, val_fraction=VAL_FRACTION,
+            )
         mine[task.name] = name
         record_task(bench, row, run, task.name, result, len(sizes[task.name].train))
     budget = manager.budget(base_name)
@@ -216,29 +263,37 @@ def run_fusion(bench: Bench, manager: Manager, row: Row, seed: int, adapter: Row
     for task, name in mine.items():
         run.task_bytes[task] = entries[name].bytes
     # The row's artifacts: its own tasks and every adapter task they read (the registry's pins).
-    stored = set(mine.values()) | {dep for name in mine.values()
-                                   for dep in entries[name].depends_on}
-    distinct = {entries[n].sha256: entries[n] for n in stored}
-    run.total_params = budget.base_params + sum(e.task_params for e in distinct.values())
-    run.total_bytes = budget.base_bytes + sum(e.bytes for e in distinct.values())
+    def distinct(names: list[str]) -> dict:  # sha256 → budget entry, each artifact once
+        stored = set(names) | {dep for name in names for dep in entries[name].depends_on}
+        return {entries[n].sha256: entries[n] for n in stored}
+
+    every = distinct(list(mine.values()))
+    run.total_params = budget.base_params + sum(e.task_params for e in every.values())
+    run.total_bytes = budget.base_bytes + sum(e.bytes for e in every.values())
+    names = [mine[t.name] for t in bench.tasks]
+    run.cumulative_bytes = [budget.base_bytes + sum(e.bytes for e in distinct(names[:k]).values())
+                            for k in range(1, len(names) + 1)]
     return run
 
 
 def run_lora(bench: Bench, row: Row, seed: int) -> Run:
-    """One seed of a LoRA row with the library's fit/evaluate (same data, seed and head init)."""
+    """One seed of a PEFT LoRA row with the library's fit/evaluate (same data, seed and head
+    init)."""
+    assert row.lr is not None
     run = Run(seed)
     for task in bench.tasks:
         td = bench.data(seed)[task.name]
         method = make_method(row.spec, row.lr, bench.args.epochs)
         model = bench.task_model(method, len(td.class_names), seed)
-        result = fit(model, method, td.train, td.val, bench.train_config(row.lr, seed))
+        with failing_task(task.name):
+            result = fit(model, method, td.train, td.val, bench.train_config(row.lr, seed))
         method.finalize(model)
         state = method.extract(model, bench.head)
         run.acc[task.name] = evaluate(model, td.test).accuracy
         run.task_params[task.name] = state.num_params
         # The file a registry would store: same serialisation, a shorter metadata record.
         run.task_bytes[task.name] = len(serialization.to_bytes(
-            state.tensors, {"method": "lora", "config": method.config_dict(), "task": task.name}))
+            state.tensors, {"method": PEFT, "config": method.config_dict(), "task": task.name}))
         run.active[task.name] = f"{state.active_layers}/{len(state.layers)}"
         run.epoch_seconds[task.name], run.images_per_s[task.name] = timing_of(
             result.history, len(td.train))
@@ -246,31 +301,51 @@ def run_lora(bench: Bench, row: Row, seed: int) -> Run:
         say_task(bench, row, run, task.name)
     run.total_params = bench.base_params + sum(run.task_params.values())
     run.total_bytes = bench.base_bytes + sum(run.task_bytes.values())
+    run.cumulative_bytes = _cumulative(bench.base_bytes,
+                                       [run.task_bytes[t.name] for t in bench.tasks])
     return run
 
 
 def train_row(bench: Bench, manager: Manager, spec: RowSpec, done: list[Row]) -> Row:
     """Stage 1 (the row's learning rate), then stage 2 at that rate for the row's seeds.
 
-    `done`: the rows trained before (the fusion row reads the adapter row's tasks).
+    `done`: the rows trained before (a fusion row reads its adapter row's tasks).
     """
-    lr, scores = select_lr(bench, spec)
-    row = Row(spec, lr, scores)
+    lr, scores, errors = select_lr(bench, spec)
+    row = Row(spec, lr, scores, stage1_errors=errors)
+    if lr is None:
+        return row
     if spec.kind == "adapter":
-        bench.adapter_lr = lr
-    for seed in spec.seeds(bench.args.seed_values):
-        if spec.method == "lora":
-            row.runs.append(run_lora(bench, row, seed))
-        elif spec.kind == "fusion":
-            adapter = next(r for r in done if r.kind == "adapter")
-            row.runs.append(run_fusion(bench, manager, row, seed, adapter))
-        elif spec.kind == PROGRESSIVE_GROUP:
-            row.runs.append(run_progressive_group(bench, manager, row, seed))
-        elif spec.kind == PROGRESSIVE:
-            row.runs.append(run_progressive(bench, manager, row, seed))
-        else:
-            row.runs.append(run_manager(bench, manager, row, seed))
+        bench.adapter_lr[spec.key] = lr
+    train_runs(bench, manager, row, spec.seeds(bench.args.seed_values), done)
     return row
+
+
+def train_runs(bench: Bench, manager: Manager, row: Row, seeds: list[int],
+               done: list[Row]) -> None:
+    """Stage 2 of `row` at its rate, one run per seed; a failing seed goes to row.failures."""
+    for seed in seeds:
+        try:
+            row.runs.append(_run(bench, manager, row, seed, done))
+        except RunFailed as exc:
+            row.failures.append({"seed": seed, "task": exc.task, "lr": row.lr,
+                                 "error": exc.error})
+            bench.say(f"  stage 2  {row.label:<30} seed {seed} {exc.task}: failed at lr "
+                      f"{fmt_lr(row.lr)} ({exc.error}); no run for this seed")
+
+
+def _run(bench: Bench, manager: Manager, row: Row, seed: int, done: list[Row]) -> Run:
+    spec = row.spec
+    if spec.method == PEFT:
+        return run_lora(bench, row, seed)
+    if spec.kind == "fusion":
+        adapter = next(r for r in done if r.key == spec.reads)
+        return run_fusion(bench, manager, row, seed, adapter)
+    if spec.kind == PROGRESSIVE_GROUP:
+        return run_progressive_group(bench, manager, row, seed)
+    if spec.kind == PROGRESSIVE:
+        return run_progressive(bench, manager, row, seed)
+    return run_manager(bench, manager, row, seed)
 
 
 # ------------------------------------------------------------------------ step timing
@@ -287,6 +362,7 @@ def step_timing(rows: list[Row], bench: Bench, num_classes: int, rounds: int,
     not change the cost).
     """
     a = bench.args
+    rows = measured(rows)
     first = bench.data(a.seed_values[0])[bench.tasks[0].name].train
     n = min(a.batch_size, len(first))
     inputs = torch.stack([first[i][0] for i in range(n)])
@@ -294,8 +370,10 @@ def step_timing(rows: list[Row], bench: Bench, num_classes: int, rounds: int,
     setups = []
     for row in rows:
         deps: list[Dependency] = []
+        assert row.lr is not None
         if row.kind == "fusion":
-            adapter = next(r for r in rows if r.kind == "adapter")
+            adapter = next(r for r in rows if r.key == row.spec.reads)
+            assert adapter.lr is not None
             config = make_method(adapter.spec, adapter.lr, a.epochs).config_dict()
             deps = [Dependency(t.name, "adapter", config, None) for t in bench.tasks[:-1]]
         method = make_method(row.spec, row.lr, a.epochs, fuse=[d.name for d in deps])

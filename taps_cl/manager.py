@@ -13,9 +13,9 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from registry import AlreadyExists, NotFound, Registry, RegistryError
+from registry import AlreadyExists, Registry, RegistryError
 from registry.entities import BaseModel, GarbageFile, Task, TaskSummary
 from taps_cl.analysis import reports
 from taps_cl.errors import TapsError, first_line
@@ -23,6 +23,7 @@ from taps_cl.errors import TapsError, first_line
 if TYPE_CHECKING:  # these import torch: loaded where first used (see the module docstring)
     from torch import nn
 
+    from taps_cl.serving.multitask import MultiTaskModel
     from taps_cl.tasks.grouping import GroupResult
     from taps_cl.tasks.rebuilding import TaskModels
     from taps_cl.tasks.recording import TaskAddResult
@@ -104,7 +105,7 @@ class Manager:
         from taps_cl.models.weights import read_weights
 
         reg = self._writable()
-        if _exists(reg.get_base, name):  # fail before building the model
+        if any(b.name == name for b in reg.list_bases()):  # fail before building the model
             raise AlreadyExists(f"base model {name!r} already exists")
         spec = backbones.ModelSpec.parse(model)
         net = backbones.create_model(spec, pretrained=pretrained)
@@ -281,6 +282,14 @@ class Manager:
         """Top-k (class name, probability) for each image file."""
         return self.models.predict(name, images, top_k=top_k, device=device)
 
+    def serving(self, tasks: Optional[Sequence[str]] = None, base: Optional[str] = None,
+                device: str = "cpu") -> MultiTaskModel:
+        """One model serving `tasks` (or `base`'s, or every base's, ready tasks), what they share
+        held and computed once (taps_cl.serving.multitask; docs/commands.md, `predict`)."""
+        from taps_cl.serving.multitask import build_multitask
+
+        return build_multitask(self, tasks, base, device)
+
     def evaluate_task(
         self, name: str, data_spec: Optional[str] = None, record: bool = False,
         max_test: Optional[int] = None, device: str = "auto",
@@ -401,14 +410,6 @@ class Manager:
         return similarity_report(self.registry, self.models, self.only_base(base), data,
                                  classes=classes, img_size=img_size, max_train=max_train,
                                  seed=seed)
-
-
-def _exists(lookup: Callable[[str], Any], name: str) -> Any:
-    """The entity ``lookup(name)`` returns, or None when it is not there."""
-    try:
-        return lookup(name)
-    except NotFound:
-        return None
 
 
 def restore(

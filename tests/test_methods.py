@@ -203,8 +203,10 @@ def test_layer_records_cover_every_adaptable_layer(name):
     assert {r.kind for r in state.layers} == {"conv2d", "linear"}
     assert all(f"set/{k}" in state.tensors for k in head)
     delta_keys = {k for k in state.tensors if k.startswith("delta/")}
-    stored_as_delta = {f"delta/{r.name}.weight" for r in state.layers if r.active}
-    assert delta_keys == (stored_as_delta if name == "taps" else set())
+    factorised = {k.removeprefix("factor_a/") for k in state.tensors if k.startswith("factor_a/")}
+    stored_as_delta = {f"delta/{r.name}.weight" for r in state.layers
+                       if r.active and f"{r.name}.weight" not in factorised}
+    assert delta_keys == (stored_as_delta if name in ("taps", "lora") else set())
     assert state.num_params == sum(t.numel() for t in state.tensors.values())
     json.dumps(method.config_dict())
 
@@ -448,14 +450,15 @@ def test_get_method_and_config():
     cfg = taps.config_dict()
     assert json.loads(json.dumps(cfg)) == cfg
     assert get_method("taps", **cfg).config == taps.config
-    assert get_method("finetune").config_dict() == {}
+    assert get_method("finetune").config_dict() == {"norms": "task", "norm_split": 0.5}
 
 
 @pytest.mark.parametrize(
     ("name", "overrides", "message"),
     [
         ("nope", {},
-         r"unknown method 'nope' \(choose from adapter, finetune, fusion, linear, progressive, taps"),
+         r"unknown method 'nope' \(choose from adapter, finetune, fusion, linear, lora, "
+         r"progressive, taps"),
         ("taps", {"lamda": 1.0}, r"no option 'lamda' \(options: lam, tau, score_init"),
         ("linear", {"lam": 1.0}, r"no option 'lam' \(options: none\)"),
         ("taps", {"lam": -1.0}, r"lam must be >= 0"),

@@ -57,7 +57,7 @@ def test_a_flag_of_another_method_is_refused_naming_its_methods(tmp_path, capsys
     code, _, err = run(capsys, "--home", str(tmp_path), "task", "add", "t", "--base", "b",
                        "--data", "digits", "--method", "linear", "--rank", "4")
     assert code == 1
-    assert_one_line_error(err, r"--rank applies to --method taps, not linear")
+    assert_one_line_error(err, r"--rank applies to --method taps, lora, not linear")
 
 
 def test_keywords_are_sorted_by_their_declarations():

@@ -175,17 +175,19 @@ class AccuracyReport:
 
     @cached_property
     def _dense(self) -> list[list[tuple[Optional[float], Optional[str]]]]:
+        return [self.row(i) for i in range(len(self.recorded))]
+
+    def row(self, i: int) -> list[tuple[Optional[float], Optional[str]]]:
+        """Row i of the matrix as (value, kind) per column, without building the other rows."""
         n = len(self.tasks)
-        dense = []
-        for records in self.recorded:
-            row: list[tuple[Optional[float], Optional[str]]] = [(None, None)] * n
-            for k, (column, value, kind) in enumerate(records):
-                end = records[k + 1][0] if k + 1 < len(records) else n
-                row[column] = (value, kind)
-                carried = "changed" if kind == "changed" else "derived"
-                row[column + 1:end] = [(value, carried)] * (end - column - 1)
-            dense.append(row)
-        return dense
+        records = self.recorded[i]
+        row: list[tuple[Optional[float], Optional[str]]] = [(None, None)] * n
+        for k, (column, value, kind) in enumerate(records):
+            end = records[k + 1][0] if k + 1 < len(records) else n
+            row[column] = (value, kind)
+            carried = "changed" if kind == "changed" else "derived"
+            row[column + 1:end] = [(value, carried)] * (end - column - 1)
+        return row
 
     @property
     def stored_cells(self) -> int:

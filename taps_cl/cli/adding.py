@@ -9,6 +9,7 @@ from typing import Any, Optional
 import click
 
 import taps_cl.cli.options as options
+from taps_cl.analysis.documents import task_json
 from taps_cl.cli.launch import launch
 from taps_cl.cli.render import (
     Context,
@@ -17,7 +18,6 @@ from taps_cl.cli.render import (
     pass_ctx,
     pct,
     progress,
-    task_json,
 )
 from taps_cl.cli.state import STATE
 from taps_cl.errors import TapsError

@@ -26,7 +26,8 @@ from taps_cl.manager import Manager
 log = logging.getLogger("taps_cl")
 
 
-@click.group(cls=LazyGroup, lazy={"group": "taps_cl.cli.groups:group_group"},
+@click.group(cls=LazyGroup, lazy={"group": "taps_cl.cli.groups:group_group",
+                   "serve": "taps_cl.cli.serving:serve_cmd", "ui": "taps_cl.cli.ui:ui_cmd"},
              context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", envvar="TAPS_CL_HOME", type=click.Path(file_okay=False),
               help="Directory with registry.db and artifacts/ (default ./.taps-cl).")

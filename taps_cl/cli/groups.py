@@ -8,7 +8,8 @@ from typing import Any, Optional
 import click
 
 import taps_cl.cli.options as options
-from taps_cl.cli.render import Context, pass_ctx, pct, progress, task_json
+from taps_cl.analysis.documents import task_json
+from taps_cl.cli.render import Context, pass_ctx, pct, progress
 from taps_cl.tasks.requests import RunOptions
 from taps_cl.training.fit import TrainConfig
 

@@ -12,8 +12,8 @@ from typing import Any, Optional
 
 import click
 
-from registry.entities import Task
 from taps_cl.analysis import reports
+from taps_cl.analysis.documents import dumps
 
 # Rows a human table shows when no --limit is given (--json always lists every row).
 TABLE_ROWS = 50
@@ -35,8 +35,11 @@ class Context:
             # allow_nan=False: the document must parse with any JSON reader (jq, JavaScript).
             # Indented on a terminal; compact into a pipe or file, where Python's C encoder
             # writes the 10,000 rows of a large registry several times faster.
-            indent = 2 if sys.stdout.isatty() else None
-            click.echo(json.dumps(data, indent=indent, default=str, allow_nan=False))
+            # The compact form is documents.dumps, which the web overview's JSON views share.
+            if sys.stdout.isatty():
+                click.echo(json.dumps(data, indent=2, default=str, allow_nan=False))
+            else:
+                click.echo(dumps(data))
         else:
             say(*text())
 
@@ -195,13 +198,6 @@ def similarity_text(rep: reports.SimilarityReport) -> Iterator[str]:
         yield f"left out: {name}: {reason}"
 
 
-def task_json(t: Task, accuracy: Optional[float]) -> dict[str, Any]:
-    return {"name": t.name, "base": t.base, "method": t.method, "position": t.position,
-            "status": t.status, "num_classes": t.num_classes, "task_params": t.task_params,
-            "active_layers": t.active_layers, "total_layers": t.total_layers,
-            "test_accuracy": accuracy}
-
-
 def launched_output(run: Any, debug: bool) -> None:
     """What the processes of `task add --nproc N` printed: rank 0's output, and the others'
     errors where the run failed or with --debug."""
@@ -211,3 +207,29 @@ def launched_output(run: Any, debug: bool) -> None:
             click.echo(text, err=True, nl=False)
     if debug:
         click.echo(run.torchrun_stderr, err=True, nl=False)
+
+
+def plan_text(plan: Any, names: int = 6) -> Iterator[str]:
+    """A multi-task model's segment plan (taps_cl.serving.plan.SegmentPlan) as an indented tree:
+    each segment's stages, tasks, share of the work and what it changes from the base."""
+    tasks = sum(len(b.tasks) for b in plan.bases)
+    yield (f"{tasks} task(s) on {len(plan.bases)} base(s); every task on one image: "
+           f"{plan.shared_macs:,} MACs shared vs {plan.separate_macs:,} one task at a time "
+           f"({plan.saving:.2f}× less work)")
+    for b in plan.bases:
+        how = (f"{b.family}, {len(b.stages)} stages" if b.family != "whole"
+               else "no stage decomposition: every task runs whole")
+        whole = (f"; run whole: {', '.join(b.whole)}"
+                 if b.whole and b.family != "whole" else "")
+        yield f"base {b.base}: {how}{whole}"
+
+    def listed(items: Sequence[str]) -> str:
+        shown = ", ".join(items[:names])
+        return shown + (f" +{len(items) - names} more" if len(items) > names else "")
+
+    yield from table(
+        ["segment", "stages", "tasks", "share", "of a task", "differs from base"],
+        [[f"{'  ' * s.depth}{s.id}", s.first if s.first == s.last else f"{s.first} … {s.last}",
+          listed(s.tasks), f"{100 * s.share:.1f}%", f"{100 * s.fraction:.1f}%",
+          ", ".join(s.differs) or "nothing (the base's layers)"]
+         for s in plan.segments])

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import asdict
-from typing import Any, Optional
+from typing import Optional
 
 import click
 
-from registry.entities import TaskSummary
+from taps_cl.analysis.documents import summary_json, task_show_json
 from taps_cl.cli.lazy import LazyGroup
 from taps_cl.cli.render import (
     TABLE_ROWS,
@@ -19,7 +19,6 @@ from taps_cl.cli.render import (
     pass_ctx,
     pct,
     table,
-    task_json,
 )
 
 
@@ -51,13 +50,6 @@ def task_delete(c: Context, name: str) -> None:
            lambda: line(f"deleted task {name} ({len(removed)} artifact file(s) removed)"))
 
 
-def _summary_json(t: TaskSummary) -> dict[str, Any]:
-    return {"name": t.name, "base": t.base, "method": t.method, "position": t.position,
-            "status": t.status, "num_classes": t.num_classes, "task_params": t.task_params,
-            "active_layers": t.active_layers, "total_layers": t.total_layers,
-            "test_accuracy": t.test_accuracy}
-
-
 @task_group.command("list")
 @click.option("--base", help="Only this base's tasks.")
 @click.option("--limit", type=click.IntRange(0),
@@ -70,7 +62,7 @@ def task_list(c: Context, base: Optional[str], limit: Optional[int], offset: int
     if limit is None and not c.json:
         limit = TABLE_ROWS
     summaries = c.manager.task_summaries(base, limit=limit, offset=offset)
-    rows = [_summary_json(t) for t in summaries]
+    rows = [summary_json(t) for t in summaries]
 
     def text() -> Iterator[str]:
         yield from table(["#", "name", "base", "method", "status", "classes", "task params",
@@ -92,17 +84,10 @@ def task_list(c: Context, base: Optional[str], limit: Optional[int], offset: int
 def task_show(c: Context, name: str, all_layers: bool) -> None:
     """Show a task and its active-layer set."""
     t = c.manager.get_task(name)
-    base_params = c.manager.get_base(t.base).num_params
-    data = task_json(t, c.manager.test_accuracies(t.base).get(t.name))
-    budget = t.method_config.get("budget")
-    data.update(budget=budget, budget_used=t.task_params / base_params if base_params else None,
-                depends_on=[asdict(pin) for pin in t.depends_on],
-                dependents=c.manager.registry.list_dependents(t.name))
-    data.update(method_config=t.method_config, train_config=t.train_config,
-                dataset=t.dataset_spec, class_names=list(t.class_names),
-                train_seconds=t.train_seconds,
-                artifact=t.artifact.sha256 if t.artifact else None,
-                layers=[asdict(layer) for layer in t.layers])
+    data = task_show_json(t, c.manager.get_base(t.base).num_params,
+                          c.manager.test_accuracies(t.base).get(t.name),
+                          c.manager.registry.list_dependents(t.name))
+    budget = data["budget"]
 
     def text() -> Iterator[str]:
         yield f"task {t.name}: {t.method} on {t.base} (position {t.position}, {t.status})"

@@ -3,8 +3,9 @@
 Every block of the backbone gets an adapter on its output h: h ↦ h + U·act(D·h), with D a down
 projection to max(1, C // reduction) channels and U the up projection back to C. U is zero at
 start, so training starts at the base; D has PyTorch's default initialisation (torch's global RNG).
-The base weights stay frozen; adapters, norm layers (parameters and statistics) and the head are
-the task's own, as in TAPS.
+The base weights stay frozen; adapters, norm layers and the head are the task's own, the norm
+layers as the task's norm policy says (`norms`, methods/norms.py; by default their parameters and
+statistics, as in TAPS).
 
 Which modules are blocks and how their outputs are laid out is `taps_cl.methods.blocks`. The
 adapters live in the ModuleDict `model.taps_adapters` and act through forward hooks on the blocks;
@@ -22,8 +23,8 @@ from torch import Tensor, nn
 from taps_cl.errors import MethodError
 from taps_cl.methods.base import MODULE_PREFIX, Dependency, LayerRecord, Method, TaskState
 from taps_cl.methods.blocks import (
-    MAX_REDUCTION,
     ACTIVATIONS,
+    MAX_REDUCTION,
     Bottleneck,
     attached,
     hook_blocks,
@@ -37,9 +38,15 @@ from taps_cl.methods.layers import (
     cpu_copy,
     freeze,
     module_state,
+    trainable,
+)
+from taps_cl.methods.norms import (
+    NormPolicy,
+    check_norm_options,
+    norm_split_option,
+    norms_option,
     stored_norm_head,
     train_norms_and_head,
-    trainable,
 )
 from taps_cl.methods.options import check_choice, check_number, option
 
@@ -60,6 +67,9 @@ class AdapterConfig:
         minimum=1, maximum=MAX_REDUCTION)
     # Non-linearity between down and up projection: "relu" (the paper's) or "gelu".
     activation: str = "relu"
+    # Norm policy (methods/norms.py): task, affine, base or split (at norm_split).
+    norms: str = norms_option()
+    norm_split: float = norm_split_option()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reduction", check_number(
@@ -67,6 +77,7 @@ class AdapterConfig:
             integer=True))
         object.__setattr__(self, "activation", check_choice(
             "adapter", "activation", self.activation, tuple(ACTIVATIONS)))
+        check_norm_options("adapter", self)
 
 
 @register
@@ -90,12 +101,17 @@ class Adapter(Method):
         logger.debug("adapter: %d blocks adapted at reduction %d", len(sites), cfg.reduction)
 
     def prepare(self, model: nn.Module, head: frozenset[str]) -> nn.Module:
-        """Freeze the base; adapters, norms and head train. Needs `attach` first."""
+        """Freeze the base; adapters, norms (by the norm policy) and head train. Needs `attach`
+        first."""
         adapters = attached(model, ADAPTERS_ATTR, self.name)
         freeze(model)
         trainable(list(adapters.parameters()))
-        train_norms_and_head(model, head)
+        train_norms_and_head(model, head, NormPolicy.of(self.config))
         return model
+
+    def set_train_mode(self, model: nn.Module) -> None:
+        """Train mode, norm layers as the norm policy says."""
+        NormPolicy.of(self.config).train_mode(model)
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
         """One group: adapters, norms and head."""
@@ -103,12 +119,13 @@ class Adapter(Method):
         return [{"params": params, "lr": lr, "weight_decay": weight_decay, "name": "task"}]
 
     def extract(self, model: nn.Module, head: frozenset[str]) -> TaskState:
-        """`module/` adapter tensors, `set/` norms and head; a record per adapted block."""
+        """`module/` adapter tensors, `set/` norms (by the norm policy) and head; a record per
+        adapted block."""
         adapters = attached(model, ADAPTERS_ATTR, self.name)
         sizes = block_params(model)
         tensors = {f"{MODULE_PREFIX}{key}": cpu_copy(value)
                    for key, value in module_state(ADAPTERS_ATTR, adapters).items()}
-        tensors.update(stored_norm_head(model, head))
+        tensors.update(stored_norm_head(model, head, NormPolicy.of(self.config)))
         layers = [
             LayerRecord(name=name, kind="adapter", score=None, active=True,
                         base_params=sizes[name],

@@ -17,6 +17,7 @@ from taps_cl.methods.base import Method
 # Modules of the methods that ship with taps-cl; each registers its Method class when imported.
 BUILTIN = (
     "taps_cl.methods.taps",
+    "taps_cl.methods.lora",
     "taps_cl.methods.finetune",
     "taps_cl.methods.linear",
     "taps_cl.methods.adapter",

@@ -11,7 +11,8 @@ with query and key projections Wq, Wk to d = max(1, C // key_reduction) channels
 last dimension, or 1×1 convs on NCHW maps, as the adapters) and a per-channel value scale v, one at
 start (the identity: the paper's Wv reduced to its diagonal) and pulled towards it by
 value_reg·Σ‖1 − v‖². The fused adapters never change; the task trains the fusion layers, its own
-adapter, the norm layers and the head, and stores only those.
+adapter, the norm layers (as its norm policy says, `norms`: methods/norms.py) and the head, and
+stores only those.
 
 Attached modules: `model.taps_fusion[<site key>]` per block (site key as in adapter.py:
 "blocks.3.1" → "blocks-3-1") holding `adapters.dep<i>` for the i-th name of `fuse`,
@@ -35,8 +36,8 @@ from taps_cl.errors import MethodError
 from taps_cl.methods.adapter import ADAPTERS_ATTR, AdapterConfig
 from taps_cl.methods.base import MODULE_PREFIX, Dependency, LayerRecord, Method, TaskState
 from taps_cl.methods.blocks import (
-    MAX_REDUCTION,
     ACTIVATIONS,
+    MAX_REDUCTION,
     BlockSite,
     Bottleneck,
     attached,
@@ -51,9 +52,15 @@ from taps_cl.methods.layers import (
     cpu_copy,
     freeze,
     module_state,
+    trainable,
+)
+from taps_cl.methods.norms import (
+    NormPolicy,
+    check_norm_options,
+    norm_split_option,
+    norms_option,
     stored_norm_head,
     train_norms_and_head,
-    trainable,
 )
 from taps_cl.methods.options import check_choice, check_number, option
 
@@ -91,6 +98,9 @@ class FusionConfig:
     key_reduction: int = 32
     # Weight of the regulariser value_reg·Σ‖1 − v‖² pulling the value scales to the identity.
     value_reg: float = 0.01
+    # Norm policy (methods/norms.py): task, affine, base or split (at norm_split).
+    norms: str = norms_option()
+    norm_split: float = norm_split_option()
 
     def __post_init__(self) -> None:
         def fix(field: str, value: object) -> None:
@@ -107,6 +117,7 @@ class FusionConfig:
         fix("key_reduction", check_number("fusion", "key_reduction", self.key_reduction,
                                           minimum=1, integer=True))
         fix("value_reg", check_number("fusion", "value_reg", self.value_reg, minimum=0))
+        check_norm_options("fusion", self)
 
 
 def _fuse_names(value: Any) -> tuple[str, ...]:
@@ -237,13 +248,18 @@ class Fusion(Method):
         return placed
 
     def prepare(self, model: nn.Module, head: frozenset[str]) -> nn.Module:
-        """Freeze the base and the fused adapters; fusion layers, own adapter, norms, head train."""
+        """Freeze the base and the fused adapters; fusion layers, own adapter, norms (by the norm
+        policy), head train."""
         sites = attached(model, FUSION_ATTR, self.name)
         freeze(model)
         for site in sites.values():
             trainable(site.own_parameters())
-        train_norms_and_head(model, head)
+        train_norms_and_head(model, head, NormPolicy.of(self.config))
         return model
+
+    def set_train_mode(self, model: nn.Module) -> None:
+        """Train mode, norm layers as the norm policy says."""
+        NormPolicy.of(self.config).train_mode(model)
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
         """One group: fusion layers, own adapter, norms and head."""
@@ -268,7 +284,7 @@ class Fusion(Method):
         tensors = {f"{MODULE_PREFIX}{key}": cpu_copy(value)
                    for key, value in module_state(FUSION_ATTR, sites).items()
                    if not any(part in key for part in fused)}
-        tensors.update(stored_norm_head(model, head))
+        tensors.update(stored_norm_head(model, head, NormPolicy.of(self.config)))
         sizes = block_params(model)
         keys = set(sites.keys())
         layers = [

@@ -1,17 +1,19 @@
 """Finding a model's layers and copying their state: what every method needs from a backbone.
 
 `adaptable_layers` (every Conv2d/Linear but the head) and `norm_layers` (BatchNorm-like, LayerNorm,
-GroupNorm) define what a task may change; the rest freezes, unfreezes and copies tensors."""
+GroupNorm) define what a task may change; the rest freezes, unfreezes and copies tensors. What a
+task does with its norm layers is its norm policy (`taps_cl.methods.norms`)."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from taps_cl.errors import MethodError
 from taps_cl.methods.base import SET_PREFIX
 
-# Norm layers whose parameters and statistics become task-specific.
+# Norm layers: what a task does with them is its norm policy (methods/norms.py).
 NORM_TYPES: tuple[type[nn.Module], ...] = (_NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -52,26 +54,16 @@ def cpu_copy(tensor: Tensor) -> Tensor:
     return tensor.detach().to("cpu", copy=True).contiguous()
 
 
+def stored_copy(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """A CPU copy of `value` as stored: floating point in `dtype`, integers unchanged."""
+    copy = cpu_copy(value)
+    return copy.to(dtype) if copy.is_floating_point() else copy
+
+
 def module_state(prefix: str, module: nn.Module) -> dict[str, Tensor]:
     """State-dict entries (parameters, persistent buffers) of one module, keyed as in the model."""
     dotted = f"{prefix}." if prefix else ""
     return {f"{dotted}{key}": value for key, value in module.state_dict().items()}
-
-
-def norm_head_state(model: nn.Module, head: frozenset[str]) -> dict[str, Tensor]:
-    """What a task stores whole (`set/`, not copied): norm parameters and buffers, then the head.
-
-    Buffers include BatchNorm's running statistics and num_batches_tracked.
-    """
-    state: dict[str, Tensor] = {}
-    for name, module in norm_layers(model):
-        state.update(module_state(name, module))
-    full = model.state_dict()
-    missing = sorted(head - full.keys())
-    if missing:
-        raise MethodError(f"the model has no head key(s) {missing}")
-    state.update({key: full[key] for key in sorted(head)})
-    return state
 
 
 def head_state(model: nn.Module, head: frozenset[str]) -> dict[str, Tensor]:
@@ -94,19 +86,6 @@ def freeze(model: nn.Module) -> None:
     """Make every parameter of `model` frozen."""
     for p in model.parameters():
         p.requires_grad_(False)
-
-
-def stored_norm_head(model: nn.Module, head: frozenset[str]) -> dict[str, Tensor]:
-    """`set/` copies of every norm layer's parameters and buffers, then of the head."""
-    return {f"{SET_PREFIX}{key}": cpu_copy(value)
-            for key, value in norm_head_state(model, head).items()}
-
-
-def train_norms_and_head(model: nn.Module, head: frozenset[str]) -> None:
-    """Make every norm layer's parameters and the head trainable."""
-    for _, module in norm_layers(model):
-        trainable(list(module.parameters()))
-    trainable(head_parameters(model, head))
 
 
 def block_params(model: nn.Module) -> dict[str, int]:

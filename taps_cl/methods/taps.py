@@ -11,7 +11,16 @@ at start, so training starts at the base); small and depthwise layers keep full 
 cheaper there. With a `budget` the task may store at most that fraction of the base: λ rises by
 dual ascent while the active layers store too much, and `finalize` switches off the active layers
 worth least per stored number until the task fits. Stored tensors may be rounded to bfloat16 or
-float16 (`store_dtype`, `store_norms_head_dtype`).
+float16 (`store_dtype`, `store_norms_head_dtype`), and B may train at a higher learning rate than A
+(`b_lr_ratio`, LoRA+; 1 by default, as before the option existed).
+
+The penalty is normalised by the run's length: a step past the warm-up adds λ·(2/P)·Σ_l w_l·|s_l|,
+P being the epochs trained with the penalty (`for_epochs`; 2 = REFERENCE_PENALISED_EPOCHS, the
+default run's 3 epochs after its 1-epoch warm-up, which thus uses λ itself). A 10-epoch run pushes
+the gates as hard in all as a 3-epoch one instead of switching more layers off merely from taking
+more steps. Under a `budget`, dual ascent moves λ; the same factor applies on top.
+
+Norm layers follow the task's norm policy (`norms`, methods/norms.py); `task` by default.
 """
 
 from __future__ import annotations
@@ -24,7 +33,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from taps_cl.errors import MethodError
 from taps_cl.methods.base import (
@@ -35,22 +43,37 @@ from taps_cl.methods.base import (
 )
 from taps_cl.methods.catalog import register
 from taps_cl.methods.gates import (
+    B_LR_RATIO_HELP,
+    FACTOR_MIN_PARAMS_HELP,
+    MAX_B_LR_RATIO,
+    MAX_FACTOR_MIN_PARAMS,
+    MAX_RANK,
+    RANK_HELP,
     GatedDelta,
     LowRankTapsGate,
     TapsGate,
+    attach_deltas,
+    check_free,
+    factor_groups,
     factorised,
     gate_of,
     gated_layers,
 )
 from taps_cl.methods.layers import (
     adaptable_layers,
-    cpu_copy,
     freeze,
     head_parameters,
     layer_kind,
-    norm_head_state,
     norm_layers,
+    stored_copy,
     trainable,
+)
+from taps_cl.methods.norms import (
+    NormPolicy,
+    check_norm_options,
+    norm_head_state,
+    norm_split_option,
+    norms_option,
 )
 from taps_cl.methods.options import check_choice, check_number, option
 
@@ -81,12 +104,11 @@ BUDGET_RATE = 0.1
 BUDGET_LAM_FLOOR = 0.01
 # λ's ceiling: keeps the penalty finite (with SGD, λ scales a score's step directly).
 LAM_MAX = 1e4
-# Count options past these mean nothing (no weight has more rows than MAX_RANK, none more numbers
-# than MAX_FACTOR_MIN_PARAMS); refused like any count out of range. A warm-up is at most the
-# longest run (training.fit.MAX_EPOCHS).
-MAX_RANK = 65536
-MAX_FACTOR_MIN_PARAMS = 2**40
+# A warm-up is at most the longest run (training.fit.MAX_EPOCHS).
 MAX_EPOCHS = 100_000
+# Penalised epochs of the default run (3 epochs, warm-up 1): a run penalised for P epochs weighs
+# each step's penalty by REFERENCE_PENALISED_EPOCHS / P (see the module docstring).
+REFERENCE_PENALISED_EPOCHS = 2
 
 
 @dataclass(frozen=True)
@@ -113,18 +135,18 @@ class TapsConfig:
         "layers", "TAPS penalty weights: 1/L per layer, or by the numbers a layer would store.",
         choices=("layers", "params"))
     # Rank R of factorised deltas ΔW = B·A (conv weight seen as out × in·k·k); 0 = full deltas.
-    rank: int = option(
-        0, "TAPS low-rank deltas ΔW = B·A of this rank on large layers (0 = full deltas).",
-        minimum=0, maximum=MAX_RANK)
+    rank: int = option(0, RANK_HELP, minimum=0, maximum=MAX_RANK)
     # A layer is factorised only if groups == 1, its weight has at least this many numbers and
     # R·(out + in·k·k) < its size: small and depthwise layers keep (cheaper) full deltas.
     factor_min_params: int = option(
-        20000, "TAPS: factorise only layers with at least this many weights.",
-        minimum=0, maximum=MAX_FACTOR_MIN_PARAMS)
+        20000, FACTOR_MIN_PARAMS_HELP, minimum=0, maximum=MAX_FACTOR_MIN_PARAMS)
     # Learning rate of the factors A and B; None = FACTOR_LR_SCALE × the task learning rate.
     factor_lr: float | None = option(
         None, "TAPS learning rate of the factors (default 5 × --lr).",
         minimum=0, open_minimum=True)
+    # Learning rate of the factors B as a multiple of A's (factor_lr); 1 keeps them together.
+    b_lr_ratio: float = option(1.0, B_LR_RATIO_HELP, minimum=0, open_minimum=True,
+                               maximum=MAX_B_LR_RATIO)
     # Most the task may store, as a fraction of the base's parameters (backbone without its
     # head): active deltas/factors + norm parameters and statistics + head. None = no limit.
     budget: float | None = option(
@@ -140,6 +162,9 @@ class TapsConfig:
     store_norms_head_dtype: str = option(
         "float32", "TAPS: precision of the stored norms and head.",
         choices=("float32", "bfloat16", "float16"))
+    # Norm policy (methods/norms.py): task, affine, base or split (at norm_split).
+    norms: str = norms_option()
+    norm_split: float = norm_split_option()
 
     def __post_init__(self) -> None:
         def fix(field: str, value: object) -> None:
@@ -163,6 +188,9 @@ class TapsConfig:
             fix("factor_lr", check_number("taps", "factor_lr", self.factor_lr, positive=True))
         if self.budget is not None:
             fix("budget", check_number("taps", "budget", self.budget, positive=True))
+        fix("b_lr_ratio", check_number("taps", "b_lr_ratio", self.b_lr_ratio, positive=True,
+                                       maximum=MAX_B_LR_RATIO))
+        check_norm_options("taps", self)
         dtypes = tuple(STORE_DTYPES)
         fix("store_dtype", check_choice("taps", "store_dtype", self.store_dtype, dtypes))
         fix("store_norms_head_dtype", check_choice(
@@ -181,25 +209,30 @@ class Taps(Method):
     name = "taps"
     Config = TapsConfig
 
-
     def for_epochs(self, epochs: int, given: Collection[str]) -> Taps:
-        """A warm-up that would swallow every epoch of a penalised run is shortened to leave one
-        epoch for the penalty; one the user set that way is refused."""
+        """TAPS for a run of `epochs`: the penalty normalised by the epochs it acts in (see the
+        module docstring). A warm-up that would swallow every epoch of a penalised run is
+        shortened to leave one epoch for the penalty; one the user set that way is refused."""
         cfg = self.config
         penalised = cfg.lam > 0 or cfg.budget is not None
-        if cfg.warmup_epochs < epochs or not penalised:
-            return self
-        if "warmup_epochs" in given:
-            raise MethodError(
-                f"--warmup-epochs {cfg.warmup_epochs} leaves no epoch of the {epochs} for the "
-                "sparsity penalty; use fewer warm-up epochs or more epochs")
-        return type(self)(dataclasses.replace(cfg, warmup_epochs=epochs - 1))
+        if cfg.warmup_epochs >= epochs and penalised:
+            if "warmup_epochs" in given:
+                raise MethodError(
+                    f"--warmup-epochs {cfg.warmup_epochs} leaves no epoch of the {epochs} for the "
+                    "sparsity penalty; use fewer warm-up epochs or more epochs")
+            cfg = dataclasses.replace(cfg, warmup_epochs=epochs - 1)
+        fitted = type(self)(cfg)
+        fitted._penalty_scale = REFERENCE_PENALISED_EPOCHS / max(1, epochs - cfg.warmup_epochs)
+        return fitted
+
     def __init__(self, config: TapsConfig | None = None) -> None:
         super().__init__(config)
         cfg = self.config
         # λ of the penalty now: config.lam, or under a budget its floor raised by `after_step`.
         self._lam_floor = cfg.lam if cfg.budget is None or cfg.lam > 0 else BUDGET_LAM_FLOOR
         self._lam = self._lam_floor
+        # λ's factor for the run's length (`for_epochs`); 1 for a method not fitted to a run.
+        self._penalty_scale = 1.0
         # Set by `prepare`: the base's parameter count and what norms + head store.
         self._base_params: int | None = None
         self._fixed_params: int | None = None
@@ -210,6 +243,15 @@ class Taps(Method):
         """λ in effect now (differs from config.lam only under a budget, see `after_step`)."""
         return self._lam
 
+    @property
+    def penalty_scale(self) -> float:
+        """The factor of λ for the run's length (see the module docstring and `for_epochs`)."""
+        return self._penalty_scale
+
+    @property
+    def norm_policy(self) -> NormPolicy:
+        return NormPolicy.of(self.config)
+
     def prepare(self, model: nn.Module, head: frozenset[str]) -> nn.Module:
         """Freeze the base, gate a zero delta (full or B·A) onto each adaptable layer.
 
@@ -218,14 +260,11 @@ class Taps(Method):
         """
         cfg = self.config
         layers = adaptable_layers(model, head)
-        if not layers:
-            raise MethodError("taps: the model has no Conv2d or Linear layer outside the head")
-        for name, module in layers:
-            if parametrize.is_parametrized(module, "weight"):
-                raise MethodError(f"taps: layer {name!r} already has a parametrized weight")
+        check_free(self.name, layers)
         # The registry's base size (parameters outside the head), counted before any task tensor.
         self._base_params = sum(p.numel() for n, p in model.named_parameters() if n not in head)
-        self._fixed_params = sum(t.numel() for t in norm_head_state(model, head).values())
+        self._fixed_params = sum(
+            t.numel() for t in norm_head_state(model, head, self.norm_policy).values())
         if cfg.budget is not None and self._fixed_params > self._limit():
             # Rounded up, so that the named minimum is itself accepted.
             minimum = math.ceil(self._fixed_params / self._base_params * 1e4) / 1e4
@@ -233,48 +272,47 @@ class Taps(Method):
                 f"taps: --budget {cfg.budget:g} is below what this task needs for norms and head "
                 f"alone ({minimum:.4f}× base)"
             )
-        freeze(model)
-        low_rank = 0
-        for name, module in layers:
+
+        def gate(module: nn.Module) -> GatedDelta:
             if factorised(module, cfg.rank, cfg.factor_min_params):
-                gate: GatedDelta = LowRankTapsGate(module.weight, cfg.score_init, cfg.tau, cfg.rank)
-                low_rank += 1
-            else:
-                gate = TapsGate(module.weight, cfg.score_init, cfg.tau)
-            # parametrize keeps the module (and its class's forward, e.g. timm's Conv2dSame).
-            parametrize.register_parametrization(module, "weight", gate)
-        for _, module in norm_layers(model):
-            trainable(list(module.parameters()))
+                return LowRankTapsGate(module.weight, cfg.score_init, cfg.tau, cfg.rank)
+            return TapsGate(module.weight, cfg.score_init, cfg.tau)
+
+        freeze(model)
+        gates = attach_deltas(self.name, layers, gate)
+        low_rank = sum(isinstance(g, LowRankTapsGate) for g in gates)
+        self.norm_policy.make_trainable(model)
         trainable(head_parameters(model, head))
         self._lam, self._logged_epoch = self._lam_floor, -1
         logger.debug("taps: gated %d layers (%d factorised at rank %d), %d norm layers",
                      len(layers), low_rank, cfg.rank, len(norm_layers(model)))
         return model
 
-    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
-        """Full deltas, norms and head at `lr`; scores at `score_lr`; factors at `factor_lr`.
+    def set_train_mode(self, model: nn.Module) -> None:
+        """Train mode, norm layers as the norm policy says."""
+        self.norm_policy.train_mode(model)
 
-        Scores get no weight decay; `factor_lr` None means FACTOR_LR_SCALE × `lr`, and the factor
-        group exists only when some layer is factorised.
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+        """Full deltas, norms and head at `lr`; scores at `score_lr`; factors A at `factor_lr`
+        and B at b_lr_ratio × `factor_lr` (gates.factor_groups).
+
+        Scores get no weight decay; `factor_lr` None means FACTOR_LR_SCALE × `lr`, and factor
+        groups exist only when some layer is factorised.
         """
         gates = [gate for _, _, gate in gated_layers(model)]
         if not gates:
             raise MethodError("taps: the model was not prepared by taps")
+        cfg = self.config
+        factor_lr = FACTOR_LR_SCALE * lr if cfg.factor_lr is None else cfg.factor_lr
+        factors = factor_groups(gates, factor_lr, cfg.b_lr_ratio, weight_decay)
         scores = [g.score for g in gates]
-        factors = [p for g in gates if isinstance(g, LowRankTapsGate)
-                   for p in (g.factor_b, g.factor_a)]
-        own = {id(p) for p in scores + factors}
+        own = {id(p) for p in scores} | {id(p) for g in factors for p in g["params"]}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
-        groups = [
+        return [
             {"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "task"},
-            {"params": scores, "lr": self.config.score_lr, "weight_decay": 0.0, "name": "scores"},
+            {"params": scores, "lr": cfg.score_lr, "weight_decay": 0.0, "name": "scores"},
+            *factors,
         ]
-        if factors:
-            factor_lr = self.config.factor_lr
-            factor_lr = FACTOR_LR_SCALE * lr if factor_lr is None else factor_lr
-            groups.append({"params": factors, "lr": factor_lr, "weight_decay": weight_decay,
-                           "name": "factors"})
-        return groups
 
     def penalty_weights(self, model: nn.Module) -> Tensor:
         """w_l per gated layer, summing to 1: uniform, or by what the layer would store."""
@@ -285,12 +323,13 @@ class Taps(Method):
         return (sizes / sizes.sum()).to(torch.float32)
 
     def extra_loss(self, model: nn.Module, epoch: int) -> Tensor | None:
-        """λ·Σ_l w_l·|s_l| once `epoch` (0-based) reaches the warm-up length."""
+        """λ·scale·Σ_l w_l·|s_l| once `epoch` (0-based) reaches the warm-up length (scale: the
+        run length's factor, `penalty_scale`)."""
         if epoch < self.config.warmup_epochs or self._lam == 0:
             return None
         scores = torch.stack([gate.score for _, _, gate in gated_layers(model)])
         weights = self.penalty_weights(model).to(device=scores.device, dtype=scores.dtype)
-        return self._lam * (weights * scores.abs()).sum()
+        return self._lam * self._penalty_scale * (weights * scores.abs()).sum()
 
     def after_step(self, model: nn.Module, epoch: int) -> None:
         """Under a budget and past the warm-up: one dual-ascent step of λ (see BUDGET_RATE)."""
@@ -323,8 +362,7 @@ class Taps(Method):
         for name, gate in active:
             if size <= limit:
                 break
-            with torch.no_grad():
-                gate.score.copy_(_just_below(gate.tau, gate.score))
+            gate.switch_off()
             assert not gate.is_active(), name
             size -= gate.stored_numel()
             switched_off.append(name)
@@ -336,7 +374,7 @@ class Taps(Method):
 
     def stored_params(self, model: nn.Module, head: frozenset[str]) -> int:
         """Numbers `extract` would store now: active layers' deltas/factors, norm state, head."""
-        fixed = sum(t.numel() for t in norm_head_state(model, head).values())
+        fixed = sum(t.numel() for t in norm_head_state(model, head, self.norm_policy).values())
         return fixed + sum(g.stored_numel() for _, _, g in gated_layers(model) if g.is_active())
 
     def _limit(self) -> float:
@@ -361,7 +399,7 @@ class Taps(Method):
         return sum(gate.is_active() for _, _, gate in gated_layers(model))
 
     def extract(self, model: nn.Module, head: frozenset[str]) -> TaskState:
-        """Deltas or factors of active layers, every norm layer's state and the head.
+        """Deltas or factors of active layers, norm tensors by the norm policy, and the head.
 
         Floating-point tensors are stored in `store_dtype` (deltas, factors) and
         `store_norms_head_dtype` (the rest); `exact` is False when that rounded any of them.
@@ -373,7 +411,7 @@ class Taps(Method):
 
         def store(stored: str, value: Tensor, dtype: torch.dtype) -> None:
             nonlocal exact
-            tensors[stored] = _stored_copy(value, dtype)
+            tensors[stored] = stored_copy(value, dtype)
             exact = exact and tensors[stored].dtype == value.dtype
 
         for name, module in adaptable_layers(model, head):
@@ -395,18 +433,7 @@ class Taps(Method):
                     task_params=gate.stored_numel() if active else 0,
                 )
             )
-        for key, value in norm_head_state(model, head).items():
+        for key, value in norm_head_state(model, head, self.norm_policy).items():
             store(f"{SET_PREFIX}{key}", value, STORE_DTYPES[cfg.store_norms_head_dtype])
         return TaskState(tensors=tensors, layers=layers, exact=exact)
 
-
-def _stored_copy(value: Tensor, dtype: torch.dtype) -> Tensor:
-    """A CPU copy of `value` as stored: floating point in `dtype`, integers unchanged."""
-    copy = cpu_copy(value)
-    return copy.to(dtype) if copy.is_floating_point() else copy
-
-
-def _just_below(tau: float, like: Tensor) -> Tensor:
-    """The largest value of `like`'s type below τ: compares < τ both in that type and in float64."""
-    tau_t = torch.tensor(tau, dtype=like.dtype, device=like.device)
-    return torch.nextafter(tau_t, torch.tensor(-math.inf, dtype=like.dtype, device=like.device))

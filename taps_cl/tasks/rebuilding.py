@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +30,16 @@ from taps_cl.training import evaluate
 from taps_cl.training.device import resolve_device
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Restored:
+    """A restored task model, with the task, its stored tensors and its probe batch."""
+
+    task: Task
+    model: nn.Module
+    tensors: dict[str, torch.Tensor]
+    probe: dict[str, torch.Tensor]
 
 
 class TaskModels:
@@ -144,8 +155,14 @@ class TaskModels:
 
     def restore(self, name: str) -> nn.Module:
         """The task's plain model, refused unless it reproduces the task's stored probe logits."""
+        return self.restored(name).model
+
+    def restored(self, name: str) -> Restored:
+        """`restore`, with what the model was rebuilt from (for the multi-task model, which
+        keeps low-rank factors as factors and re-checks the probe batch on its own forward)."""
         task = self.ready_task(name)
-        model = self.model(task)
+        tensors = self.task_tensors(task)
+        model = self.model(task, tensors=tensors)
         probe = self.probe(task)
         drift = probe_drift(model, probe)
         if drift > PROBE_ATOL + PROBE_RTOL * logit_scale(probe):
@@ -154,7 +171,7 @@ class TaskModels:
                 "its stored files or rows were changed; not restoring "
                 "(see `taps-cl report accuracy --verify`)"
             )
-        return model
+        return Restored(task, model, tensors, probe)
 
     def restore_to_file(self, name: str, out: str | os.PathLike[str]) -> Path:
         """Write the restored model's state dict as safetensors, atomically, to `out`."""

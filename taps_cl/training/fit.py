@@ -1,4 +1,10 @@
-"""One readable training loop for every method: seeded, cosine schedule, selection on validation."""
+"""One readable training loop for every method: seeded, cosine schedule, selection on validation.
+
+A run that diverges is stopped, never recorded: a training loss that is non-finite or above
+DIVERGED_LOSS_FACTOR × the loss of guessing (ln C for C classes), or a non-finite trained parameter
+after a step, raises `TrainingDiverged` (one line naming the epoch and step and the remedies: a
+lower learning rate, or gradient clipping with `clip_grad`).
+"""
 
 from __future__ import annotations
 
@@ -42,6 +48,24 @@ MAX_BATCH_SIZE = 4096
 MAX_SEED = 2**32 - 1
 
 
+# A batch's cross-entropy above this many times ln C (at least 1) means divergence: a model that
+# guesses scores ln C, and a loss a thousand times that needs logit margins in the thousands.
+# Seen on timm's test_efficientnet at --lr 1e6: losses of 4e13 for three epochs, all finite,
+# ending at chance accuracy; a sound run's batch losses stay within a few times ln C.
+DIVERGED_LOSS_FACTOR = 1000.0
+
+
+def loss_ceiling(classes: int) -> float:
+    """The largest training loss of a run that has not diverged, for `classes` classes."""
+    return DIVERGED_LOSS_FACTOR * max(1.0, math.log(max(classes, 1)))
+
+
+class TrainingDiverged(MethodError):
+    """Training went non-finite (a learning rate too high for the method and data, usually).
+
+    A MethodError: the options given cannot train this task; the caller records nothing.
+    """
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -59,6 +83,11 @@ class TrainConfig:
     optimizer: str = option("adamw", "adamw, or sgd (with momentum 0.9).", choices=OPTIMIZERS)
     # Weight decay of the trained parameters (decoupled for AdamW).
     weight_decay: float = option(0.0, "Weight decay of the trained parameters.", minimum=0)
+    # Most the gradients' total (L2) norm may be before a step: larger ones are scaled down to it
+    # (torch.nn.utils.clip_grad_norm_ over every trained parameter). None: no clipping.
+    clip_grad: float | None = option(
+        None, "Clip the gradients' total norm to this before each step (default: off).",
+        minimum=0, open_minimum=True)
     # Seeds torch's RNG (head init done before fit is not affected) and the data order.
     seed: int = option(0, "Seeds the data split, the data order and the initialisation.",
                        minimum=0, maximum=MAX_SEED)
@@ -82,6 +111,8 @@ class TrainConfig:
         fix("lr", check_number("train", "lr", self.lr, positive=True))
         fix("optimizer", check_choice("train", "optimizer", self.optimizer, OPTIMIZERS))
         fix("weight_decay", check_number("train", "weight_decay", self.weight_decay, minimum=0))
+        if self.clip_grad is not None:
+            fix("clip_grad", check_number("train", "clip_grad", self.clip_grad, positive=True))
         fix("seed", check_number("train", "seed", self.seed, minimum=0, maximum=MAX_SEED,
                                  integer=True))
         fix("num_workers",
@@ -123,6 +154,20 @@ def cosine_schedule(total_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
     return factor
+
+
+def finite(params: Sequence[Tensor]) -> bool:
+    """Whether every number of `params` is finite (the largest magnitude: no overflow, one
+    device synchronisation)."""
+    largest = torch.nn.utils.get_total_norm(params, norm_type=math.inf)
+    return bool(torch.isfinite(largest))
+
+
+def diverged(epoch: int, step: int, what: str, cfg: TrainConfig) -> TrainingDiverged:
+    """The one-line error of a run that went non-finite at `step` (0-based) of `epoch`."""
+    clip = "set --clip-grad" if cfg.clip_grad is None else "a lower --clip-grad"
+    return TrainingDiverged(f"training diverged at epoch {epoch + 1}, step {step + 1} ({what}): "
+                            f"lower --lr or {clip}")
 
 
 def trainable_state(model: nn.Module) -> dict[str, Tensor]:
@@ -175,7 +220,9 @@ def fit_tied(
 
     Each step takes one batch of every member (a member whose training set is used up starts it
     again; an epoch is as many steps as the largest set has batches) and descends the mean over
-    members of task loss + the method's `extra_loss`; then every method's `after_step` runs. A
+    members of task loss + the method's `extra_loss` (gradients clipped to `clip_grad` if set);
+    then every method's `after_step` runs. A diverging run (see the module docstring) raises
+    `TrainingDiverged` at once. A
     member's history holds one row per epoch (0-based): `epoch`, `train_loss` (task loss only),
     `train_accuracy`, `val_accuracy`, `val_loss` (None without a validation set), `active_layers`
     (for methods that report it) and `seconds`. The epoch kept is one every method calls
@@ -226,6 +273,7 @@ def fit_tied(
     if not any(p.requires_grad for g in groups for p in g["params"]):
         names = ", ".join(sorted({m.method.name for m in members}))
         raise MethodError(f"{names}: nothing to train (no trainable parameters)")
+    trained = [p for g in groups for p in g["params"] if p.requires_grad]
     optimizer = make_optimizer(groups, cfg)
     steps = max(len(loader) for loader in loaders)
     total_steps = cfg.epochs * steps
@@ -249,8 +297,8 @@ def fit_tied(
                 member.method.set_train_mode(member.model)
             iters = [iter(loader) for loader in loaders]
             sums = [[0.0, 0, 0] for _ in members]  # loss sum, correct, seen
-            for _ in range(steps):
-                objectives, losses, sizes = [], [], []
+            for step in range(steps):
+                objectives, losses, sizes, ceilings = [], [], [], []
                 for i, (member, net) in enumerate(zip(members, nets)):
                     try:
                         inputs, labels = next(iters[i])
@@ -265,18 +313,23 @@ def fit_tied(
                     objectives.append(loss if extra is None else loss + extra)
                     losses.append(loss)
                     sizes.append(labels.numel())
+                    ceilings.append(loss_ceiling(outputs.shape[1]))
                     sums[i][1] += (outputs.detach().argmax(dim=1) == labels).sum().item()
                     sums[i][2] += labels.numel()
                 batch_losses = [loss.item() for loss in losses]
-                bad = next((v for v in batch_losses if not math.isfinite(v)), None)
+                bad = next((v for v, top in zip(batch_losses, ceilings)
+                            if not (math.isfinite(v) and v <= top)), None)
                 if bad is not None:
-                    raise MethodError(f"training loss became {bad} in epoch {epoch}; "
-                                      f"try a lower learning rate")
+                    raise diverged(epoch, step, f"loss {bad:.3g}", cfg)
                 objective = objectives[0] if len(objectives) == 1 else \
                     torch.stack(objectives).mean()
                 optimizer.zero_grad(set_to_none=True)
                 objective.backward()
+                if cfg.clip_grad is not None:
+                    torch.nn.utils.clip_grad_norm_(trained, cfg.clip_grad)
                 optimizer.step()
+                if not finite(trained):
+                    raise diverged(epoch, step, "parameters non-finite", cfg)
                 for member in members:
                     member.method.after_step(member.model, epoch)
                 scheduler.step()

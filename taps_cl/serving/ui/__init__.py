@@ -1,0 +1,1 @@
+"""The read-only web overview of a registry: server-rendered pages, every asset shipped here."""
