@@ -29,7 +29,8 @@ from taps_cl.methods.layers import adaptable_layers, norm_layers
 from taps_cl.methods.merging import merge_state
 from taps_cl.training.fit import TrainConfig, TrainingDiverged, fit
 from tests.test_cli import assert_one_line_error, run
-from tests.test_methods import CLASSES, IMG, make_base, make_timm, task_model
+from tests.test_compact_taps import eval_out, restored
+from tests.test_methods import CLASSES, IMG, make_base, task_model
 
 # Small enough that the tiny timm test models have layers worth factorising.
 COMPACT = {"rank": 2, "factor_min_params": 1000}
@@ -62,18 +63,6 @@ def train_steps(method, model: nn.Module, steps: int = 3, lr: float = 2e-2) -> N
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-
-
-def eval_out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(x)
-
-
-def restored(arch: str, base_state: dict, tensors: dict, head: frozenset[str]) -> nn.Module:
-    model = make_timm(arch, CLASSES)
-    model.load_state_dict(merge_state(base_state, tensors, head), strict=True)
-    return model
 
 
 # ------------------------------------------------------------------------ structure and init
