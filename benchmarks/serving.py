@@ -101,16 +101,6 @@ def timed(call: Callable[[], Any], repeat: int) -> float:
     return statistics.median(runs)
 
 
-def held_bytes(modules: Sequence[Any]) -> int:
-    """Bytes of the parameters and buffers of `modules`, each storage once."""
-    seen: dict[int, int] = {}
-    for model in modules:
-        for t in [*model.parameters(), *model.buffers()]:
-            storage = t.untyped_storage()
-            seen.setdefault(storage.data_ptr(), storage.nbytes())
-    return sum(seen.values())
-
-
 def budget_numbers(manager: Any, base: str, names: Sequence[str]) -> int:
     """What the registry says serving `names` needs: base + own numbers + shared bands once."""
     report = manager.budget(base)
@@ -161,7 +151,7 @@ def measure(manager: Any, base: str, row: Row, names: Sequence[str], batch: int,
     """One row at one N: memory, throughput and equivalence."""
     import torch
 
-    from taps_cl.serving.multitask import build_multitask
+    from taps_cl.serving.multitask import build_multitask, footprint_of
 
     n = len(names)
     say(f"{row.label} N={n}: building the multi-task model")
@@ -174,10 +164,10 @@ def measure(manager: Any, base: str, row: Row, names: Sequence[str], batch: int,
     footprint = mt.footprint()
     out["mt_bytes"] = footprint["bytes"]
     out["mt_numbers"] = footprint["numbers"]
-    out["restored_bytes"] = held_bytes(restored)
+    out["restored_bytes"] = footprint_of(restored)["bytes"]
     out["budget_numbers"] = budget_numbers(manager, base, names)
     out["mt_vs_budget"] = footprint["numbers"] / out["budget_numbers"]
-    one = held_bytes(restored[:1])
+    one = footprint_of(restored[:1])["bytes"]
     out["mt_vs_one_model"] = footprint["bytes"] / one
     plan = mt.plan()
     out["segments"] = len(plan.segments)

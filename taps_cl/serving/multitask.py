@@ -238,18 +238,7 @@ class MultiTaskModel(nn.Module):
 
     def footprint(self) -> dict[str, int]:
         """Tensors, numbers and bytes held (parameters and buffers, each storage once)."""
-        seen: dict[tuple[str, int], int] = {}
-        numbers = 0
-        for module in self.modules():
-            for t in [*module._parameters.values(), *module._buffers.values()]:
-                if t is None:
-                    continue
-                storage = t.untyped_storage()
-                where = (str(t.device), storage.data_ptr())
-                if where not in seen:
-                    seen[where] = storage.nbytes()
-                    numbers += t.numel()
-        return {"tensors": len(seen), "numbers": numbers, "bytes": sum(seen.values())}
+        return footprint_of([self])
 
     def train(self, mode: bool = True) -> MultiTaskModel:
         """Eval mode only: the tasks share tensors, and training would change them all."""
@@ -330,6 +319,24 @@ class MultiTaskModel(nn.Module):
         return _Entry(served, model, dict(base.data_config), img_size,
                       data.build_transform(base.data_config, img_size), decomposition, runners,
                       keys, macs, differs)
+
+
+def footprint_of(models: Iterable[nn.Module]) -> dict[str, int]:
+    """Tensors, numbers and bytes the parameters and buffers of `models` hold, each storage
+    once (N restored models count N times; a multi-task model counts shared tensors once)."""
+    seen: dict[tuple[str, int], int] = {}
+    numbers = 0
+    for model in models:
+        for module in model.modules():
+            for t in [*module._parameters.values(), *module._buffers.values()]:
+                if t is None:
+                    continue
+                storage = t.untyped_storage()
+                where = (str(t.device), storage.data_ptr())
+                if where not in seen:
+                    seen[where] = storage.nbytes()
+                    numbers += t.numel()
+    return {"tensors": len(seen), "numbers": numbers, "bytes": sum(seen.values())}
 
 
 def _size(size: Sequence[int]) -> str:
