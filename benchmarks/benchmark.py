@@ -248,7 +248,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lam", type=float, default=1.0, help="TAPS λ of every TAPS row (default 1)")
     p.add_argument("--factor-lr-scale", type=float, default=1.0,
                    help="compact TAPS rows: factor_lr = this × the row's learning rate (default "
-                        "1; the library's default is 5)")
+                        "1, as the library's)")
     p.add_argument("--penalty", choices=("layers", "params"), default="layers",
                    help="TAPS penalty weights: per layer (paper, default) or per stored number")
     p.add_argument("--ranks", help="compact TAPS ranks, one row each; the first also for the "

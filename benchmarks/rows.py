@@ -87,6 +87,12 @@ def default_method() -> str:
     return next(f.default for f in dataclasses.fields(TaskRequest) if f.name == "method")
 
 
+def default_is_compact() -> bool:
+    """Whether `task add`'s default is compact TAPS (taps with a rank): its row then counts as a
+    compact TAPS row where the targets compare those."""
+    return default_method() == "taps" and load_builtin()["taps"].Config().rank > 0
+
+
 def declared(method: str) -> set[str]:
     """The options a library method declares (its Config's fields); empty if it is unknown."""
     cls = load_builtin().get(method)

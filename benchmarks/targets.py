@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.protocol import fmt_acc, plural
-from benchmarks.rows import DEFAULT, MATCHED, PEFT, Row, epoch_ratio, measured, policy_of
+from benchmarks.rows import (
+    DEFAULT, MATCHED, PEFT, Row, default_is_compact, epoch_ratio, measured, policy_of)
 
 EQUAL_SIZE = 0.02  # "equal stored size" within 2 %
 # The default `task add`: ≤ 0.15× base per task at ≥ PEFT LoRA (matched rank) + 1 pt.
@@ -176,7 +177,8 @@ def _small_target(rows: list[Row], base_params: int) -> Target:
 def _gates_targets(rows: list[Row], base_params: int) -> list[Target]:
     """Compact TAPS ≥ the library's lora + 1 pt at equal (or smaller) stored size."""
     loras = [r for r in rows if r.kind == "lib-lora"]
-    compact = [r for r in rows if r.kind in ("compact", "budget")]
+    compact = [r for r in rows if r.kind in ("compact", "budget")
+               or (r.kind == DEFAULT and default_is_compact())]
     head = f"- compact TAPS ≥ the library's lora + {TARGET_GATES:g} pt at equal stored size"
     if not loras or not compact:
         return [Target("frontier", "gates", f"{head}: not measured (needs a library lora row "

@@ -146,8 +146,8 @@ class Manager:
     ) -> Optional[TaskAddResult]:
         """Train a task on the frozen base, store only what it needs, and spot-check earlier tasks.
 
-        `options` are the training options (TrainConfig: epochs, batch_size, lr, optimizer,
-        weight_decay, seed, device), the run options (classes, img_size, max_train, max_test,
+        `options` are the training options (TrainConfig: epochs, batch_size, lr (default: the
+        method's, Method.default_lr), optimizer, weight_decay, seed, device), the run options (classes, img_size, max_train, max_test,
         val_fraction, recheck) and the method's own options (its Config's fields, e.g. `lam` or
         `rank` for TAPS, `group` for progressive), by name; `method_options` may hold the latter
         too. Unknown names are refused with the method's options listed.
@@ -169,7 +169,7 @@ class Manager:
         from taps_cl.tasks.requests import TaskRequest, split_options
         from taps_cl.training.distributed import joined
 
-        train_cfg, run, own = split_options(options, TaskRequest)
+        train_cfg, run, own = split_options(options, TaskRequest, method, method_options)
         request = TaskRequest(name=name, base=base, data_spec=data_spec, method=method,
                               method_options={**(method_options or {}), **own}, **run)
         with joined(train_cfg.device) as (ranks, rank_device):  # a no-op in a single process
@@ -202,7 +202,7 @@ class Manager:
         if under_torchrun():
             raise TapsError("group train runs in one process; under torchrun every rank would "
                             "train and record the group again")
-        train_cfg, run, own = split_options(options, GroupRequest)
+        train_cfg, run, own = split_options(options, GroupRequest, method, method_options)
         request = GroupRequest(base=base, tasks=tuple(tasks), groups=groups, method=method,
                                method_options={**(method_options or {}), **own}, **run)
         return GroupTrainer(self._writable(), self.models).train(request, train_cfg,
@@ -271,10 +271,10 @@ class Manager:
     def restores_plain(self, name: str) -> bool:
         """Whether task `name` restores to a plain model of its base's architecture (its method
         is mergeable) rather than the base with modules attached (`taps_cl.load_file`)."""
-        from taps_cl.methods.catalog import get_method
+        from taps_cl.methods.catalog import stored_method
 
         task = self.registry.get_task(name)
-        return get_method(task.method, **task.method_config).mergeable
+        return stored_method(task.method, task.method_config).mergeable
 
     def predict(
         self, name: str, images: Sequence[str], top_k: int = 3, device: str = "auto"

@@ -515,9 +515,11 @@ def test_frontier_targets_are_computed_from_the_runs():
     assert best.met is True and best.row == "progressive"
     assert best.numbers["gap_pt"] == pytest.approx(-1.5)
     assert best.numbers["candidates"] == ["fusion", "progressive"]
-    # Compact r=8 (0.11×) against lora r=8 at norms task (0.12×): +1.5 pt, met; the lora at
-    # norms base has no compact row of its policy: not measured.
-    assert gates.met is True and gates.numbers["gap_pt"] == pytest.approx(1.5)
+    # Compact r=8 (0.11×) and the default, compact TAPS too (0.10×), against lora r=8 at norms
+    # task (0.12×): the default is the best of them, +4.0 pt, met; the lora at norms base has no
+    # compact row of its policy: not measured.
+    assert gates.met is True and gates.numbers["gap_pt"] == pytest.approx(4.0)
+    assert gates.numbers["best"] == "default"
     assert gates_base.met is None and gates_base.row == "lib-lora-r8 norms=base"
     # The adapter at 0.07× against PEFT LoRA interpolated in log size between r=4 (0.056×, 80.0)
     # and r=8 (0.083×, 86.0).

@@ -119,8 +119,8 @@ def test_one_batch_of_input_must_fit():
                                           r"\(at most 4 GiB\)"):
         check_input_batch(22, 4096)
     with pytest.raises(MethodError, match="a batch of 32 images at 4096 px"):
-        split_options({"img_size": 4096}, TaskRequest)
-    train, run, _ = split_options({"img_size": 4096, "batch_size": 21}, TaskRequest)
+        split_options({"img_size": 4096}, TaskRequest, "taps")
+    train, run, _ = split_options({"img_size": 4096, "batch_size": 21}, TaskRequest, "taps")
     assert (train.batch_size, run) == (21, {"img_size": 4096})
 
 

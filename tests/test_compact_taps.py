@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 from taps_cl import serialization
 from taps_cl.errors import MethodError
-from taps_cl.methods.catalog import get_method
+from taps_cl.methods.catalog import get_method, stored_method
 from taps_cl.methods.gates import LowRankTapsGate, TapsGate, gate_of, gated_layers
 from taps_cl.methods.layers import adaptable_layers, norm_layers
 from taps_cl.methods.merging import merge_state
@@ -134,10 +134,10 @@ def test_small_and_depthwise_layers_keep_full_deltas(bases):
     assert by_name["conv_head"].task_params == 2560 and by_name["conv_head"].base_params == 16384
     assert by_name["blocks.3.0.conv_dw"].task_params == 1152
 
-    # rank 0 (the default) is today's TAPS: a full delta everywhere, no factor group.
-    default, full, _ = prepared("test_efficientnet", base_state)
+    # rank 0 is the paper's TAPS: a full delta everywhere, no factor group.
+    paper, full, _ = prepared("test_efficientnet", base_state, rank=0)
     assert all(type(g) is TapsGate for _, _, g in gated_layers(full))
-    assert [g["name"] for g in default.param_groups(full, 1e-3, 0.0)] == ["task", "scores"]
+    assert [g["name"] for g in paper.param_groups(full, 1e-3, 0.0)] == ["task", "scores"]
 
 
 def test_factors_train_at_their_own_learning_rate(bases):
@@ -444,16 +444,28 @@ def test_rounded_storage_round_trips_and_is_marked_inexact(bases):
 # ------------------------------------------------------------------------- config, merging
 
 
-def test_compact_config_is_json_and_defaults_to_full_deltas():
+def test_compact_config_is_json_and_defaults_to_rank_8():
     default = get_method("taps").config
     assert (default.rank, default.factor_min_params, default.factor_lr, default.budget) == (
-        0, 20000, None, None)
+        8, 20000, None, None)
     assert default.store_dtype == default.store_norms_head_dtype == "float32"
     method = get_method("taps", rank=4, budget=0.1, factor_lr=5e-3, store_dtype="bfloat16")
     cfg = method.config_dict()
     assert json.loads(json.dumps(cfg)) == cfg
     assert get_method("taps", **cfg).config == method.config
     assert get_method("taps", budget=1).config.budget == 1.0
+
+
+def test_a_stored_config_from_before_compact_mode_restores_full_deltas():
+    """Rank 8 became the default later: a task recorded without a rank trained full deltas and
+    is restored with them; a recorded rank, or a new task's default, is left as it is."""
+    old = {"lam": 1.0, "tau": 0.1, "score_init": 0.15, "score_lr": 0.01, "warmup_epochs": 1,
+           "penalty": "layers"}
+    assert stored_method("taps", old).config.rank == 0
+    assert stored_method("taps", {**old, "rank": 4}).config.rank == 4
+    assert stored_method("taps", {}).config == get_method("taps", rank=0).config
+    assert get_method("taps").config.rank == 8
+    assert stored_method("lora", {}).config == get_method("lora").config
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import timm
@@ -27,7 +28,8 @@ from taps_cl.methods.gates import (
 )
 from taps_cl.methods.layers import adaptable_layers, norm_layers
 from taps_cl.methods.merging import merge_state
-from taps_cl.training.fit import TrainConfig, TrainingDiverged, fit
+from taps_cl.training import fit as fit_module
+from taps_cl.training.fit import TrainConfig, TrainingDiverged, collapsed, fit
 from tests.test_cli import assert_one_line_error, run
 from tests.test_compact_taps import eval_out, restored
 from tests.test_methods import CLASSES, IMG, make_base, task_model
@@ -323,6 +325,46 @@ def test_a_diverging_fit_stops_with_one_line_naming_epoch_and_step(bases):
     assert "\n" not in message and isinstance(info.value, MethodError)
     assert message.startswith("training diverged at epoch 1, step ")
     assert message.endswith(": lower --lr or set --clip-grad")
+
+
+def test_collapse_is_decided_by_the_loss_of_guessing():
+    chance = math.log(10)
+    assert collapsed(chance, 0.4 * chance, 10)  # had learnt, back at ln C
+    assert collapsed(2 * chance, 0.1, 10)
+    assert not collapsed(0.99 * chance, 0.1, 10)  # still better than guessing
+    assert not collapsed(chance, 0.6 * chance, 10)  # never learnt: a hard task, not a collapse
+    assert not collapsed(5.0, 0.0, 1)  # one class: no chance level
+
+
+def test_a_run_that_learns_and_collapses_to_chance_with_a_finite_loss_stops(bases, monkeypatch):
+    """A finite-loss collapse (a constant prediction after the run had learnt) is stopped like a
+    non-finite loss, never kept: after epoch 2's last step the head here predicts class 0 whatever the input."""
+
+    class Collapsing(type(get_method("finetune"))):
+        def after_step(self, model: nn.Module, epoch: int) -> None:
+            if epoch >= 2:
+                with torch.no_grad():
+                    model.head.weight.zero_()
+                    model.head.bias.copy_(torch.tensor([10.0] + [0.0] * (CLASSES - 1)))
+
+    monkeypatch.setattr(fit_module, "LOSS_EMA", 1.0)  # the running mean is the last batch's loss
+    model, head = task_model("test_vit", bases["test_vit"])
+    method = Collapsing(get_method("finetune").config)
+    method.prepare(model, head)
+    with pytest.raises(TrainingDiverged) as info:
+        fit(model, method, toy_data(), None, TrainConfig(epochs=6, batch_size=8, lr=1e-2))
+    message = str(info.value)
+    assert "\n" not in message
+    assert re.fullmatch(r"training diverged at epoch 3, step 4 \(loss [\d.]+ back at chance, ln "
+                        rf"{CLASSES} = [\d.]+, after [\d.e-]+\): lower --lr or set --clip-grad",
+                        message), message
+    # the same run without the collapse trains through
+    model, head = task_model("test_vit", bases["test_vit"])
+    plain = get_method("finetune")
+    plain.prepare(model, head)
+    history = fit(model, plain, toy_data(), None,
+                  TrainConfig(epochs=6, batch_size=8, lr=1e-2)).history
+    assert len(history) == 6 and history[-1]["train_loss"] < 0.5 * math.log(CLASSES)
 
 
 def test_a_huge_learning_rate_fails_in_one_line_and_leaves_nothing(tmp_path, image_data, capsys):

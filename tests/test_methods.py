@@ -281,7 +281,7 @@ def test_taps_keeps_conv2d_same_forward():
     head = frozenset({"fc.weight", "fc.bias"})
     model.load_state_dict({**model.state_dict(),
                            **{k: v for k, v in base_state.items() if k not in head}})
-    method = get_method("taps")
+    method = get_method("taps", rank=0)
     model = method.prepare(model, head)
     assert isinstance(model.conv1, Conv2dSame) and gate_of(model.conv1) is not None
     train_steps(method, model, img=15)  # odd size: 'same' padding differs from symmetric
@@ -297,7 +297,7 @@ def test_taps_keeps_conv2d_same_forward():
 
 def test_taps_trains_deltas_norms_head_and_scores_only():
     base_state = make_base("test_resnet")
-    method = get_method("taps")
+    method = get_method("taps", rank=0)
     model, head = task_model("test_resnet", base_state)
     model = method.prepare(model, head)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -315,7 +315,7 @@ def test_taps_trains_deltas_norms_head_and_scores_only():
 
 def test_taps_lam_zero_keeps_every_gate_on():
     base_state = make_base("test_resnet")
-    method = get_method("taps", lam=0.0, warmup_epochs=0)
+    method = get_method("taps", rank=0, lam=0.0, warmup_epochs=0)
     model, head = task_model("test_resnet", base_state)
     model = method.prepare(model, head)
     assert method.extra_loss(model, 3) is None
@@ -329,7 +329,7 @@ def test_taps_lam_zero_keeps_every_gate_on():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_taps_large_lam_switches_gates_off_and_stores_nothing_for_them(arch):
     base_state = make_base(arch)
-    method = get_method("taps", lam=50.0, warmup_epochs=0, score_lr=0.1)
+    method = get_method("taps", rank=0, lam=50.0, warmup_epochs=0, score_lr=0.1)
     model, head = task_model(arch, base_state)
     model = method.prepare(model, head)
     train_steps(method, model, steps=3, epoch=0)
@@ -353,7 +353,7 @@ def test_taps_large_lam_switches_gates_off_and_stores_nothing_for_them(arch):
 
 def test_straight_through_gradient_reaches_an_off_gate():
     base_state = make_base("test_resnet")
-    method = get_method("taps")
+    method = get_method("taps", rank=0)
     model, head = task_model("test_resnet", base_state)
     model = method.prepare(model, head)
     layers = gated_layers(model)
@@ -390,7 +390,7 @@ def test_straight_through_gradient_reaches_an_off_gate():
 def test_penalty_weights_and_warmup():
     base_state = make_base("test_efficientnet")
     model, head = task_model("test_efficientnet", base_state)
-    by_params = get_method("taps", penalty="params", lam=2.0, warmup_epochs=2)
+    by_params = get_method("taps", rank=0, penalty="params", lam=2.0, warmup_epochs=2)
     model = by_params.prepare(model, head)
     layers = adaptable_layers(model, head)
 
@@ -399,7 +399,7 @@ def test_penalty_weights_and_warmup():
     sizes = torch.tensor([float(m.parametrizations.weight.original.numel()) for _, m in layers])
     torch.testing.assert_close(weights, sizes / sizes.sum())
 
-    by_layers = get_method("taps", lam=2.0, warmup_epochs=2)
+    by_layers = get_method("taps", rank=0, lam=2.0, warmup_epochs=2)
     uniform = by_layers.penalty_weights(model)
     torch.testing.assert_close(uniform, torch.full((len(layers),), 1 / len(layers)))
 
@@ -420,7 +420,7 @@ def test_torchvision_resnet18_taps_merge():
     head = frozenset({"fc.weight", "fc.bias"})
     model.load_state_dict({**model.state_dict(),
                            **{k: v for k, v in base_state.items() if k not in head}})
-    method = get_method("taps")
+    method = get_method("taps", rank=0)
     model = method.prepare(model, head)
     train_steps(method, model, steps=2)
     with torch.no_grad():

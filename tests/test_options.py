@@ -63,10 +63,45 @@ def test_a_flag_of_another_method_is_refused_naming_its_methods(tmp_path, capsys
 def test_keywords_are_sorted_by_their_declarations():
     train, run, own = split_options(
         {"epochs": 2, "lr": 0.5, "img_size": 48, "recheck": 0, "classes": "0,1", "lam": 0.3,
-         "max_test": None}, TaskRequest)
+         "max_test": None}, TaskRequest, "taps")
     assert train == TrainConfig(epochs=2, lr=0.5)
     assert run == {"img_size": 48, "recheck": 0, "classes": "0,1"}
     assert own == {"lam": 0.3}
+
+
+def test_without_an_lr_a_run_trains_at_its_method_s_default_rate():
+    """Compact TAPS (the default `taps`) at 1e-2, lora at 3e-3; full deltas and the other methods
+    at TrainConfig's."""
+    def lr(method: str, options: dict, method_options: dict | None = None) -> float:
+        return split_options(options, TaskRequest, method, method_options)[0].lr
+
+    assert lr("taps", {}) == lr("taps", {"rank": 4}) == 1e-2
+    assert lr("taps", {}, {"rank": 0}) == lr("taps", {"rank": 0}) == TrainConfig().lr == 1e-3
+    assert lr("taps", {"lr": 3e-3}) == lr("taps", {"lr": 3e-3, "rank": 0}) == 3e-3
+    assert lr("taps", {"lr": None}) == 1e-2
+    assert lr("lora", {}) == 3e-3 and lr("lora", {"lr": 1e-3}) == 1e-3
+    for method in ("finetune", "linear", "adapter"):
+        assert lr(method, {}) == 1e-3
+    assert lr("progressive", {}, {"group": "g"}) == 1e-3
+
+
+def test_task_add_without_lr_records_the_method_s_rate(tmp_path, capsys):
+    """The command line passes no --lr it was not given: the task records compact TAPS' rate."""
+    home = str(tmp_path / "home")
+    code, _, err = run(capsys, "--home", home, "base", "add", "b", "--model", "timm:test_resnet")
+    assert code == 0, err
+    for name, extra in (("compact", []), ("full", ["--rank", "0"]), ("typed", ["--lr", "2e-3"])):
+        code, _, err = run(capsys, "--home", home, "task", "add", name, "--base", "b", "--data",
+                           "digits", "--epochs", "1", "--max-train", "40", "--max-test", "20",
+                           "--img-size", "32", *extra)
+        assert code == 0, err
+    from taps_cl.manager import Manager
+
+    with Manager(home) as m:
+        rates = {t.name: t.train_config["lr"] for t in m.list_tasks()}
+        ranks = {t.name: t.method_config["rank"] for t in m.list_tasks()}
+    assert rates == {"compact": 1e-2, "full": 1e-3, "typed": 2e-3}
+    assert ranks == {"compact": 8, "full": 0, "typed": 8}
 
 
 def test_an_unknown_keyword_names_the_method_s_options(tmp_path):

@@ -38,10 +38,13 @@ def test_add_task_stores_what_the_method_needs(manager, image_data, method):
     assert task.status == "ready" and task.position == 1 and task.num_classes == 3
     tensors = serialization.from_bytes(manager.registry.read_artifact(task.artifact))
     assert task.task_params == serialization.numel(tensors)
-    deltas = {k for k in tensors if k.startswith("delta/")}
-    active = {f"delta/{layer.name}.weight" for layer in task.layers if layer.active}
+    # a layer's delta, or its factors (compact TAPS, the default, factorises the large layers)
+    deltas = {k.split("/", 1)[1].removesuffix(".weight") for k in tensors
+              if k.startswith(("delta/", "factor_a/", "factor_b/"))}
+    active = {layer.name for layer in task.layers if layer.active}
     if method == "taps":
         assert deltas == active  # inactive layers store nothing
+        assert any(k.startswith("factor_b/") for k in tensors)
     else:
         assert not deltas
     if method == "linear":

@@ -51,6 +51,9 @@ def click_option(owner: type, field: dataclasses.Field, spec: dict[str, Any],
         ranged = click.IntRange if kind is int else click.FloatRange
         param = ranged(spec["minimum"], spec["maximum"], min_open=spec["open_minimum"],
                        max_open=spec["open_maximum"])
+    if spec.get("method_default"):  # the method may choose: pass nothing unless typed
+        return click.option(flag_name(field.name), field.name, type=param, default=None,
+                            show_default=spec["method_default"], help=spec["help"])
     default = field.default if show_default and field.default is not None else None
     return click.option(flag_name(field.name), field.name, type=param, default=default,
                         show_default=show_default and default is not None, help=spec["help"])

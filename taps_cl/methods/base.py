@@ -206,6 +206,9 @@ class Method(ABC):
     Config: ClassVar[type]
     # Whether `merge_state` of the extracted tensors gives a plain model of the base's architecture.
     mergeable: ClassVar[bool] = True
+    # Options whose default changed, with the default they had before: a stored config that
+    # predates such an option is restored with its old value (`stored_method`), not today's.
+    LEGACY_DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: Any = None) -> None:
         if config is None:
@@ -218,6 +221,10 @@ class Method(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
+
+    def default_lr(self) -> float | None:
+        """The learning rate a run of this method uses when none is given (None: TrainConfig's)."""
+        return None
 
     def config_dict(self) -> dict[str, Any]:
         """The method's options as a JSON-able dict (stored with the task)."""

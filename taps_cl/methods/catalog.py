@@ -60,3 +60,12 @@ def get_method(name: str, **overrides: Any) -> Method:
             f"method {name!r} has no option {', '.join(map(repr, unknown))} (options: {options})"
         )
     return cls(cls.Config(**given))
+
+
+def stored_method(name: str, config: dict[str, Any]) -> Method:
+    """The method a stored task (or exported model) was trained with: its recorded `config`, and
+    for an option the record lacks, the default of the record's time (`Method.LEGACY_DEFAULTS`)
+    rather than today's — a TAPS task recorded before compact mode has full deltas."""
+    cls = load_builtin().get(name)
+    legacy = {} if cls is None else cls.LEGACY_DEFAULTS
+    return get_method(name, **{**{k: v for k, v in legacy.items() if k not in config}, **config})

@@ -67,16 +67,19 @@ OPTION = "taps_cl.option"
 def option(default: Any, help: str, *, minimum: float | None = None,
            maximum: float | None = None, open_minimum: bool = False, open_maximum: bool = False,
            choices: tuple[str, ...] | None = None, flag: str | None = None,
-           flag_value: Any = None, joint: bool = True) -> Any:
+           flag_value: Any = None, joint: bool = True,
+           method_default: str | None = None) -> Any:
     """A dataclass field that is a user option (see the module docstring).
 
     `minimum`/`maximum` (open or closed) and `choices` bound what the command line accepts before
     the config is built; `flag` with `flag_value` makes a switch (e.g. `--no-own-adapter`);
-    `joint=False` marks an option that means nothing when several tasks train together.
+    `joint=False` marks an option that means nothing when several tasks train together;
+    `method_default` (the text --help shows as the default) marks a training option whose default
+    the method may set (e.g. `Method.default_lr`): left out, it is not passed on.
     """
     spec = {"help": help, "minimum": minimum, "maximum": maximum, "open_minimum": open_minimum,
             "open_maximum": open_maximum, "choices": choices, "flag": flag,
-            "flag_value": flag_value, "joint": joint}
+            "flag_value": flag_value, "joint": joint, "method_default": method_default}
     return dataclasses.field(default=default, metadata={OPTION: spec})
 
 

@@ -21,7 +21,7 @@ import taps_cl.serialization as serialization
 from registry.store import create_temp
 from taps_cl.errors import TapsError, first_line
 from taps_cl.methods.base import Dependency, Method
-from taps_cl.methods.catalog import get_method
+from taps_cl.methods.catalog import stored_method
 from taps_cl.models import backbones
 from taps_cl.models.backbones import example_input
 
@@ -130,7 +130,7 @@ def _method(meta: dict[str, str], path: Any) -> Method:
         raise TapsError(f"{path}: metadata method_config must be a JSON object of options, got "
                         f"{type(config).__name__} {meta['method_config'][:80]!r}")
     try:
-        return get_method(name, **config)
+        return stored_method(name, config)
     except TapsError as exc:
         raise type(exc)(f"{path}: metadata method {name!r}: {first_line(exc)}") from exc
     except (TypeError, ValueError, AttributeError) as exc:  # an option no validator expected

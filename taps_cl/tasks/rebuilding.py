@@ -22,7 +22,7 @@ from registry.entities import BaseModel, Task, TaskDependency
 from taps_cl.data import specs as data
 from taps_cl.errors import TapsError
 from taps_cl.methods.base import Dependency, Method
-from taps_cl.methods.catalog import get_method
+from taps_cl.methods.catalog import stored_method
 from taps_cl.models.compose import task_model
 from taps_cl.models.files import write_atomic
 from taps_cl.tasks.probes import PROBE_ATOL, PROBE_RTOL, logit_scale, probe_drift
@@ -88,7 +88,7 @@ class TaskModels:
         (`Method.read_shared`: a progressive band's metadata names its band). A pin whose kind
         disagrees with that (`pin_problem`) is refused: its rows were changed.
         """
-        method = get_method(task.method, **task.method_config)
+        method = stored_method(task.method, task.method_config)
         out = []
         for pin in task.depends_on:
             if pin.task is None:  # a shared artifact (progressive bands), read by its hash
@@ -126,7 +126,7 @@ class TaskModels:
         the earlier task's current task artifact, or a recorded and intact file, is checked by
         the caller (the verifier) or by `dependencies`.
         """
-        method = get_method(task.method, **task.method_config)
+        method = stored_method(task.method, task.method_config)
         if pin.task is None:
             if blob is None:
                 blob = self.registry.read_artifact(self.registry.get_artifact(pin.sha256))
@@ -147,7 +147,7 @@ class TaskModels:
               tensors: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
         """The task's model, without checking its probe batch (see `restore`)."""
         base = base or self.registry.get_base(task.base)
-        method = get_method(task.method, **task.method_config)
+        method = stored_method(task.method, task.method_config)
         return task_model(base, self.base_state(base), method,
                           self.task_tensors(task) if tensors is None else tensors,
                           task.num_classes, self.dependencies(task),

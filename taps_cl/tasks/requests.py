@@ -115,15 +115,21 @@ class GroupRequest(RunOptions):
 _GIVEN_EXPLICITLY = ("name", "base", "data_spec", "method", "method_options", "tasks", "groups")
 
 
-def split_options(options: dict[str, Any], request: type) -> tuple[Any, dict[str, Any],
-                                                                 dict[str, Any]]:
-    """(TrainConfig, run options of `request`, the method's options) out of keyword options."""
+def split_options(options: dict[str, Any], request: type, method: str,
+                  method_options: Optional[dict[str, Any]] = None
+                  ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(TrainConfig, run options of `request`, the method's options) out of keyword options; with
+    no `lr` given, the TrainConfig has `method`'s own default rate (`Method.default_lr`, 1e-2 for
+    compact TAPS) for its options (`method_options` and those among the keywords)."""
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     # The request's own fields that a caller passes by keyword (run options, class subset).
     run_keys = {f.name for f in dataclasses.fields(request)} - set(_GIVEN_EXPLICITLY)
     train = {k: v for k, v in options.items() if k in train_keys and v is not None}
     run = {k: v for k, v in options.items() if k in run_keys and v is not None}
     own = {k: v for k, v in options.items() if k not in train_keys and k not in run_keys}
+    if "lr" not in train:
+        lr = get_method(method, **{**(method_options or {}), **own}).default_lr()
+        train.update({} if lr is None else {"lr": lr})
     train_cfg = TrainConfig(**train)
     checked = RunOptions(**{k: v for k, v in run.items()
                             if k in {f.name for f in dataclasses.fields(RunOptions)}})
