@@ -147,10 +147,11 @@ class Manager:
         """Train a task on the frozen base, store only what it needs, and spot-check earlier tasks.
 
         `options` are the training options (TrainConfig: epochs, batch_size, lr (default: the
-        method's, Method.default_lr), optimizer, weight_decay, seed, device), the run options (classes, img_size, max_train, max_test,
-        val_fraction, recheck) and the method's own options (its Config's fields, e.g. `lam` or
-        `rank` for TAPS, `group` for progressive), by name; `method_options` may hold the latter
-        too. Unknown names are refused with the method's options listed.
+        method's, Method.default_lr), optimizer, weight_decay, seed, device), the run options
+        (classes, img_size, max_train, max_test, val_fraction, recheck) and the method's own
+        options (its Config's fields, e.g. `lam` or `rank` for TAPS, `group` for progressive), by
+        name; `method_options` may hold the latter too. Unknown names are refused with the
+        method's options listed.
 
         `recheck` earlier tasks (default 8: a seeded sample with the latest task and any it
         reads) get their probe logits re-checked; the add cost does not grow with the registry,

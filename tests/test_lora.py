@@ -338,7 +338,8 @@ def test_collapse_is_decided_by_the_loss_of_guessing():
 
 def test_a_run_that_learns_and_collapses_to_chance_with_a_finite_loss_stops(bases, monkeypatch):
     """A finite-loss collapse (a constant prediction after the run had learnt) is stopped like a
-    non-finite loss, never kept: after epoch 2's last step the head here predicts class 0 whatever the input."""
+    non-finite loss, never kept: from epoch 2's last step on, the head here predicts class 0
+    whatever the input."""
 
     class Collapsing(type(get_method("finetune"))):
         def after_step(self, model: nn.Module, epoch: int) -> None:

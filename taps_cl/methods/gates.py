@@ -36,8 +36,8 @@ MAX_RANK = 65536
 MAX_FACTOR_MIN_PARAMS = 2**40
 MAX_B_LR_RATIO = 1e6
 # The option declarations taps and lora share (one flag each, one help).
-RANK_HELP = ("taps/lora: rank R of the low-rank deltas ΔW = B·A on large layers (default 8; taps: "
-             "0 = full deltas).")
+RANK_HELP = ("taps/lora: rank R of the low-rank deltas ΔW = B·A on large layers (default 8; "
+             "taps: 0 = full deltas).")
 FACTOR_MIN_PARAMS_HELP = "taps/lora: factorise only layers with at least this many weights."
 B_LR_RATIO_HELP = ("taps/lora: learning rate of the factors B as a multiple of the factors A's "
                    "(LoRA+; taps default 1, lora default 16).")
