@@ -13,6 +13,11 @@ without training:
 
     python benchmarks/frontier.py --from-json bench.json                  # bench-frontier.png …
     python benchmarks/frontier.py --from-json bench.json --out-prefix docs/bench
+
+Several results of the same protocol (model, image size, tasks in order, data sizes, epochs,
+batch, grid, seeds) draw together: `--from-json a.json b.json`. Every row of the second result is
+labelled "(run 2)", and so on, so that no point hides which run it came from; the PEFT LoRA line
+of a policy joins the ranks of every run.
 """
 
 from __future__ import annotations
@@ -38,6 +43,34 @@ def points(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
              "bytes_per_task": run["bytes_per_task"], "accuracy": run["mean_accuracy"],
              "cumulative_bytes": run["cumulative_bytes"]}
             for row in rows for run in row["runs"]]
+
+
+# What two results must share to be drawn together (`merged`): the same measurement protocol.
+SAME_PROTOCOL = ("max_train", "max_test", "select_train", "epochs", "batch_size", "weight_decay",
+                 "lr_grid")
+
+
+def merged(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result to draw out of several of the same protocol: the first's model, tasks and base,
+    every result's frontier points, those of result k > 1 labelled "(run k)"."""
+    first = docs[0]
+
+    def protocol(doc: dict[str, Any]) -> tuple[Any, ...]:
+        proto = doc.get("protocol", {})
+        return (doc.get("model"), doc.get("img_size"), doc.get("reverse", False),
+                [t["name"] for t in doc.get("tasks", [])],
+                *(proto.get(key) for key in SAME_PROTOCOL))
+
+    pts = []
+    for k, doc in enumerate(docs, 1):
+        if protocol(doc) != protocol(first):
+            raise ValueError(f"result {k} was measured under another protocol than result 1 "
+                             "(model, image size, order, tasks, data sizes, epochs, batch or "
+                             "grid differ): not drawn together")
+        suffix = "" if k == 1 else f" (run {k})"
+        pts += [{**p, "row": p["row"] + suffix}
+                for p in (doc.get("frontier") or points(doc["rows"]))]
+    return {**first, "frontier": pts, "runs_drawn": len(docs)}
 
 
 def plot_paths(prefix: Path) -> tuple[Path, Path]:
@@ -70,6 +103,8 @@ def draw(doc: dict[str, Any], prefix: Path) -> tuple[Path, Path]:
     tasks = ", ".join(t["name"] for t in doc.get("tasks", []))
     epochs = doc.get("protocol", {}).get("epochs")
     where = f"{doc.get('model', '')}, {tasks}" + (f", {epochs} epochs" if epochs else "")
+    if doc.get("runs_drawn", 1) > 1:
+        where += f", {doc['runs_drawn']} runs"
     frontier_png, growth_png = plot_paths(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
 
@@ -126,20 +161,29 @@ def draw(doc: dict[str, Any], prefix: Path) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--from-json", type=Path, required=True,
-                   help="a benchmark result written by benchmarks/benchmark.py --json-out")
+    p.add_argument("--from-json", type=Path, required=True, nargs="+",
+                   help="benchmark results written by benchmarks/benchmark.py --json-out; "
+                   "several of the same protocol are drawn together, the rows of the k-th "
+                   "labelled (run k)")
     p.add_argument("--out-prefix", type=Path, default=None,
-                   help="write <prefix>-frontier.png and <prefix>-growth.png (default: the JSON "
-                   "file's path without its suffix)")
+                   help="write <prefix>-frontier.png and <prefix>-growth.png (default: the first "
+                   "JSON file's path without its suffix)")
     args = p.parse_args(argv)
+    docs = []
+    for path in args.from_json:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            p.error(f"cannot read {path}: {exc}")
+        if "rows" not in doc:
+            p.error(f"{path} holds no benchmark rows (a --plan result?)")
+        docs.append(doc)
     try:
-        doc = json.loads(args.from_json.read_text())
-    except (OSError, ValueError) as exc:
-        p.error(f"cannot read {args.from_json}: {exc}")
-    if "rows" not in doc:
-        p.error(f"{args.from_json} holds no benchmark rows (a --plan result?)")
-    for path in draw(doc, args.out_prefix or args.from_json.with_suffix("")):
-        print(f"wrote {path}")
+        doc = merged(docs) if len(docs) > 1 else docs[0]
+    except ValueError as exc:
+        p.error(str(exc))
+    for out in draw(doc, args.out_prefix or args.from_json[0].with_suffix("")):
+        print(f"wrote {out}")
     return 0
 
 

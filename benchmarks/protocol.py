@@ -179,10 +179,14 @@ class Bench:
             }
         return self.loaded[seed]
 
-    def train_config(self, lr: float, seed: int) -> TrainConfig:
+    def train_config(self, lr: float, seed: int, method: Method | None = None) -> TrainConfig:
+        """The protocol's training options at `lr`, with `method`'s own defaults of the others
+        (`Method.train_defaults`, e.g. the adapters' gradient clipping), as the Manager trains
+        it in stage 2."""
         a = self.args
+        own = {k: v for k, v in (method.train_defaults() if method else {}).items() if k != "lr"}
         return TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=lr,
-                           weight_decay=a.weight_decay, seed=seed)
+                           weight_decay=a.weight_decay, seed=seed, **own)
 
     def task_model(self, method: Method, num_classes: int, seed: int,
                    dependencies: list[Dependency] | None = None) -> nn.Module:

@@ -41,6 +41,7 @@ from benchmarks.rows import (
     policy_of,
 )
 from benchmarks.targets import Target, lines
+from taps_cl.methods.adapter import ADAPTER_CLIP
 from taps_cl.methods.progressive.method import ProgressiveConfig
 
 
@@ -301,7 +302,9 @@ def report(bench: Bench, rows: list[Row], sizes: dict[str, dict[str, int]],
         f"- per task: max_train {args.max_train}, max_test {args.max_test} (+ validation = 10% "
         f"of max_train carved from the training pool), epochs {args.epochs}, batch "
         f"{args.batch_size}, AdamW (cosine), weight decay {args.weight_decay:g}, img "
-        f"{args.img_size} px — the same for every row; learning rate chosen per row (below)",
+        f"{args.img_size} px — the same for every row; learning rate chosen per row (below); "
+        f"no gradient clipping but the adapter and fusion rows' (their methods' default: "
+        f"norm {ADAPTER_CLIP:g})",
         "- actual images (train/val/test, first seed): " + ", ".join(
             f"{t}: {s['train']}/{s['val']}/{s['test']}" for t, s in sizes.items()),
         f"- seeds: a row with k in the seeds column ran with the first k of seeds {seeds} "

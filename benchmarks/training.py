@@ -102,7 +102,7 @@ def select_lr(bench: Bench, row: RowSpec) -> Selection:
             model = bench.task_model(method, len(td.class_names), seed, deps)
             train = stratified_subset(td.train, a.select_train, seed)
             try:
-                fit(model, method, train, td.val, bench.train_config(lr, seed))
+                fit(model, method, train, td.val, bench.train_config(lr, seed, method))
             except TapsError as exc:  # a diverging rate: non-finite loss
                 errors[lr] = f"{task.name}: {first_line(exc)}"
                 bench.say(f"  stage 1  {row.label:<30} lr {fmt_lr(lr)}: diverged on "
@@ -286,7 +286,8 @@ def run_lora(bench: Bench, row: Row, seed: int) -> Run:
         method = make_method(row.spec, row.lr, bench.args.epochs)
         model = bench.task_model(method, len(td.class_names), seed)
         with failing_task(task.name):
-            result = fit(model, method, td.train, td.val, bench.train_config(row.lr, seed))
+            result = fit(model, method, td.train, td.val, bench.train_config(row.lr, seed,
+                                                                             method))
         method.finalize(model)
         state = method.extract(model, bench.head)
         run.acc[task.name] = evaluate(model, td.test).accuracy

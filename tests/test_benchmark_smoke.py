@@ -165,6 +165,18 @@ def test_quick_benchmark_runs_every_row(tmp_path, capsys, one_thread):
                           str(tmp_path / "again")]) == 0
     assert (tmp_path / "again-frontier.png").stat().st_size > 0
     assert (tmp_path / "again-growth.png").stat().st_size > 0
+    # Two results of one protocol draw together, the second's rows labelled; another protocol
+    # is refused.
+    both = frontier.merged([doc, doc])
+    assert len(both["frontier"]) == 2 * len(points) and both["runs_drawn"] == 2
+    assert {p["row"] for p in both["frontier"]} == \
+        {p["row"] for p in points} | {p["row"] + " (run 2)" for p in points}
+    assert frontier.main(["--from-json", str(result), str(result), "--out-prefix",
+                          str(tmp_path / "both")]) == 0
+    assert (tmp_path / "both-frontier.png").stat().st_size > 0
+    other = {**doc, "protocol": {**doc["protocol"], "epochs": doc["protocol"]["epochs"] + 1}}
+    with pytest.raises(ValueError, match="another protocol"):
+        frontier.merged([doc, other])
 
     # Training length: fine-tune and the default again at 2 epochs on letters, one seed, beside
     # their standard run's figures of that seed and task.
@@ -542,3 +554,22 @@ def test_runs_as_a_file_from_the_repository_root(tmp_path):
                            str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(path.read_text())["plan"]["stage1_runs"] == 177
+
+
+def test_every_stage_trains_a_row_with_its_method_s_own_options():
+    """Stage 1 and the PEFT rows train outside the Manager: their TrainConfig must carry the
+    method's own defaults (the adapters' clipping) as the Manager's stage 2 does, the row's rate
+    kept."""
+    import argparse
+
+    from benchmarks.protocol import Bench
+    from taps_cl.methods.catalog import get_method
+
+    args = argparse.Namespace(epochs=3, batch_size=32, weight_decay=0.0)
+    b = Bench(args, "timm:test_resnet", frozenset(), {}, 1, 1, Path("w"), {}, [], print)
+    adapter = b.train_config(1e-2, 1, get_method("adapter"))
+    assert (adapter.lr, adapter.clip_grad, adapter.seed) == (1e-2, 1.0, 1)
+    assert b.train_config(3e-3, 0, get_method("fusion", fuse="a")).clip_grad == 1.0
+    assert b.train_config(1e-3, 0, get_method("taps")).lr == 1e-3
+    assert b.train_config(1e-3, 0, get_method("taps")).clip_grad is None
+    assert b.train_config(1e-3, 0).clip_grad is None

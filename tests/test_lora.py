@@ -299,7 +299,7 @@ def toy_data() -> TensorDataset:
 def test_clip_grad_bounds_each_step(bases):
     base_state = bases["test_vit"]
     moved = {}
-    for clip in (None, 1e-9):
+    for clip in (None, 0.0, 1e-9):
         method = get_method("finetune")
         model, head = task_model("test_vit", base_state)
         method.prepare(model, head)
@@ -310,8 +310,9 @@ def test_clip_grad_bounds_each_step(bases):
                           for n, p in model.named_parameters())
     # SGD with momentum: 4 steps of at most lr × 1e-9 each, momentum summing at most 4 of them.
     assert moved[1e-9] < 1e-7 and moved[None] > 1e-2
-    with pytest.raises(MethodError, match="clip_grad must be > 0"):
-        TrainConfig(clip_grad=0.0)
+    assert moved[0.0] == moved[None]  # 0: no clipping
+    with pytest.raises(MethodError, match="clip_grad must be >= 0"):
+        TrainConfig(clip_grad=-1.0)
 
 
 def test_a_diverging_fit_stops_with_one_line_naming_epoch_and_step(bases):

@@ -76,7 +76,8 @@ def test_every_method_that_trains_norms_declares_the_policy_and_progressive_does
     for name in WITH_NORMS:
         fields = {f.name: spec for f, spec in declared_options(methods[name].Config)}
         assert fields["norms"]["choices"] == NORM_POLICIES, name
-        assert get_method(name, fuse="x" if name == "fusion" else None).config.norms == "task"
+        default = "affine" if name in ("adapter", "fusion") else "task"
+        assert get_method(name, fuse="x" if name == "fusion" else None).config.norms == default
     for name in ("progressive", "linear"):
         with pytest.raises(MethodError, match="no option 'norms'"):
             get_method(name, norms="base")
@@ -265,3 +266,19 @@ def test_every_policy_s_task_verifies(registry):
     with Manager(registry) as m:
         checks = m.verify()
         assert len(checks) == 16 and all(c.ok for c in checks), [c for c in checks if not c.ok]
+
+
+def test_adapters_default_to_affine_and_old_adapter_configs_restore_task_norms():
+    """`affine` became the adapters' default later: an adapter or fusion config recorded without
+    a norm policy trained with the task's own statistics and is restored so; a recorded policy,
+    or a new task's default, is left as it is."""
+    from taps_cl.methods.catalog import stored_method
+
+    assert get_method("adapter").config.norms == "affine"
+    assert get_method("fusion", fuse="a").config.norms == "affine"
+    for method in ("taps", "lora", "finetune"):
+        assert get_method(method).config.norms == "task"
+    old = {"reduction": 16, "activation": "relu"}
+    assert stored_method("adapter", old).config.norms == "task"
+    assert stored_method("adapter", {**old, "norms": "affine"}).config.norms == "affine"
+    assert stored_method("fusion", {**old, "fuse": ["a"]}).config.norms == "task"

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from taps_cl.cli.app import cli
 from taps_cl.cli.options import flag_name
+from taps_cl.errors import MethodError
 from taps_cl.methods.base import Method
 from taps_cl.methods.catalog import load_builtin
 from taps_cl.methods.options import declared_options
@@ -70,8 +71,8 @@ def test_keywords_are_sorted_by_their_declarations():
 
 
 def test_without_an_lr_a_run_trains_at_its_method_s_default_rate():
-    """Compact TAPS (the default `taps`) at 1e-2, lora at 3e-3; full deltas and the other methods
-    at TrainConfig's."""
+    """Compact TAPS (the default `taps`) and fusion at 1e-2, lora and adapter at 3e-3; full deltas
+    and the other methods at TrainConfig's."""
     def lr(method: str, options: dict, method_options: dict | None = None) -> float:
         return split_options(options, TaskRequest, method, method_options)[0].lr
 
@@ -80,17 +81,38 @@ def test_without_an_lr_a_run_trains_at_its_method_s_default_rate():
     assert lr("taps", {"lr": 3e-3}) == lr("taps", {"lr": 3e-3, "rank": 0}) == 3e-3
     assert lr("taps", {"lr": None}) == 1e-2
     assert lr("lora", {}) == 3e-3 and lr("lora", {"lr": 1e-3}) == 1e-3
-    for method in ("finetune", "linear", "adapter"):
+    assert lr("adapter", {}) == 3e-3 and lr("fusion", {}, {"fuse": "a"}) == 1e-2
+    assert lr("adapter", {"lr": 1e-2}) == 1e-2
+    for method in ("finetune", "linear"):
         assert lr(method, {}) == 1e-3
     assert lr("progressive", {}, {"group": "g"}) == 1e-3
 
 
+def test_adapters_clip_their_gradients_unless_told_otherwise():
+    """Adapter and fusion tasks clip the gradients' norm to 1 by default; a typed --clip-grad
+    wins, 0 turns clipping off; the other methods do not clip unless told."""
+    def clip(method: str, options: dict, method_options: dict | None = None) -> float | None:
+        return split_options(options, TaskRequest, method, method_options)[0].clip_grad
+
+    assert clip("adapter", {}) == clip("fusion", {}, {"fuse": "a"}) == 1.0
+    assert clip("adapter", {"clip_grad": 0.5}) == 0.5
+    assert clip("adapter", {"clip_grad": 0}) == 0
+    for method in ("taps", "lora", "finetune", "linear"):
+        assert clip(method, {}) is None
+    assert clip("taps", {"clip_grad": 2.0}) == 2.0
+    with pytest.raises(MethodError, match="clip_grad must be >= 0"):
+        TrainConfig(clip_grad=-1.0)
+
+
 def test_task_add_without_lr_records_the_method_s_rate(tmp_path, capsys):
-    """The command line passes no --lr it was not given: the task records compact TAPS' rate."""
+    """The command line passes no --lr or --clip-grad it was not given: the task records its
+    method's (compact TAPS 1e-2; adapter 3e-3, clipped to 1, norms affine)."""
     home = str(tmp_path / "home")
     code, _, err = run(capsys, "--home", home, "base", "add", "b", "--model", "timm:test_resnet")
     assert code == 0, err
-    for name, extra in (("compact", []), ("full", ["--rank", "0"]), ("typed", ["--lr", "2e-3"])):
+    for name, extra in (("compact", []), ("full", ["--rank", "0"]), ("typed", ["--lr", "2e-3"]),
+                        ("adapter", ["--method", "adapter"]),
+                        ("unclipped", ["--method", "adapter", "--clip-grad", "0"])):
         code, _, err = run(capsys, "--home", home, "task", "add", name, "--base", "b", "--data",
                            "digits", "--epochs", "1", "--max-train", "40", "--max-test", "20",
                            "--img-size", "32", *extra)
@@ -98,10 +120,16 @@ def test_task_add_without_lr_records_the_method_s_rate(tmp_path, capsys):
     from taps_cl.manager import Manager
 
     with Manager(home) as m:
-        rates = {t.name: t.train_config["lr"] for t in m.list_tasks()}
-        ranks = {t.name: t.method_config["rank"] for t in m.list_tasks()}
-    assert rates == {"compact": 1e-2, "full": 1e-3, "typed": 2e-3}
-    assert ranks == {"compact": 8, "full": 0, "typed": 8}
+        tasks = {t.name: t for t in m.list_tasks()}
+    rates = {name: t.train_config["lr"] for name, t in tasks.items()}
+    clips = {name: t.train_config["clip_grad"] for name, t in tasks.items()}
+    assert rates == {"compact": 1e-2, "full": 1e-3, "typed": 2e-3, "adapter": 3e-3,
+                     "unclipped": 3e-3}
+    assert clips == {"compact": None, "full": None, "typed": None, "adapter": 1.0,
+                     "unclipped": 0}
+    assert {name: tasks[name].method_config["rank"] for name in ("compact", "full", "typed")} == \
+        {"compact": 8, "full": 0, "typed": 8}
+    assert tasks["adapter"].method_config["norms"] == "affine"
 
 
 def test_an_unknown_keyword_names_the_method_s_options(tmp_path):

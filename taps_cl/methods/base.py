@@ -222,9 +222,10 @@ class Method(ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
 
-    def default_lr(self) -> float | None:
-        """The learning rate a run of this method uses when none is given (None: TrainConfig's)."""
-        return None
+    def train_defaults(self) -> dict[str, Any]:
+        """Training options (TrainConfig fields: `lr`, `clip_grad`) a run of this method uses
+        where the user gives none; an option left out here takes TrainConfig's default."""
+        return {}
 
     def config_dict(self) -> dict[str, Any]:
         """The method's options as a JSON-able dict (stored with the task)."""

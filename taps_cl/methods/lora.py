@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -124,8 +125,8 @@ class Lora(Method):
     name = "lora"
     Config = LoraConfig
 
-    def default_lr(self) -> float | None:
-        return LORA_LR
+    def train_defaults(self) -> dict[str, Any]:
+        return {"lr": LORA_LR}
 
     @property
     def norm_policy(self) -> NormPolicy:

@@ -50,9 +50,10 @@ DEFAULT_NORM_SPLIT = 0.5
 def norms_option(default: str = "task") -> Any:
     """The `norms` field of a method config (one declaration, one flag for every method)."""
     return option(
-        default, "taps/lora/adapter/fusion/finetune: norm layers: task (own statistics and affine, "
-        "the default), affine (base statistics, own affine), base (untouched, not stored) or "
-        "split (base statistics in the first --norm-split of them, own in the rest).",
+        default, "taps/lora/adapter/fusion/finetune: norm layers: task (own statistics and affine; "
+        "the default of taps, lora, finetune), affine (base statistics, own affine; the default "
+        "of adapter, fusion), base (untouched, not stored) or split (base statistics in the "
+        "first --norm-split of them, own in the rest).",
         choices=NORM_POLICIES)
 
 

@@ -6,7 +6,7 @@ backward pass treats the step as the identity (straight-through), so ∂L/∂s_l
 and a gate that went off can come back on. A penalty λ·Σ_l w_l·|s_l| switches gates off. Norm layers
 (parameters and statistics) and the head are task-specific too; the base weights stay frozen.
 
-Compact mode (§4a; the default, R = 8, at lr 1e-2 unless told otherwise: `default_lr`). With
+Compact mode (§4a; the default, R = 8, at lr 1e-2 unless told otherwise: `train_defaults`). With
 `rank` R > 0 the delta of every large layer is a product ΔW = B·A (B zero
 at start, so training starts at the base); small and depthwise layers keep full deltas, which are
 cheaper there. With a `budget` the task may store at most that fraction of the base: λ rises by
@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Collection
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -88,9 +89,9 @@ class Taps(Method):
     # Full deltas were the default until compact TAPS r=8 became it.
     LEGACY_DEFAULTS = {"rank": 0}
 
-    def default_lr(self) -> float | None:
+    def train_defaults(self) -> dict[str, Any]:
         """Compact TAPS trains at COMPACT_LR unless told otherwise; full deltas at TrainConfig's."""
-        return COMPACT_LR if self.config.rank > 0 else None
+        return {"lr": COMPACT_LR} if self.config.rank > 0 else {}
 
     def for_epochs(self, epochs: int, given: Collection[str]) -> Taps:
         """TAPS for a run of `epochs`: the penalty normalised by the epochs it acts in (see the

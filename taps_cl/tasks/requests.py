@@ -118,18 +118,18 @@ _GIVEN_EXPLICITLY = ("name", "base", "data_spec", "method", "method_options", "t
 def split_options(options: dict[str, Any], request: type, method: str,
                   method_options: Optional[dict[str, Any]] = None
                   ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-    """(TrainConfig, run options of `request`, the method's options) out of keyword options; with
-    no `lr` given, the TrainConfig has `method`'s own default rate (`Method.default_lr`, 1e-2 for
-    compact TAPS) for its options (`method_options` and those among the keywords)."""
+    """(TrainConfig, run options of `request`, the method's options) out of keyword options; a
+    training option not given takes `method`'s own default for its options (`method_options` and
+    those among the keywords) where it has one (`Method.train_defaults`: e.g. lr 1e-2 for compact
+    TAPS, gradient clipping for adapters), else TrainConfig's."""
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     # The request's own fields that a caller passes by keyword (run options, class subset).
     run_keys = {f.name for f in dataclasses.fields(request)} - set(_GIVEN_EXPLICITLY)
     train = {k: v for k, v in options.items() if k in train_keys and v is not None}
     run = {k: v for k, v in options.items() if k in run_keys and v is not None}
     own = {k: v for k, v in options.items() if k not in train_keys and k not in run_keys}
-    if "lr" not in train:
-        lr = get_method(method, **{**(method_options or {}), **own}).default_lr()
-        train.update({} if lr is None else {"lr": lr})
+    defaults = get_method(method, **{**(method_options or {}), **own}).train_defaults()
+    train = {**{k: v for k, v in defaults.items() if k in train_keys}, **train}
     train_cfg = TrainConfig(**train)
     checked = RunOptions(**{k: v for k, v in run.items()
                             if k in {f.name for f in dataclasses.fields(RunOptions)}})

@@ -96,20 +96,22 @@ class TrainConfig:
     batch_size: int = option(32, "Samples per optimisation step.", minimum=1,
                              maximum=MAX_BATCH_SIZE)
     # Peak learning rate of the cosine schedule (TAPS scores use their own score_lr).
-    # (`task add` and `group train`: the method's own default where it has one, Method.default_lr)
+    # (`task add` and `group train`: the method's own default where it has one,
+    # Method.train_defaults)
     lr: float = option(
         1e-3, "Peak learning rate of the cosine schedule.", minimum=0, open_minimum=True,
-        method_default="the method's: 1e-2 for compact TAPS, the default method; 3e-3 for lora; "
-        "else 1e-3")
+        method_default="the method's: 1e-2 for compact TAPS, the default method, and fusion; 3e-3 for "
+        "lora and adapter; else 1e-3")
     # "adamw" or "sgd" (SGD with momentum 0.9).
     optimizer: str = option("adamw", "adamw, or sgd (with momentum 0.9).", choices=OPTIMIZERS)
     # Weight decay of the trained parameters (decoupled for AdamW).
     weight_decay: float = option(0.0, "Weight decay of the trained parameters.", minimum=0)
     # Most the gradients' total (L2) norm may be before a step: larger ones are scaled down to it
-    # (torch.nn.utils.clip_grad_norm_ over every trained parameter). None: no clipping.
+    # (torch.nn.utils.clip_grad_norm_ over every trained parameter). None or 0: no clipping.
+    # (`task add` and `group train`: the method's own default where it has one, as for lr)
     clip_grad: float | None = option(
-        None, "Clip the gradients' total norm to this before each step (default: off).",
-        minimum=0, open_minimum=True)
+        None, "Clip the gradients' total norm to this before each step; 0 turns clipping off.",
+        minimum=0, method_default="the method's: 1.0 for adapter and fusion; else off")
     # Seeds torch's RNG (head init done before fit is not affected) and the data order.
     seed: int = option(0, "Seeds the data split, the data order and the initialisation.",
                        minimum=0, maximum=MAX_SEED)
@@ -134,7 +136,7 @@ class TrainConfig:
         fix("optimizer", check_choice("train", "optimizer", self.optimizer, OPTIMIZERS))
         fix("weight_decay", check_number("train", "weight_decay", self.weight_decay, minimum=0))
         if self.clip_grad is not None:
-            fix("clip_grad", check_number("train", "clip_grad", self.clip_grad, positive=True))
+            fix("clip_grad", check_number("train", "clip_grad", self.clip_grad, minimum=0))
         fix("seed", check_number("train", "seed", self.seed, minimum=0, maximum=MAX_SEED,
                                  integer=True))
         fix("num_workers",
@@ -187,7 +189,7 @@ def finite(params: Sequence[Tensor]) -> bool:
 
 def diverged(epoch: int, step: int, what: str, cfg: TrainConfig) -> TrainingDiverged:
     """The one-line error of a run that went non-finite at `step` (0-based) of `epoch`."""
-    clip = "set --clip-grad" if cfg.clip_grad is None else "a lower --clip-grad"
+    clip = "a lower --clip-grad" if cfg.clip_grad else "set --clip-grad"
     return TrainingDiverged(f"training diverged at epoch {epoch + 1}, step {step + 1} ({what}): "
                             f"lower --lr or {clip}")
 
@@ -352,7 +354,7 @@ def fit_tied(
                     torch.stack(objectives).mean()
                 optimizer.zero_grad(set_to_none=True)
                 objective.backward()
-                if cfg.clip_grad is not None:
+                if cfg.clip_grad:
                     torch.nn.utils.clip_grad_norm_(trained, cfg.clip_grad)
                 optimizer.step()
                 if not finite(trained):
