@@ -116,7 +116,13 @@ def test_quick_benchmark_runs_every_row(tmp_path, capsys, one_thread):
         "lora", "task", "affine")
     assert all(run["config"]["norms"] == "affine" for run in lora_affine["runs"])
     assert lora_affine["task_params"] < lora_task["task_params"]
-    assert [r["policy"] for r in doc["rows"]].count("affine") == 1
+    # Affine: that variant, and the rows whose method defaults to it (adapter and fusion, as
+    # recorded); every other row is the method's default "task".
+    affine = {r["label"] for r in doc["rows"] if r["policy"] == "affine"}
+    assert affine == {"lora r=2 norms=affine"} | {
+        r["label"] for r in doc["rows"] if r["method"] in ("adapter", "fusion")}
+    assert all(run["config"]["norms"] == "affine" for r in doc["rows"]
+               if r["method"] in ("adapter", "fusion") for run in r["runs"])
     checks = doc["probe_checks"]
     assert checks["total"] > 0 and checks["ok"] == checks["total"]
     for row in (r for r in rows.values() if r["method"] == "taps"):  # active layers, first seed
