@@ -15,7 +15,7 @@ without training:
     python benchmarks/frontier.py --from-json bench.json --out-prefix docs/bench
 
 Several results of the same protocol (model, image size, tasks in order, data sizes, epochs,
-batch, grid, seeds) draw together: `--from-json a.json b.json`. Every row of the second result is
+batch, weight decay, grid) draw together: `--from-json a.json b.json`. Every row of the second result is
 labelled "(run 2)", and so on, so that no point hides which run it came from; the PEFT LoRA line
 of a policy joins the ranks of every run.
 """
