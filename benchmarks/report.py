@@ -41,7 +41,7 @@ from benchmarks.rows import (
     policy_of,
 )
 from benchmarks.targets import Target, lines
-from taps_cl.methods.adapter import ADAPTER_CLIP
+from taps_cl.methods.catalog import load_builtin, stored_method
 from taps_cl.methods.progressive.method import ProgressiveConfig
 
 
@@ -226,6 +226,22 @@ def similarity_table(rows: list[Row]) -> list[str]:
     return out
 
 
+def clipping_note(rows: list[Row]) -> str:
+    """Which rows clip their gradients: those whose method does by default for its recorded
+    options (`Method.train_defaults`, which every stage of the benchmark applies)."""
+    clips: dict[float, list[str]] = {}
+    for r in rows:
+        if not r.runs or r.method not in load_builtin():  # PEFT's rows: never clipped
+            continue
+        clip = stored_method(r.method, r.runs[0].config).train_defaults().get("clip_grad")
+        if clip and r.method not in clips.get(clip, []):
+            clips.setdefault(clip, []).append(r.method)
+    if not clips:
+        return "no gradient clipping"
+    parts = [f"{' and '.join(names)} rows (norm {clip:g})" for clip, names in clips.items()]
+    return "no gradient clipping but in the " + "; the ".join(parts) + ", their methods' default"
+
+
 def seed_note(rows: list[Row], args: argparse.Namespace) -> str:
     """Which seeds the adapter, fusion and progressive rows used, for the header."""
     if any(r.kind in PROGRESSIVE_KINDS for r in rows):
@@ -303,8 +319,7 @@ def report(bench: Bench, rows: list[Row], sizes: dict[str, dict[str, int]],
         f"of max_train carved from the training pool), epochs {args.epochs}, batch "
         f"{args.batch_size}, AdamW (cosine), weight decay {args.weight_decay:g}, img "
         f"{args.img_size} px — the same for every row; learning rate chosen per row (below); "
-        f"no gradient clipping but the adapter and fusion rows' (their methods' default: "
-        f"norm {ADAPTER_CLIP:g})",
+        + clipping_note(rows),
         "- actual images (train/val/test, first seed): " + ", ".join(
             f"{t}: {s['train']}/{s['val']}/{s['test']}" for t, s in sizes.items()),
         f"- seeds: a row with k in the seeds column ran with the first k of seeds {seeds} "

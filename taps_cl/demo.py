@@ -15,8 +15,8 @@ log = logging.getLogger(__name__)
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 BASE_NAME = "lite0"
 IMG_SIZE = 64
-# The tasks train with `task add`'s defaults (compact TAPS, rank 8, every trained tensor at lr
-# 1e-2: methods/taps.py), as a user's first tasks would.
+# The tasks train with `task add`'s defaults (tasks.requests.DEFAULT_METHOD, at the method's own
+# rate and options), as a user's first tasks would.
 
 
 def lite0_weights() -> Path:
@@ -62,6 +62,8 @@ def demo_tasks(home: Path, quick: bool) -> list[dict]:
 def run(manager: Any, *, quick: bool = False, progress: bool = False,
         say: Callable[[str], None] = log.info) -> None:
     """Register Lite0 (once) and add the demo tasks that are not registered yet."""
+    from taps_cl.tasks.requests import DEFAULT_METHOD
+
     try:
         manager.get_base(BASE_NAME)
         say(f"base {BASE_NAME} already registered")
@@ -81,7 +83,7 @@ def run(manager: Any, *, quick: bool = False, progress: bool = False,
             say(f"task {spec['name']} already registered")
             continue
         say(f"adding task {spec['name']} ({spec['data_spec']}) with the default method "
-            "(compact TAPS, rank 8) …")
+            f"({DEFAULT_METHOD}) …")
         result = manager.add_task(spec.pop("name"), BASE_NAME, spec.pop("data_spec"),
                                   progress=progress, **spec)
         t = result.task

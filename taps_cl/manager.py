@@ -139,15 +139,16 @@ class Manager:
         base: str,
         data_spec: str,
         *,
-        method: str = "taps",
+        method: Optional[str] = None,
         method_options: Optional[dict[str, Any]] = None,
         progress: bool = False,
         **options: Any,
     ) -> Optional[TaskAddResult]:
         """Train a task on the frozen base, store only what it needs, and spot-check earlier tasks.
 
-        `options` are the training options (TrainConfig: epochs, batch_size, lr (default: the
-        method's, Method.default_lr), optimizer, weight_decay, seed, device), the run options
+        `method` is a method's name (None: `tasks.requests.DEFAULT_METHOD`, adapters).
+        `options` are the training options (TrainConfig: epochs, batch_size, lr and clip_grad
+        (default: the method's, Method.train_defaults), optimizer, weight_decay, seed, device), the run options
         (classes, img_size, max_train, max_test, val_fraction, recheck) and the method's own
         options (its Config's fields, e.g. `lam` or `rank` for TAPS, `group` for progressive), by
         name; `method_options` may hold the latter too. Unknown names are refused with the
@@ -167,9 +168,10 @@ class Manager:
         the others return None.
         """
         from taps_cl.tasks.adding import TaskAdder
-        from taps_cl.tasks.requests import TaskRequest, split_options
+        from taps_cl.tasks.requests import DEFAULT_METHOD, TaskRequest, split_options
         from taps_cl.training.distributed import joined
 
+        method = method or DEFAULT_METHOD
         train_cfg, run, own = split_options(options, TaskRequest, method, method_options)
         request = TaskRequest(name=name, base=base, data_spec=data_spec, method=method,
                               method_options={**(method_options or {}), **own}, **run)

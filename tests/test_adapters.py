@@ -9,11 +9,12 @@ import pytest
 import timm
 import torch
 from torch import nn
-from torchvision.models import mobilenet_v3_small, resnet18
+from torchvision import models as torchvision_models
+from torchvision.models import mobilenet_v3_small, resnet18, vgg11
 
 from taps_cl.errors import MethodError
 from taps_cl.methods.base import Dependency
-from taps_cl.methods.blocks import backbone_blocks, trace_blocks
+from taps_cl.methods.blocks import backbone_blocks, site_name, trace_blocks
 from taps_cl.methods.catalog import get_method, load_builtin
 from taps_cl.methods.layers import norm_layers
 from taps_cl.methods.merging import build_composed
@@ -139,10 +140,39 @@ def test_lite0_block_channels():
 
 def test_blocks_of_torchvision_resnet_and_refusals():
     assert backbone_blocks(resnet18()) == [f"layer{i}.{j}" for i in range(1, 5) for j in (0, 1)]
-    with pytest.raises(MethodError, match="torchvision's MobileNetV3"):
-        backbone_blocks(mobilenet_v3_small())
+    assert backbone_blocks(mobilenet_v3_small()) == [f"features.{i}" for i in range(1, 12)]
+    with pytest.raises(MethodError, match="blocks of torchvision's VGG.*--method taps"):
+        backbone_blocks(vgg11())
     with pytest.raises(MethodError, match="neither a timm model"):
         backbone_blocks(nn.Sequential(nn.Conv2d(3, 4, 3)))
+
+
+@pytest.mark.parametrize(
+    ("arch", "size", "count", "first", "last", "channels_last"),
+    [
+        ("efficientnet_b0", IMG, 16, "features.1.0", "features.7.0", False),
+        ("shufflenet_v2_x0_5", IMG, 16, "stage2.0", "stage4.3", False),
+        ("regnet_x_400mf", IMG, 22, "trunk_output.block1.block1-0",
+         "trunk_output.block4.block4-11", False),
+        ("convnext_tiny", IMG, 18, "features.1.0", "features.7.2", False),
+        ("swin_t", 64, 12, "features.1.0", "features.7.1", True),
+        ("squeezenet1_1", 64, 8, "features.3", "features.12", False),
+    ],
+)
+def test_blocks_of_torchvision_models(arch, size, count, first, last, channels_last):
+    """Torchvision's block classes, outermost; adapters start at the base on every one of them
+    (Swin's NHWC blocks get linear adapters; RegNet's names with "-" get escaped keys)."""
+    torch.manual_seed(0)
+    model = torchvision_models.get_model(arch, weights=None, num_classes=CLASSES).eval()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    sites = trace_blocks(model, frozenset(), x)
+    assert (len(sites), sites[0].name, sites[-1].name) == (count, first, last)
+    assert {s.channels_last for s in sites} == {channels_last}
+    before = eval_out(model, x)
+    method = get_method("adapter", reduction=4)
+    method.attach(model, frozenset(), [], x)
+    assert [site_name(key) for key in model.taps_adapters] == [s.name for s in sites]
+    torch.testing.assert_close(eval_out(model, x), before, atol=0, rtol=0)
 
 
 def test_channels_last_blocks_get_linear_adapters():

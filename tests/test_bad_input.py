@@ -169,7 +169,7 @@ def home(base_home_template, tmp_path) -> Path:
 )
 def test_non_finite_numbers_are_refused_before_anything_is_recorded(home, option, value, pattern):
     assert_refused(home, "task", "add", "t", "--base", "b", "--data", "digits", "--epochs", "1",
-                   option, value, pattern=pattern)
+                   "--method", "taps", option, value, pattern=pattern)
     assert task_names(home) == []
 
 

@@ -116,10 +116,13 @@ def test_quick_benchmark_runs_every_row(tmp_path, capsys, one_thread):
         "lora", "task", "affine")
     assert all(run["config"]["norms"] == "affine" for run in lora_affine["runs"])
     assert lora_affine["task_params"] < lora_task["task_params"]
-    # Affine: that variant, and the rows whose method defaults to it (adapter and fusion, as
-    # recorded); every other row is the method's default "task".
+    # Affine: that variant, the rows whose method defaults to it (adapter and fusion, as
+    # recorded; the default row is adapters) and the PEFT row matched to the default's size,
+    # which stores norms as the default does; every other row is the method's default "task".
     affine = {r["label"] for r in doc["rows"] if r["policy"] == "affine"}
-    assert affine == {"lora r=2 norms=affine"} | {
+    default_norms = rows[DEFAULT_ROW]["runs"][0]["config"]["norms"]
+    assert matched["norms"] == default_norms == "affine"
+    assert affine == {"lora r=2 norms=affine", matched_label} | {
         r["label"] for r in doc["rows"] if r["method"] in ("adapter", "fusion")}
     assert all(run["config"]["norms"] == "affine" for r in doc["rows"]
                if r["method"] in ("adapter", "fusion") for run in r["runs"])
@@ -490,11 +493,15 @@ def test_progressive_targets_are_computed_from_the_runs():
     assert join.met is False and (join.numbers["unchanged"], join.numbers["rechecked"]) == (0, 2)
 
 
-def test_frontier_targets_are_computed_from_the_runs():
+def test_frontier_targets_are_computed_from_the_runs(monkeypatch):
     """The targets of accuracy per stored number turn on the rows' means and sizes: the default
     against its matched PEFT LoRA, the best small library row against fine-tuning, compact TAPS
     against the library's lora at equal size and policy, adapters against PEFT LoRA at their
-    size, fusion against its adapters on lowercase."""
+    size, fusion against its adapters on lowercase. The default row counts as a compact TAPS row
+    only while the library's default is compact TAPS (here: first as if it were, then as it is)."""
+    import benchmarks.targets as targets_module
+
+    monkeypatch.setattr(targets_module, "default_is_compact", lambda: True)
     base = 1000
 
     def row(key, kind, method, accs, size, norms=None, reads=None, lowercase=None, options=None):
@@ -551,6 +558,11 @@ def test_frontier_targets_are_computed_from_the_runs():
     assert (acc, side) == (0.80, "larger") and "stores more" in how
     # Without the default or its matched row, that target is not measured.
     assert frontier_targets([ft, compact, lib], base, None)[0].met is None
+    # A default that is not compact TAPS (adapters): compact r=8 alone against lora, +1.5 pt.
+    monkeypatch.setattr(targets_module, "default_is_compact", lambda: False)
+    gates = frontier_targets(rows, base, chosen)[2]
+    assert gates.met is True and gates.numbers["best"] == "compact-r8 norms=task"
+    assert gates.numbers["gap_pt"] == pytest.approx(1.5)
 
 
 def test_runs_as_a_file_from_the_repository_root(tmp_path):

@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from safetensors.torch import load_file
 
@@ -59,13 +58,21 @@ def test_distributed_task_add_nproc_2_lands_one_verified_task(registry, capsys, 
     (row,) = json.loads(out)
     assert row["name"] == "t" and row["status"] == "ready"
     code, out, _ = run(capsys, "--home", str(home), "--json", "task", "show", "t")
-    assert json.loads(out)["train_config"]["processes"] == 2
+    shown = json.loads(out)
+    # The default method (adapters: forward hooks on the blocks) under DistributedDataParallel.
+    assert shown["train_config"]["processes"] == 2 and shown["method"] == "adapter"
 
     restored = tmp_path / "t.safetensors"
     code, _, err = run(capsys, "--home", str(home), "restore", "t", "--out", str(restored))
     assert code == 0, err
-    model = timm.create_model("test_resnet", num_classes=3)
-    model.load_state_dict(load_file(str(restored)), strict=True)
+    import taps_cl
+
+    with Manager(home) as m:
+        model = m.restore("t")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(taps_cl.load_file(restored).eval()(x), model.eval()(x),
+                                   atol=0, rtol=0)
 
     code, out, err = run(capsys, "--home", str(home), "report", "accuracy", "--verify")
     assert code == 0, out + err

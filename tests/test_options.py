@@ -106,13 +106,16 @@ def test_adapters_clip_their_gradients_unless_told_otherwise():
 
 def test_task_add_without_lr_records_the_method_s_rate(tmp_path, capsys):
     """The command line passes no --lr or --clip-grad it was not given: the task records its
-    method's (compact TAPS 1e-2; adapter 3e-3, clipped to 1, norms affine)."""
+    method's (compact TAPS 1e-2; adapter 3e-3, clipped to 1, norms affine). No --method is the
+    default method, adapters."""
     home = str(tmp_path / "home")
     code, _, err = run(capsys, "--home", home, "base", "add", "b", "--model", "timm:test_resnet")
     assert code == 0, err
-    for name, extra in (("compact", []), ("full", ["--rank", "0"]), ("typed", ["--lr", "2e-3"]),
+    taps = ["--method", "taps"]
+    for name, extra in (("compact", taps), ("full", [*taps, "--rank", "0"]),
+                        ("typed", [*taps, "--lr", "2e-3"]), ("default", []),
                         ("adapter", ["--method", "adapter"]),
-                        ("unclipped", ["--method", "adapter", "--clip-grad", "0"])):
+                        ("unclipped", ["--clip-grad", "0"])):
         code, _, err = run(capsys, "--home", home, "task", "add", name, "--base", "b", "--data",
                            "digits", "--epochs", "1", "--max-train", "40", "--max-test", "20",
                            "--img-size", "32", *extra)
@@ -123,12 +126,16 @@ def test_task_add_without_lr_records_the_method_s_rate(tmp_path, capsys):
         tasks = {t.name: t for t in m.list_tasks()}
     rates = {name: t.train_config["lr"] for name, t in tasks.items()}
     clips = {name: t.train_config["clip_grad"] for name, t in tasks.items()}
-    assert rates == {"compact": 1e-2, "full": 1e-3, "typed": 2e-3, "adapter": 3e-3,
-                     "unclipped": 3e-3}
-    assert clips == {"compact": None, "full": None, "typed": None, "adapter": 1.0,
-                     "unclipped": 0}
+    assert {name: t.method for name, t in tasks.items()} == {
+        "compact": "taps", "full": "taps", "typed": "taps", "default": "adapter",
+        "adapter": "adapter", "unclipped": "adapter"}
+    assert rates == {"compact": 1e-2, "full": 1e-3, "typed": 2e-3, "default": 3e-3,
+                     "adapter": 3e-3, "unclipped": 3e-3}
+    assert clips == {"compact": None, "full": None, "typed": None, "default": 1.0,
+                     "adapter": 1.0, "unclipped": 0}
     assert {name: tasks[name].method_config["rank"] for name in ("compact", "full", "typed")} == \
         {"compact": 8, "full": 0, "typed": 8}
+    assert tasks["default"].method_config == tasks["adapter"].method_config
     assert tasks["adapter"].method_config["norms"] == "affine"
 
 

@@ -48,9 +48,10 @@ def seq_home(tmp_path_factory):
         m.add_base("b", "timm:test_resnet")
         # lr 1e-2: t1 learns its patterns (at 1e-3 it stays at chance, 1/3 — too close to the
         # 1/3 that test_reevaluate_on_changed_data_is_not_verified forces).
-        m.add_task("t1", "b", f"imagefolder:{d1}", **{**FAST, "lr": 1e-2})
+        m.add_task("t1", "b", f"imagefolder:{d1}", method="taps", **{**FAST, "lr": 1e-2})
         m.add_task("t2", "b", f"imagefolder:{d2}", method="linear", **FAST)
-        m.add_task("t3", "b", f"imagefolder:{d3}", method_options={"lam": 2.0}, **FAST)
+        m.add_task("t3", "b", f"imagefolder:{d3}", method="taps", method_options={"lam": 2.0},
+                   **FAST)
     return home
 
 

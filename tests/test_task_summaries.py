@@ -238,9 +238,10 @@ def test_summaries_of_real_taps_and_linear_tasks(tmp_path, image_data, db_url):
     with Manager(tmp_path / "home", db_url) as m:
         m.add_base("b", "timm:test_resnet")
         # Penalised by size, the large layers switch off and the small ones stay (5 of 15).
-        m.add_task("sparse", "b", f"imagefolder:{image_data}", epochs=3, batch_size=8,
-                   img_size=32, method_options={"lam": 1.0, "warmup_epochs": 0,
-                                                "penalty": "params", "score_lr": 0.05})
+        m.add_task("sparse", "b", f"imagefolder:{image_data}", method="taps", epochs=3,
+                   batch_size=8, img_size=32,
+                   method_options={"lam": 1.0, "warmup_epochs": 0, "penalty": "params",
+                                   "score_lr": 0.05})
         m.add_task("lin", "b", f"imagefolder:{image_data}", method="linear", **fast)
         full = m.list_tasks("b")
         accuracy = m.test_accuracies("b")

@@ -61,16 +61,17 @@ def test_add_task_stores_what_the_method_needs(manager, image_data, method):
 
 def test_taps_lambda_zero_keeps_gates_on_and_large_switches_off(manager, image_data):
     spec = f"imagefolder:{image_data}"
-    on = manager.add_task("on", "b", spec, method_options={"lam": 0.0}, **FAST).task
+    on = manager.add_task("on", "b", spec, method="taps", method_options={"lam": 0.0},
+                          **FAST).task
     assert on.active_layers == on.total_layers
-    off = manager.add_task("off", "b", spec, epochs=3, batch_size=8, img_size=32,
+    off = manager.add_task("off", "b", spec, method="taps", epochs=3, batch_size=8, img_size=32,
                            method_options={"lam": 50.0, "warmup_epochs": 0, "score_lr": 0.1}).task
     assert off.active_layers <= off.total_layers // 4
     assert off.task_params < on.task_params
 
 
 def test_restore_is_a_plain_timm_model(manager, image_data, tmp_path):
-    task = manager.add_task("t", "b", f"imagefolder:{image_data}", **FAST).task
+    task = manager.add_task("t", "b", f"imagefolder:{image_data}", method="taps", **FAST).task
     model = manager.restore("t")
     assert type(model) is type(timm.create_model("test_resnet"))
     probe = load(manager.registry.read_artifact(task.probe))
@@ -139,7 +140,7 @@ def test_cli_task_commands(tmp_path, image_data, capsys, db_url):
                "timm:test_resnet")[0] == 0
     code, out, err = run(capsys, "--home", home, *db, "--json", "task", "add", "t", "--base", "b",
                          "--data", f"imagefolder:{image_data}", "--epochs", "2", "--img-size", "32",
-                         "--batch-size", "16", "--lam", "0.5")
+                         "--batch-size", "16", "--method", "taps", "--lam", "0.5")
     assert code == 0, err
     added = json.loads(out)
     assert added["status"] == "ready" and added["position"] == 1
@@ -167,8 +168,8 @@ def test_cli_task_commands(tmp_path, image_data, capsys, db_url):
 def test_torchvision_base(tmp_path, image_data):
     with Manager(tmp_path / "tv") as m:
         m.add_base("r18", "torchvision:resnet18")
-        task = m.add_task("t", "r18", f"imagefolder:{image_data}", epochs=1, batch_size=16,
-                          img_size=32, max_train=24).task
+        task = m.add_task("t", "r18", f"imagefolder:{image_data}", method="taps", epochs=1,
+                          batch_size=16, img_size=32, max_train=24).task
         model = m.restore("t")
         import torchvision
 
@@ -176,6 +177,34 @@ def test_torchvision_base(tmp_path, image_data):
         fresh = torchvision.models.resnet18(num_classes=3)
         fresh.load_state_dict(model.state_dict(), strict=True)
         assert task.total_layers == 20
+
+
+def test_default_method_on_a_torchvision_regnet(tmp_path, image_data):
+    """The default (adapters) on a torchvision model other than ResNet: RegNet's block names hold
+    "-" (`block1-0`), which the adapters' keys escape; the task restores, exports, reloads and
+    verifies."""
+    import torchvision
+
+    import taps_cl
+
+    with Manager(tmp_path / "tv") as m:
+        m.add_base("rx", "torchvision:regnet_x_400mf")
+        added = m.add_task("t", "rx", f"imagefolder:{image_data}", epochs=1, batch_size=16,
+                           img_size=32, max_train=24, max_test=12)
+        assert added.task.method == "adapter"
+        assert added.task.active_layers == added.task.total_layers == 22  # 22 blocks adapted
+        assert "trunk_output.block1.block1-0" in {layer.name for layer in added.task.layers}
+        model = m.restore("t")
+        assert type(model) is torchvision.models.RegNet
+        assert "trunk_output-block1-block1~0" in model.taps_adapters
+        out = tmp_path / "t.safetensors"
+        m.restore_to_file("t", out)
+        report = m.accuracy(verify=True)
+    assert report.verified, report.problems
+    x = torch.randn(2, 3, 32, 32)
+    loaded = taps_cl.load_file(out)
+    model.eval()
+    torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
 
 
 def test_sigterm_during_training_removes_the_task(tmp_path, image_data, db_url):
@@ -251,10 +280,12 @@ def test_interrupt_during_probe_checks_leaves_no_half_task(manager, image_data, 
 def test_taps_options_that_would_disable_taps(manager, image_data):
     spec = f"imagefolder:{image_data}"
     with pytest.raises(TapsError, match="score_init"):
-        manager.add_task("t", "b", spec, method_options={"tau": 0.2}, **FAST)
+        manager.add_task("t", "b", spec, method="taps", method_options={"tau": 0.2}, **FAST)
     with pytest.raises(TapsError, match="warmup"):
-        manager.add_task("t", "b", spec, method_options={"warmup_epochs": 2}, **FAST)
+        manager.add_task("t", "b", spec, method="taps", method_options={"warmup_epochs": 2},
+                         **FAST)
     # Without an explicit warm-up, a one-epoch run still applies the penalty.
-    task = manager.add_task("t", "b", spec, epochs=1, batch_size=16, img_size=32).task
+    task = manager.add_task("t", "b", spec, method="taps", epochs=1, batch_size=16,
+                            img_size=32).task
     assert task.method_config["warmup_epochs"] == 0
     assert manager.list_tasks() == [manager.get_task("t")]

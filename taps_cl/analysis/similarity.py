@@ -48,7 +48,7 @@ from torch.utils.data import Dataset
 
 import taps_cl.serialization as serialization
 from taps_cl.errors import MethodError, TapsError
-from taps_cl.methods.blocks import BlockSite, Bottleneck, hook_blocks, trace_blocks
+from taps_cl.methods.blocks import BlockSite, Bottleneck, hook_blocks, site_name, trace_blocks
 from taps_cl.methods.layers import freeze
 from taps_cl.methods.options import check_number
 
@@ -266,7 +266,7 @@ def signature_meta(model: nn.Module, config: SignatureConfig = SignatureConfig()
         raise MethodError("signature_meta: the model has no signature adapters "
                           "(pass the model task_signature consumed)")
     return {"recipe": RECIPE, "config": dataclasses.asdict(config),
-            "blocks": [key.replace("-", ".") for key in adapters]}
+            "blocks": [site_name(key) for key in adapters]}
 
 
 def signature_to_bytes(signature: Tensor, meta: dict[str, Any]) -> bytes:

@@ -21,7 +21,7 @@ from taps_cl.cli.render import (
 )
 from taps_cl.cli.state import STATE
 from taps_cl.errors import TapsError
-from taps_cl.tasks.requests import RunOptions
+from taps_cl.tasks.requests import DEFAULT_METHOD, RunOptions
 from taps_cl.training.fit import TrainConfig
 
 
@@ -31,8 +31,8 @@ from taps_cl.training.fit import TrainConfig
 @click.option("--data", "data_spec", required=True,
               help="imagefolder:PATH | idx:DIR | digits | torchvision:NAME[:ROOT].")
 @click.option("--classes", help="Class subset, e.g. 0,1,2 or names.")
-@click.option("--method", default="taps", show_default=True,
-              help="taps | finetune | linear | adapter | fusion | progressive.")
+@click.option("--method", default=DEFAULT_METHOD, show_default=True,
+              help="adapter | taps | lora | finetune | linear | fusion | progressive.")
 @options.config_options(TrainConfig)
 @options.method_options()
 @options.config_options(RunOptions)

@@ -4,7 +4,12 @@ Blocks (`backbone_blocks`): for a timm model, the modules whose names the "block
 `model.group_matcher(coarse=False)` match whole, except patterns with a fixed ordinal (timm's
 `(99999,)` tail entries such as `conv_head|bn2` or `norm`, ConvNeXt's `downsample`); when one
 matched module contains another, only the inner one counts. That gives 16 blocks on Lite0 and 12
-on ViT-S. For torchvision's ResNet, the modules of `layer1`…`layer4`. Anything else is refused.
+on ViT-S. For a torchvision model, the modules of the block classes its classification models are
+built from (`TORCHVISION_BLOCKS`: ResNet's BasicBlock and Bottleneck, the inverted residuals of
+MobileNet, ShuffleNet and MNASNet, EfficientNet's MBConv, ConvNeXt's CNBlock, RegNet's, ViT's,
+Swin's, MaxViT's, DenseNet's, SqueezeNet's and Inception's); when one contains another, only the
+outer one counts (MaxViT's layer, not the MBConv inside it). A model without such modules (VGG,
+AlexNet, a plain Sequential) is refused.
 
 Layout (`trace_blocks`, one forward pass of the example batch in eval mode): a 4-D output
 (B, A, H, W) is channels-first with C = A — adapted by 1×1 convolutions — unless its last
@@ -13,7 +18,7 @@ channels-last (NHWC, e.g. Swin) with C = W. Token (B, N, D) and pooled (B, D) ou
 channels-last too. Channels-last outputs are adapted by Linear layers on the last dimension.
 
 Attached modules live in one ModuleDict on the model (e.g. `model.taps_adapters`), keyed by the
-block's module name with "." written as "-" (`blocks.3.1` → `blocks-3-1`), and act through forward
+block's module name with "." written as "-" (`blocks.3.1` → `blocks-3-1`; see `site_key`), and act through forward
 hooks on the blocks: the model keeps its timm/torchvision class and the base's state-dict keys."""
 
 from __future__ import annotations
@@ -34,6 +39,24 @@ MAX_REDUCTION = 65536
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 
+# The block classes of torchvision's classification models, by class name (defined in
+# torchvision.models.*), each with the models built from it.
+TORCHVISION_BLOCKS = frozenset({
+    "BasicBlock", "Bottleneck",  # ResNet, ResNeXt, Wide ResNet
+    "InvertedResidual",  # MobileNetV2, MobileNetV3, ShuffleNetV2
+    "_InvertedResidual",  # MNASNet
+    "MBConv", "FusedMBConv",  # EfficientNet, EfficientNetV2
+    "CNBlock",  # ConvNeXt
+    "ResBottleneckBlock",  # RegNet
+    "EncoderBlock",  # ViT
+    "SwinTransformerBlock", "SwinTransformerBlockV2",  # Swin, Swin V2
+    "MaxVitLayer",  # MaxViT
+    "_DenseLayer",  # DenseNet
+    "Fire",  # SqueezeNet
+    "Inception", "InceptionA", "InceptionB", "InceptionC", "InceptionD", "InceptionE",  # GoogLeNet,
+})                                                                                   # Inception v3
+
+
 @dataclass(frozen=True)
 class BlockSite:
     """One block of the backbone and the layout of its output."""
@@ -50,10 +73,16 @@ class BlockSite:
 
 
 def site_key(name: str) -> str:
-    """A block's module name as a ModuleDict key: "." becomes "-" (names never hold "-")."""
-    if "-" in name:
-        raise MethodError(f"block name {name!r} contains '-', which adapter keys reserve")
-    return name.replace(".", "-")
+    """A block's module name as a ModuleDict key (which may not hold "."): "-" becomes "~", then
+    "." becomes "-" (RegNet's `trunk_output.block1.block1-0` → `trunk_output-block1-block1~0`)."""
+    if "~" in name:
+        raise MethodError(f"block name {name!r} contains '~', which adapter keys reserve")
+    return name.replace("-", "~").replace(".", "-")
+
+
+def site_name(key: str) -> str:
+    """The block's module name of a `site_key`."""
+    return key.replace("-", ".").replace("~", "-")
 
 
 def projection(channels_in: int, channels_out: int, channels_last: bool) -> nn.Module:
@@ -93,13 +122,7 @@ class Bottleneck(nn.Module):
 def backbone_blocks(model: nn.Module, head: frozenset[str] = frozenset()) -> list[str]:
     """Module names of the backbone's blocks, in module order (rule in the module docstring)."""
     if type(model).__module__.startswith("torchvision."):
-        from torchvision.models import ResNet
-
-        if not isinstance(model, ResNet):
-            raise MethodError(f"adapters do not know the blocks of torchvision's "
-                              f"{type(model).__name__} (supported: ResNet and timm models)")
-        return [f"layer{i}.{j}" for i in range(1, 5)
-                for j in range(len(getattr(model, f"layer{i}")))]
+        return _torchvision_blocks(model, head)
     matcher = getattr(model, "group_matcher", None)
     if matcher is None:
         raise MethodError(f"adapters cannot find the blocks of {type(model).__name__}: it is "
@@ -118,6 +141,21 @@ def backbone_blocks(model: nn.Module, head: frozenset[str] = frozenset()) -> lis
     if not blocks:
         raise MethodError(f"adapters found no blocks in {type(model).__name__} "
                           f"(patterns {patterns})")
+    return blocks
+
+
+def _torchvision_blocks(model: nn.Module, head: frozenset[str]) -> list[str]:
+    """The outermost modules of a `TORCHVISION_BLOCKS` class, in module order."""
+    matched = [name for name, module in model.named_modules()
+               if name and type(module).__name__ in TORCHVISION_BLOCKS
+               and type(module).__module__.startswith("torchvision.")
+               and not any(key.startswith(f"{name}.") for key in head)]
+    blocks = [n for n in matched if not any(n.startswith(f"{m}.") for m in matched)]
+    if not blocks:
+        raise MethodError(f"adapters do not know the blocks of torchvision's "
+                          f"{type(model).__name__}: it has none of the block classes of "
+                          "torchvision's ResNet, MobileNet, EfficientNet, ConvNeXt, RegNet, ViT, "
+                          "Swin and the like (use --method taps or lora: they adapt any model)")
     return blocks
 
 
@@ -224,5 +262,5 @@ def hook_blocks(model: nn.Module, attr: str, sites: list[BlockSite],
 def site_names(model: nn.Module, holder: nn.ModuleDict) -> list[str]:
     """Block names of the keys of `holder`, in the model's module order."""
     keys = set(holder.keys())
-    return [name for name, _ in model.named_modules() if name and "-" not in name
+    return [name for name, _ in model.named_modules() if name and "~" not in name
             and site_key(name) in keys]

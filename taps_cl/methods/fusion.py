@@ -51,6 +51,7 @@ from taps_cl.methods.blocks import (
     hook_blocks,
     projection,
     site_key,
+    site_names,
     trace_blocks,
 )
 from taps_cl.methods.catalog import register
@@ -301,12 +302,10 @@ class Fusion(Method):
                    if not any(part in key for part in fused)}
         tensors.update(stored_norm_head(model, head, NormPolicy.of(self.config)))
         sizes = block_params(model)
-        keys = set(sites.keys())
         layers = [
             LayerRecord(name=name, kind="fusion", score=None, active=True,
                         base_params=sizes[name],
                         task_params=sum(p.numel() for p in sites[site_key(name)].own_parameters()))
-            for name, _ in model.named_modules()
-            if name and "-" not in name and site_key(name) in keys
+            for name in site_names(model, sites)
         ]
         return TaskState(tensors=tensors, layers=layers)

@@ -75,7 +75,7 @@ def option(default: Any, help: str, *, minimum: float | None = None,
     the config is built; `flag` with `flag_value` makes a switch (e.g. `--no-own-adapter`);
     `joint=False` marks an option that means nothing when several tasks train together;
     `method_default` (the text --help shows as the default) marks a training option whose default
-    the method may set (e.g. `Method.default_lr`): left out, it is not passed on.
+    the method may set (e.g. `Method.train_defaults`): left out, it is not passed on.
     """
     spec = {"help": help, "minimum": minimum, "maximum": maximum, "open_minimum": open_minimum,
             "open_maximum": open_maximum, "choices": choices, "flag": flag,

@@ -58,8 +58,9 @@ REFERENCE_PENALISED_EPOCHS = 2
 # Learning rate of compact TAPS (rank > 0) when none is given, for every trained tensor: the rate
 # the benchmark's validation grid {1e-3, 3e-3, 1e-2} chose for its compact rows (docs/results.md).
 COMPACT_LR = 1e-2
-# Rank of `task add`'s default (compact TAPS r=8, chosen by the benchmark: docs/results.md); 0, full
-# deltas everywhere, was the default before.
+# TAPS' default rank (compact TAPS r=8, chosen by the benchmark: docs/results.md; `task add`'s
+# default method until adapters replaced it); 0, full deltas everywhere, was the
+# default before.
 DEFAULT_RANK = 8
 
 

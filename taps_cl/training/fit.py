@@ -100,8 +100,8 @@ class TrainConfig:
     # Method.train_defaults)
     lr: float = option(
         1e-3, "Peak learning rate of the cosine schedule.", minimum=0, open_minimum=True,
-        method_default="the method's: 1e-2 for compact TAPS, the default method, and fusion; 3e-3 for "
-        "lora and adapter; else 1e-3")
+        method_default="the method's: 3e-3 for adapter (the default method) and lora; 1e-2 "
+        "for compact TAPS and fusion; else 1e-3")
     # "adamw" or "sgd" (SGD with momentum 0.9).
     optimizer: str = option("adamw", "adamw, or sgd (with momentum 0.9).", choices=OPTIMIZERS)
     # Weight decay of the trained parameters (decoupled for AdamW).
