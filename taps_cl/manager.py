@@ -148,11 +148,11 @@ class Manager:
 
         `method` is a method's name (None: `tasks.requests.DEFAULT_METHOD`, adapters).
         `options` are the training options (TrainConfig: epochs, batch_size, lr and clip_grad
-        (default: the method's, Method.train_defaults), optimizer, weight_decay, seed, device), the run options
-        (classes, img_size, max_train, max_test, val_fraction, recheck) and the method's own
-        options (its Config's fields, e.g. `lam` or `rank` for TAPS, `group` for progressive), by
-        name; `method_options` may hold the latter too. Unknown names are refused with the
-        method's options listed.
+        (default: the method's, Method.train_defaults), optimizer, weight_decay, seed, device),
+        the run options (classes, img_size, max_train, max_test, val_fraction, recheck) and the
+        method's own options (its Config's fields, e.g. `lam` or `rank` for TAPS, `group` for
+        progressive), by name; `method_options` may hold the latter too. Unknown names are
+        refused with the method's options listed.
 
         `recheck` earlier tasks (default 8: a seeded sample with the latest task and any it
         reads) get their probe logits re-checked; the add cost does not grow with the registry,

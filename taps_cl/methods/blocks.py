@@ -18,8 +18,9 @@ channels-last (NHWC, e.g. Swin) with C = W. Token (B, N, D) and pooled (B, D) ou
 channels-last too. Channels-last outputs are adapted by Linear layers on the last dimension.
 
 Attached modules live in one ModuleDict on the model (e.g. `model.taps_adapters`), keyed by the
-block's module name with "." written as "-" (`blocks.3.1` → `blocks-3-1`; see `site_key`), and act through forward
-hooks on the blocks: the model keeps its timm/torchvision class and the base's state-dict keys."""
+block's module name with "." written as "-" (`blocks.3.1` → `blocks-3-1`; `site_key`), and act
+through forward hooks on the blocks: the model keeps its timm/torchvision class and the base's
+state-dict keys."""
 
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ MAX_REDUCTION = 65536
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
 
 
-# The block classes of torchvision's classification models, by class name (defined in
-# torchvision.models.*), each with the models built from it.
+# The block classes of torchvision's classification models, by class name (each defined in
+# torchvision.models.*), with the models built from them.
 TORCHVISION_BLOCKS = frozenset({
     "BasicBlock", "Bottleneck",  # ResNet, ResNeXt, Wide ResNet
     "InvertedResidual",  # MobileNetV2, MobileNetV3, ShuffleNetV2
@@ -53,8 +54,9 @@ TORCHVISION_BLOCKS = frozenset({
     "MaxVitLayer",  # MaxViT
     "_DenseLayer",  # DenseNet
     "Fire",  # SqueezeNet
-    "Inception", "InceptionA", "InceptionB", "InceptionC", "InceptionD", "InceptionE",  # GoogLeNet,
-})                                                                                   # Inception v3
+    "Inception",  # GoogLeNet
+    "InceptionA", "InceptionB", "InceptionC", "InceptionD", "InceptionE",  # Inception v3
+})
 
 
 @dataclass(frozen=True)
