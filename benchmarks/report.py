@@ -249,6 +249,8 @@ def seed_note(rows: list[Row], args: argparse.Namespace) -> str:
         return (f"(progressive rows and the adapter row beside them: seeds {seeds}, "
                 f"--progressive-seeds; fusion: the first {args.adapter_seeds} of them, "
                 "--adapter-seeds)")
+    if not any(r.kind in ("adapter", "fusion") for r in rows):
+        return ""  # no such row (a default row of adapters runs every seed, as any seeded row)
     return f"(adapter and fusion rows: the first {args.adapter_seeds}, --adapter-seeds)"
 
 
@@ -324,7 +326,7 @@ def report(bench: Bench, rows: list[Row], sizes: dict[str, dict[str, int]],
             f"{t}: {s['train']}/{s['val']}/{s['test']}" for t, s in sizes.items()),
         f"- seeds: a row with k in the seeds column ran with the first k of seeds {seeds} "
         "and, for k > 1, shows mean ± sample standard deviation (n − 1) over the seeds, per task "
-        "and for the mean " + seed_note(rows, args),
+        "and for the mean" + (f" {note}" if (note := seed_note(rows, args)) else ""),
         f"- command: `{command}`",
         f"- wall time: {wall / 60:.1f} min (whole script, {torch.get_num_threads()} torch "
         f"threads); 1-min load average {load_start} at start, {load_end} at the end (this run "

@@ -53,8 +53,19 @@ def _fraction(value: object) -> bool:
     return isinstance(value, float) and 0.0 <= value <= 1.0
 
 
-def test_quick_benchmark_runs_every_row(tmp_path, capsys, one_thread):
+def test_quick_benchmark_runs_every_row(tmp_path, capsys, one_thread, monkeypatch):
     out, result, home = tmp_path / "bench.md", tmp_path / "bench.json", tmp_path / "home"
+    # Every training run outside the Manager (stage 1, PEFT rows): which method, which clipping.
+    import benchmarks.training as training
+
+    outside: list[tuple[str, float | None]] = []
+
+    def recording_fit(model, method, train, val, cfg, *args, **kwargs):
+        outside.append((method.name, cfg.clip_grad))
+        return real_fit(model, method, train, val, cfg, *args, **kwargs)
+
+    real_fit = training.fit
+    monkeypatch.setattr(training, "fit", recording_fit)
     # "all": the progressive rows too (by default they are left out); the library's lora with
     # two norm policies; the training-length runs (fine-tune and the default, 2 epochs, letters).
     argv = ["--quick", "--methods", "all", "--norms-policies", "task,affine", "--long-epochs",
@@ -128,6 +139,10 @@ def test_quick_benchmark_runs_every_row(tmp_path, capsys, one_thread):
                if r["method"] in ("adapter", "fusion") for run in r["runs"])
     checks = doc["probe_checks"]
     assert checks["total"] > 0 and checks["ok"] == checks["total"]
+    # Outside the Manager too, adapters and fusion train clipped (their methods' default) and
+    # nothing else does.
+    assert {"adapter", "fusion"} <= {name for name, _ in outside}
+    assert all((clip == 1.0) == (name in ("adapter", "fusion")) for name, clip in outside), outside
     for row in (r for r in rows.values() if r["method"] == "taps"):  # active layers, first seed
         for task, active in row["runs"][0]["active"].items():
             k, total = map(int, active.split("/"))
@@ -591,3 +606,21 @@ def test_every_stage_trains_a_row_with_its_method_s_own_options():
     assert b.train_config(1e-3, 0, get_method("taps")).lr == 1e-3
     assert b.train_config(1e-3, 0, get_method("taps")).clip_grad is None
     assert b.train_config(1e-3, 0).clip_grad is None
+
+
+def test_the_header_names_the_rows_that_clip():
+    """The protocol line says which rows clip their gradients, from each row's method and recorded
+    options (`Method.train_defaults`): adapters and fusion clip at 1, TAPS and PEFT's rows not."""
+    from benchmarks.report import clipping_note
+
+    def row(key, kind, method, config):
+        spec = RowSpec(key, key, kind, method, {})
+        return Row(spec, 1e-2, {}, [Run(0, acc={"t": 0.5}, config=config)])
+
+    taps = row("compact-r8", "compact", "taps", {"rank": 8})
+    peft = row("lora-r8", "peft", "peft-lora", {"rank": 8})
+    adapter = row("adapter", "adapter", "adapter", {"norms": "affine"})
+    fusion = row("fusion", "fusion", "fusion", {"fuse": ["a"]})
+    assert clipping_note([taps, peft]) == "no gradient clipping"
+    assert clipping_note([taps, adapter, peft, fusion, adapter]) == (
+        "no gradient clipping but in the adapter and fusion rows (norm 1), their methods' default")
