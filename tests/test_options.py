@@ -61,6 +61,16 @@ def test_a_flag_of_another_method_is_refused_naming_its_methods(tmp_path, capsys
     assert_one_line_error(err, r"--rank applies to --method taps, lora, not linear")
 
 
+def test_a_taps_flag_without_method_is_refused_under_the_default(tmp_path, capsys):
+    """`--lam` without `--method`: the default method (adapters) has no such option; the error
+    says which method has it, and nothing is recorded."""
+    code, _, err = run(capsys, "--home", str(tmp_path), "task", "add", "t", "--base", "b",
+                       "--data", "digits", "--lam", "1")
+    assert code == 1
+    assert_one_line_error(err, r"--lam applies to --method taps, not adapter")
+    assert not (tmp_path / "registry.db").exists()
+
+
 def test_keywords_are_sorted_by_their_declarations():
     train, run, own = split_options(
         {"epochs": 2, "lr": 0.5, "img_size": 48, "recheck": 0, "classes": "0,1", "lam": 0.3,
