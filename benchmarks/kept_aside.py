@@ -39,6 +39,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+if __package__ in (None, ""):  # run as a file: the repository root, which holds benchmarks/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.protocol import fmt_acc, fmt_lr
 from taps_cl.data.sources import open_source
 from taps_cl.data.specs import DataSpec
 from taps_cl.demo import FASHION_DIR, lite0_weights
@@ -198,11 +202,6 @@ def train_row(work: Path, data: dict[str, Path], method: str, lr: float, seed: i
     return result
 
 
-def mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.1f} ± {100 * sd:.1f}"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", type=Path, required=True, help="where the tasks' images go")
@@ -238,11 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     print("| row | " + " | ".join(TASKS) + " | mean | lr | stored per task |")
     print("|---|" + "---:|" * (len(TASKS) + 3))
     for label, lr, runs in rows:
-        cells = [mean_sd([r[t]["test"] for r in runs]) for t in TASKS]
+        cells = [fmt_acc([r[t]["test"] for r in runs]) for t in TASKS]
         means = [statistics.mean(r[t]["test"] for t in TASKS) for r in runs]
         stored = statistics.mean(r[t]["stored"] for r in runs for t in TASKS)
-        print(f"| {label} | " + " | ".join(cells) + f" | **{mean_sd(means)}** | {lr:g} | "
-              f"{stored:.3f}× |")
+        print(f"| {label} | " + " | ".join(cells) + f" | {fmt_acc(means, bold=True)} | "
+              f"{fmt_lr(lr)} | {stored:.3f}× |")
     return 0
 
 

@@ -10,10 +10,14 @@ __all__ = ["Manager", "load_file", "open_registry", "restore", "__version__"]
 
 def __getattr__(name: str) -> Any:
     # Lazy, so `import taps_cl.errors` (and the CLI's --help) need not import torch.
-    if name in ("Manager", "open_registry", "restore"):
-        import taps_cl.manager as manager
+    if name == "Manager":
+        from taps_cl.manager import Manager
 
-        return getattr(manager, name)
+        return Manager
+    if name in ("open_registry", "restore"):
+        import taps_cl.api as api
+
+        return getattr(api, name)
     if name == "load_file":
         from taps_cl.models.files import load_file
 

@@ -1,4 +1,5 @@
-"""The public Python API: one object per registry that the CLI and scripts call.
+"""The registry object of the Python API: one Manager per registry, which the CLI and scripts
+call (`taps_cl.api` opens one: `open_registry`, `restore`).
 
 It holds no algorithm of its own: adding a task is `adding`, rebuilding models is `restoring`,
 checking them is `verification`, report data is `reports`. Those modules (and torch) are imported
@@ -415,27 +416,6 @@ class Manager:
                                  seed=seed)
 
 
-def restore(
-    name: str, home: str | os.PathLike[str] | None = None, db_url: Optional[str] = None,
-    artifacts_url: Optional[str] = None,
-) -> nn.Module:
-    """Task ``name`` as a plain timm/torchvision model (the Python API of ``taps-cl restore``)."""
-    with Manager(home, db_url, artifacts_url) as manager:
-        return manager.restore(name)
-
-
-def open_registry(
-    home: str | os.PathLike[str] | None = None, db: Optional[str] = None,
-    artifacts: Optional[str] = None,
-) -> Manager:
-    """The registry at `home` (default ``$TAPS_CL_HOME`` or ``./.taps-cl``) or database URL `db`,
-    with the artifact store `artifacts` (default: the one the registry recorded).
-
-    Use it as a context manager, or call ``close()`` when done.
-    """
-    return Manager(home, db, artifacts)
-
-
 def __getattr__(name: str) -> Any:
     # ProbeCheck and TaskAddResult stay importable from here without importing torch up front.
     if name == "ProbeCheck":
@@ -449,4 +429,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Manager", "ProbeCheck", "TaskAddResult", "open_registry", "restore"]
+__all__ = ["Manager", "ProbeCheck", "TaskAddResult"]
